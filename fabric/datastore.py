@@ -1,0 +1,311 @@
+"""The etcd adapter: connection, versioned JSON values, transactions.
+
+This is the only module that imports `etcd3`. It turns gRPC failures into
+`Unavailable` (with the endpoint), undecodable values into `CorruptValue` (with the
+key), and offers the few primitives the rest of the code needs: get, list a prefix,
+a transaction with compares, leases and prefix watches.
+
+Values are JSON objects with a schema version `"v"`, so a reader can refuse a record
+written by a newer layout instead of misreading it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import etcd3
+import etcd3.exceptions
+import etcd3.utils
+import grpc
+
+from fabric.settings import EtcdSettings
+
+SCHEMA_VERSION = 1
+
+
+class DatastoreError(Exception):
+    """Base of every datastore failure."""
+
+
+class Unavailable(DatastoreError):
+    """etcd could not be reached or did not answer in time."""
+
+
+class CorruptValue(DatastoreError):
+    """A stored value is not a record we can read; names the key."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"corrupt value at {key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+class Conflict(DatastoreError):
+    """A read-modify-write kept losing races and gave up."""
+
+
+def encode(record: dict[str, Any]) -> bytes:
+    return json.dumps({"v": SCHEMA_VERSION, **record}, separators=(",", ":"),
+                      sort_keys=True).encode()
+
+
+def decode(key: str, raw: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptValue(key, f"not JSON ({exc})") from exc
+    if not isinstance(value, dict):
+        raise CorruptValue(key, "not a JSON object")
+    version = value.pop("v", None)
+    if version != SCHEMA_VERSION:
+        raise CorruptValue(key, f"schema version {version!r}, this build reads {SCHEMA_VERSION}")
+    return value
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A decoded record with the revisions a later compare-and-swap needs."""
+
+    key: str
+    value: dict[str, Any]
+    mod_revision: int
+    create_revision: int
+    lease: int = 0
+
+
+@dataclass(frozen=True)
+class Listing:
+    """A prefix read: the good records, the corrupt ones, and the store revision."""
+
+    entries: list[Entry]
+    corrupt: list[CorruptValue]
+    revision: int
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    key: str
+    value: dict[str, Any] | None  # None for a delete
+    mod_revision: int
+    error: CorruptValue | None = None
+
+
+# Compare and operation builders, so callers never import etcd3 themselves.
+def absent(key: str) -> Any:
+    return etcd3.transactions.Version(key) == 0
+
+
+def unchanged(key: str, mod_revision: int) -> Any:
+    return etcd3.transactions.Mod(key) == mod_revision
+
+
+def prefix_unchanged_since(prefix: str, revision: int) -> Any:
+    """True when no key under `prefix` was created or modified after `revision`."""
+    return etcd3.transactions.Mod(prefix, range_end=_prefix_end(prefix)) < revision + 1
+
+
+def prefix_empty(prefix: str) -> Any:
+    return etcd3.transactions.Version(prefix, range_end=_prefix_end(prefix)) == 0
+
+
+def put(key: str, record: dict[str, Any], lease: Any = None) -> Any:
+    return etcd3.transactions.Put(key, encode(record), lease=lease)
+
+
+def delete(key: str) -> Any:
+    return etcd3.transactions.Delete(key)
+
+
+def delete_under(prefix: str) -> Any:
+    return etcd3.transactions.Delete(prefix, range_end=_prefix_end(prefix))
+
+
+def get_op(key: str) -> Any:
+    return etcd3.transactions.Get(key)
+
+
+def list_op(prefix: str) -> Any:
+    return etcd3.transactions.Get(prefix, range_end=_prefix_end(prefix))
+
+
+def _prefix_end(prefix: str) -> bytes:
+    return etcd3.utils.prefix_range_end(etcd3.utils.to_bytes(prefix))
+
+
+_UNAVAILABLE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+class Datastore:
+    """A thin, thread-safe wrapper over one etcd client."""
+
+    def __init__(self, client: etcd3.MultiEndpointEtcd3Client, settings: EtcdSettings) -> None:
+        self._client = client
+        self.settings = settings
+
+    @classmethod
+    def connect(cls, settings: EtcdSettings) -> Datastore:
+        creds = None
+        if settings.endpoints[0].secure:
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=_read(settings.ca_cert),
+                private_key=_read(settings.key),
+                certificate_chain=_read(settings.cert),
+            )
+        endpoints = [
+            etcd3.Endpoint(e.host, e.port, secure=e.secure, creds=creds, time_retry=2.0)
+            for e in settings.endpoints
+        ]
+        client = etcd3.MultiEndpointEtcd3Client(
+            endpoints=endpoints, timeout=settings.timeout, failover=len(endpoints) > 1)
+        return cls(client, settings)
+
+    def close(self) -> None:
+        self._client.close()
+
+    # -- calls -------------------------------------------------------------------------
+    def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (etcd3.exceptions.ConnectionFailedError,
+                etcd3.exceptions.ConnectionTimeoutError) as exc:
+            raise Unavailable(f"etcd at {self.settings.describe()} is unreachable") from exc
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else None
+            if code in _UNAVAILABLE_CODES:
+                raise Unavailable(
+                    f"etcd at {self.settings.describe()} is unreachable") from exc
+            raise DatastoreError(f"etcd error: {exc}") from exc
+        except ValueError as exc:
+            # etcd3 raises ValueError when every endpoint is marked failed.
+            if "failed" in str(exc):
+                raise Unavailable(f"etcd at {self.settings.describe()} is unreachable") from exc
+            raise
+
+    def ping(self) -> int:
+        """Round trip to etcd; returns the current revision."""
+        status = self._call(self._client.status)
+        return int(status.raft_index)
+
+    def get(self, key: str) -> Entry | None:
+        raw, meta = self._call(self._client.get, key)
+        if raw is None:
+            return None
+        return Entry(key, decode(key, raw), meta.mod_revision, meta.create_revision,
+                     meta.lease_id)
+
+    def list(self, prefix: str, keys_only: bool = False) -> Listing:
+        """Every record under `prefix`. Corrupt ones are reported, not raised."""
+        response = self._call(self._client.get_prefix_response, prefix, keys_only=keys_only)
+        return _listing(response.kvs, response.header.revision, keys_only)
+
+    def keys(self, prefix: str) -> list[str]:
+        return [e.key for e in self.list(prefix, keys_only=True).entries]
+
+    def put(self, key: str, record: dict[str, Any], lease: Any = None) -> None:
+        self._call(self._client.put, key, encode(record), lease=lease)
+
+    def delete(self, key: str) -> bool:
+        return bool(self._call(self._client.delete, key))
+
+    def delete_prefix(self, prefix: str) -> None:
+        self._call(self._client.delete_prefix, prefix)
+
+    def txn(self, compare: Iterable[Any], success: Iterable[Any],
+            failure: Iterable[Any] = ()) -> tuple[bool, list[Any]]:
+        ok, responses = self._call(self._client.transaction, compare=list(compare),
+                                   success=list(success), failure=list(failure))
+        return bool(ok), responses
+
+    def read_many(self, ops: Iterable[Any]) -> list[list[Entry | CorruptValue]]:
+        """Several gets/prefix reads in one round trip (a compare-free transaction)."""
+        _, responses = self.txn([], list(ops))
+        results = []
+        for kvs in responses:
+            rows: list[Entry | CorruptValue] = []
+            for raw, meta in kvs:
+                key = meta.key.decode()
+                try:
+                    rows.append(Entry(key, decode(key, raw), meta.mod_revision,
+                                      meta.create_revision, meta.lease_id))
+                except CorruptValue as exc:
+                    rows.append(exc)
+            results.append(rows)
+        return results
+
+    # -- leases ------------------------------------------------------------------------
+    def lease(self, ttl: int) -> Any:
+        return self._call(self._client.lease, ttl)
+
+    def refresh(self, lease: Any) -> int:
+        """Keep a lease alive; returns the TTL etcd granted (0 when the lease is gone)."""
+        responses = self._call(lambda: list(self._client.refresh_lease(lease.id)))
+        return int(responses[0].TTL) if responses else 0
+
+    def lease_remaining(self, lease_id: int) -> tuple[int, int]:
+        """(remaining TTL, granted TTL) of a lease; remaining is -1 when it expired."""
+        info = self._call(self._client.get_lease_info, lease_id)
+        return int(info.TTL), int(info.grantedTTL)
+
+    def revoke(self, lease: Any) -> None:
+        self._call(self._client.revoke_lease, lease.id)
+
+    # -- watches -----------------------------------------------------------------------
+    def watch_prefix(self, prefix: str, start_revision: int | None = None
+                     ) -> tuple[Iterator[list[WatchEvent]], Callable[[], None]]:
+        """Batches of decoded events under `prefix`, and a function that cancels the watch.
+
+        The iterator ends (or raises `Unavailable`) when the watch breaks; the caller
+        re-lists and watches again from the listing's revision.
+        """
+        kwargs: dict[str, Any] = {}
+        if start_revision is not None:
+            kwargs["start_revision"] = start_revision
+        responses, cancel = self._call(self._client.watch_prefix_response, prefix, **kwargs)
+
+        def batches() -> Iterator[list[WatchEvent]]:
+            try:
+                for response in responses:
+                    yield [_watch_event(ev) for ev in response.events]
+            except (grpc.RpcError, etcd3.exceptions.Etcd3Exception) as exc:
+                raise Unavailable(f"watch on {prefix} broke: {exc}") from exc
+
+        return batches(), cancel
+
+
+def _read(path: str | None) -> bytes | None:
+    if not path:
+        return None
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+def _listing(kvs: Iterable[Any], revision: int, keys_only: bool) -> Listing:
+    entries: list[Entry] = []
+    corrupt: list[CorruptValue] = []
+    for kv in kvs:
+        key = kv.key.decode()
+        if keys_only:
+            entries.append(Entry(key, {}, kv.mod_revision, kv.create_revision, kv.lease))
+            continue
+        try:
+            entries.append(Entry(key, decode(key, kv.value), kv.mod_revision,
+                                 kv.create_revision, kv.lease))
+        except CorruptValue as exc:
+            corrupt.append(exc)
+    return Listing(entries, corrupt, revision)
+
+
+_DELETE = 1  # mvccpb.Event.EventType.DELETE
+
+
+def _watch_event(ev: Any) -> WatchEvent:
+    key = ev.kv.key.decode()
+    if ev.type == _DELETE:
+        return WatchEvent(key, None, ev.kv.mod_revision)
+    try:
+        return WatchEvent(key, decode(key, ev.kv.value), ev.kv.mod_revision)
+    except CorruptValue as exc:
+        return WatchEvent(key, None, ev.kv.mod_revision, error=exc)

@@ -1,0 +1,1 @@
+"""Kernel-facing adapters: namespaces, links, sysctls and the route table."""

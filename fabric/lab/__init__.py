@@ -1,0 +1,1 @@
+"""`fabricctl lab`: a multi-host fabric inside network namespaces on one machine."""

@@ -1,0 +1,110 @@
+"""Start and stop a real etcd-server process (tests and the lab both use this).
+
+etcd is started with a throw-away data dir, on loopback or inside a network
+namespace, and stopped by PID: nothing here ever signals a process it did not start.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ETCD_BINARY_CANDIDATES = ("/usr/bin/etcd", "/usr/local/bin/etcd")
+READY_MARKER = "ready to serve client requests"
+
+
+class EtcdError(RuntimeError):
+    pass
+
+
+def etcd_binary() -> str:
+    found = shutil.which("etcd") or next(
+        (p for p in ETCD_BINARY_CANDIDATES if os.path.exists(p)), None)
+    if not found:
+        raise EtcdError("etcd is not installed (Debian package etcd-server)")
+    return found
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class EtcdServer:
+    host: str
+    port: int
+    peer_port: int
+    data_dir: Path
+    log_path: Path
+    process: subprocess.Popen[bytes]
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @classmethod
+    def start(cls, workdir: Path, *, host: str = "127.0.0.1", port: int | None = None,
+              peer_port: int | None = None, netns: str | None = None,
+              name: str = "l3fabric", timeout: float = 20.0) -> EtcdServer:
+        workdir.mkdir(parents=True, exist_ok=True)
+        data_dir = workdir / "etcd-data"
+        log_path = workdir / "etcd.log"
+        port = port or free_port()
+        peer_port = peer_port or free_port()
+        argv = [
+            etcd_binary(), "--name", name, "--data-dir", str(data_dir),
+            "--listen-client-urls", f"http://{host}:{port}",
+            "--advertise-client-urls", f"http://{host}:{port}",
+            "--listen-peer-urls", f"http://{host}:{peer_port}",
+            "--initial-advertise-peer-urls", f"http://{host}:{peer_port}",
+            "--initial-cluster", f"{name}=http://{host}:{peer_port}",
+            "--snapshot-count", "100000",
+        ]
+        if netns:
+            argv = ["ip", "netns", "exec", netns, *argv]
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, start_new_session=True)
+        server = cls(host, port, peer_port, data_dir, log_path, process)
+        server._wait_ready(timeout)
+        return server
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise EtcdError(f"etcd exited with {self.process.returncode}; see {self.log_path}")
+            if READY_MARKER in self.log_path.read_text(errors="replace"):
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise EtcdError(f"etcd not ready after {timeout:.0f}s; see {self.log_path}")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        stop_pid(self.process, timeout)
+
+
+def stop_pid(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after `timeout`, by the PID we started; reaps it."""
+    if process.poll() is not None:
+        return
+    try:
+        os.kill(process.pid, signal.SIGTERM)
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    except ProcessLookupError:
+        process.wait()

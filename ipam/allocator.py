@@ -1,0 +1,484 @@
+"""The etcd-backed allocator: pools, block claims, allocation and release.
+
+Every change is one etcd transaction whose compares make it safe against every other
+writer, retried on conflict:
+
+* an address is taken by creating its own key (`ipam/ips/<block>/<ordinal>`) with a
+  "must not exist" compare, so two allocators can never hold the same address, and
+  concurrent allocators in one block only collide when they pick the same ordinal;
+* the same transaction compares the block record (still affine, not freed) and the
+  pool record (not disabled or removed meanwhile), and writes the handle record;
+* a block is freed only by a transaction that compares its ips prefix empty.
+
+Nothing is cached between calls: each attempt re-reads what it decides on.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fabric import keys, logs
+from fabric.datastore import (
+    Conflict,
+    CorruptValue,
+    Datastore,
+    Entry,
+    absent,
+    delete,
+    delete_under,
+    get_op,
+    list_op,
+    prefix_empty,
+    prefix_unchanged_since,
+    put,
+    unchanged,
+)
+from ipam.blocks import (
+    Block,
+    BlockUsage,
+    address_at,
+    block_containing,
+    choose_ordinal,
+    first_free_block,
+    ordinal_of,
+    pick_block,
+)
+from ipam.pools import Pool, PoolError, check_overlap, pool_of
+from ipam.records import Allocation, Exhausted, Handle, IpamError, check_handle
+
+# etcd refuses transactions with more than 128 operations by default.
+MAX_TXN_OPS = 128
+
+_RETRY = object()  # a compare failed: somebody else wrote first; read again
+
+
+@dataclass(frozen=True)
+class PoolRemoval:
+    pool: str
+    blocks_freed: int
+    addresses_released: int
+
+
+class Ipam:
+    """Address management for one fabric, over one Datastore."""
+
+    def __init__(self, store: Datastore, *, rng: random.Random | None = None,
+                 max_attempts: int = 100) -> None:
+        self.store = store
+        self.rng = rng or random.Random()
+        self.max_attempts = max_attempts
+        self.log = logs.get("ipam")
+
+    # -- pools -------------------------------------------------------------------------
+    def pools(self) -> list[Pool]:
+        return [p for p, _ in self._pool_entries()]
+
+    def _pool_entries(self) -> list[tuple[Pool, Entry]]:
+        listing = self.store.list(keys.POOLS)
+        for bad in listing.corrupt:
+            self.log.error("pool record unreadable", key=bad.key, reason=bad.reason)
+        return sorted(((_pool(e), e) for e in listing.entries), key=lambda pe: pe[0].name)
+
+    def add_pool(self, pool: Pool) -> None:
+        for _ in range(self.max_attempts):
+            listing = self.store.list(keys.POOLS)
+            existing = [_pool(e) for e in listing.entries]
+            check_overlap(pool, existing)
+            for bad in listing.corrupt:  # a corrupt record still reserves its name
+                if keys.last_segment(bad.key) == pool.name:
+                    raise PoolError(f"a pool named {pool.name!r} exists but is unreadable "
+                                    f"({bad.key})")
+            key = keys.pool(pool.name)
+            ok, _ = self.store.txn(
+                [prefix_unchanged_since(keys.POOLS, listing.revision), absent(key)],
+                [put(key, pool.to_record())])
+            if ok:
+                self.log.info("pool added", pool=pool.name, cidr=pool.cidr)
+                return
+        raise Conflict(f"could not add pool {pool.name}: too many concurrent changes")
+
+    def update_pool(self, name: str, **changes: bool) -> Pool:
+        """Flip a pool's flags (disabled, nat_outgoing, strict_affinity)."""
+        for _ in range(self.max_attempts):
+            entry = self.store.get(keys.pool(name))
+            if entry is None:
+                raise PoolError(f"no pool named {name!r}")
+            record = {**_pool(entry).to_record(), **changes}
+            updated = Pool.from_record(record)
+            ok, _ = self.store.txn([unchanged(entry.key, entry.mod_revision)],
+                                   [put(entry.key, updated.to_record())])
+            if ok:
+                return updated
+        raise Conflict(f"could not update pool {name}: too many concurrent changes")
+
+    def remove_pool(self, name: str, force: bool = False) -> PoolRemoval:
+        """Remove a pool and its blocks; refused while addresses are in use unless forced.
+
+        The pool is first marked disabled (one transaction), which makes every in-flight
+        allocation in it fail its pool compare; then its blocks go, each only if empty
+        (or, when forced, with their allocations), then the pool record itself.
+        """
+        entry = self.store.get(keys.pool(name))
+        if entry is None:
+            raise PoolError(f"no pool named {name!r}")
+        pool = _pool(entry)
+        blocks = [b for b in self._blocks() if b.pool == name]
+        used = self._used_addresses(blocks)
+        if used and not force:
+            raise PoolError(f"pool {name!r} has {len(used)} address(es) in use; release them "
+                            "first or use --force")
+        ok, _ = self.store.txn([unchanged(entry.key, entry.mod_revision)],
+                               [put(entry.key, {**pool.to_record(), "disabled": True})])
+        if not ok:
+            raise Conflict(f"pool {name!r} changed while removing it; try again")
+        released = 0
+        if force:
+            for address, owner in self._used_addresses(blocks).items():
+                if self.release_address(address) is not None or owner is None:
+                    released += 1
+        for block in blocks:
+            self._free_block(block, require_empty=not force)
+        self.store.delete(keys.pool(name))
+        self.log.info("pool removed", pool=name, blocks=len(blocks), released=released)
+        return PoolRemoval(name, len(blocks), released)
+
+    # -- allocation --------------------------------------------------------------------
+    def allocate(self, handle: str, node: str, *, families: Sequence[int] = (4,),
+                 pools: Sequence[str] | None = None,
+                 attrs: dict[str, str] | None = None) -> Handle:
+        """One address per requested family for `handle`, on `node`.
+
+        Idempotent: a handle that already holds an address of a family gets that same
+        address back, because runtimes retry ADD.
+        """
+        check_handle(handle)
+        log = self.log.bind(handle=handle, node=node)
+        for attempt in range(self.max_attempts):
+            handle_rows, affinity_rows, pool_rows = self.store.read_many(
+                [get_op(keys.handle(handle)), list_op(keys.affinity_prefix(node)),
+                 list_op(keys.POOLS)])
+            current = _only_entry(handle_rows)
+            existing = Handle.from_record(current.value) if current else None
+            have = existing.families() if existing else set()
+            missing = sorted(set(families) - have)
+            if not missing:
+                assert existing is not None
+                return existing
+            family = missing[0]
+            candidates = _eligible_pools(pool_rows, family, pools)
+            if not candidates:
+                wanted = f" among {', '.join(pools)}" if pools else ""
+                raise IpamError(f"no enabled IPv{family} pool{wanted} to allocate from")
+            outcome = self._allocate_once(handle, node, candidates, affinity_rows, current,
+                                          existing, attrs or {})
+            if outcome is _RETRY:
+                self._backoff(attempt)
+                continue
+            log.debug("allocated", families=[a.family for a in outcome.allocations])
+        raise Conflict(f"could not allocate for {handle}: lost {self.max_attempts} races")
+
+    def _allocate_once(self, handle: str, node: str, candidates: list[tuple[Pool, Entry]],
+                       affinity_rows: list[Entry | CorruptValue], current: Entry | None,
+                       existing: Handle | None, attrs: dict[str, str]) -> Any:
+        by_name = {p.name: (p, e) for p, e in candidates}
+        mine = [_affinity_cidr(r) for r in affinity_rows]
+        mine_in_pools = [c for c, pool_name in mine if pool_name in by_name]
+        usages = [u for u in self._usage(mine_in_pools) if u.block.affinity == node]
+        choice = pick_block(usages)
+        if choice is not None:
+            pool, pool_entry = by_name[choice.block.pool]
+            return self._commit(handle, node, pool_entry, choice, current, existing, attrs,
+                                borrowed=False)
+        for pool, pool_entry in candidates:
+            claimed = self._claim(pool, pool_entry, node)
+            if claimed is not None:  # a new block (or a race): read again and use it
+                return _RETRY
+        for pool, pool_entry in candidates:
+            if pool.strict_affinity:
+                continue
+            others = [b.cidr for b in self._blocks() if b.pool == pool.name
+                      and b.affinity != node]
+            choice = pick_block(self._usage(others))
+            if choice is not None:
+                return self._commit(handle, node, pool_entry, choice, current, existing,
+                                    attrs, borrowed=True)
+        names = ", ".join(p.name for p, _ in candidates)
+        raise Exhausted(f"no free address left for node {node} in pool(s) {names}")
+
+    def _commit(self, handle: str, node: str, pool_entry: Entry, usage: BlockUsage,
+                current: Entry | None, existing: Handle | None, attrs: dict[str, str],
+                borrowed: bool) -> Any:
+        ordinal = choose_ordinal(usage.size, usage.used, self.rng)
+        assert ordinal is not None  # pick_block only returns blocks with room
+        cidr = usage.block.cidr
+        address = address_at(cidr, ordinal)
+        allocation = Allocation(address, cidr, usage.block.pool, borrowed)
+        before = existing.allocations if existing else ()
+        merged_attrs = {**(existing.attrs if existing else {}), **attrs}
+        record = Handle(handle, node, (*before, allocation), merged_attrs)
+        compare = [unchanged(keys.block(cidr), usage.mod_revision),
+                   unchanged(pool_entry.key, pool_entry.mod_revision),
+                   absent(keys.ip(cidr, ordinal))]
+        compare.append(unchanged(current.key, current.mod_revision) if current
+                       else absent(keys.handle(handle)))
+        success = [put(keys.ip(cidr, ordinal), {"handle": handle, "node": node,
+                                                "address": address}),
+                   put(keys.handle(handle), record.to_record())]
+        if borrowed:
+            success.append(put(keys.borrowed(node, address),
+                               {"handle": handle, "block": cidr, "address": address}))
+        ok, _ = self.store.txn(compare, success)
+        if not ok:
+            return _RETRY
+        if borrowed:
+            self.log.info("borrowed address", handle=handle, node=node, address=address,
+                          block=cidr)
+        return record
+
+    def _claim(self, pool: Pool, pool_entry: Entry, node: str) -> str | None:
+        """Claim the lowest free block of `pool` for `node`; None when the pool is full."""
+        listing = self.store.list(keys.BLOCKS)
+        claimed = [_block(e).cidr for e in listing.entries if e.value.get("pool") == pool.name]
+        claimed += [keys.cidr_of_block_id(keys.last_segment(c.key)) for c in listing.corrupt]
+        claimed = [c for c in claimed if _in_pool(pool, c)]
+        cidr = first_free_block(pool, claimed)
+        if cidr is None:
+            return None
+        ok, _ = self.store.txn(
+            [absent(keys.block(cidr)), unchanged(pool_entry.key, pool_entry.mod_revision)],
+            [put(keys.block(cidr), Block(cidr, pool.name, node).to_record()),
+             put(keys.affinity(node, cidr), {"cidr": cidr, "pool": pool.name})])
+        if ok:
+            self.log.info("claimed block", node=node, block=cidr, pool=pool.name)
+        return cidr
+
+    def _usage(self, cidrs: Iterable[str]) -> list[BlockUsage]:
+        """Each block's record revision and used ordinals, read in few round trips."""
+        cidrs = list(cidrs)
+        ops: list[Any] = []
+        for cidr in cidrs:
+            ops += [get_op(keys.block(cidr)), list_op(keys.ips_prefix(cidr))]
+        rows = self._read_chunked(ops)
+        usages = []
+        for index in range(len(cidrs)):
+            block_rows, ip_rows = rows[2 * index], rows[2 * index + 1]
+            entry = _only_entry(block_rows, raise_corrupt=False)
+            if entry is None:
+                continue  # freed meanwhile, or unreadable: not usable
+            used = frozenset(int(keys.last_segment(r.key)) for r in ip_rows)
+            usages.append(BlockUsage(_block(entry), entry.mod_revision, used))
+        return usages
+
+    def _read_chunked(self, ops: list[Any]) -> list[list[Entry | CorruptValue]]:
+        rows: list[list[Entry | CorruptValue]] = []
+        for start in range(0, len(ops), MAX_TXN_OPS):
+            rows += self.store.read_many(ops[start:start + MAX_TXN_OPS])
+        return rows
+
+    def _backoff(self, attempt: int) -> None:
+        time.sleep(self.rng.uniform(0, 0.0005 * min(attempt + 1, 20)))
+
+    # -- release -----------------------------------------------------------------------
+    def release(self, handle: str, *, only_if_unregistered: bool = False) -> list[str]:
+        """Free every address of `handle`. Releasing a free handle is not an error.
+
+        With `only_if_unregistered`, the transaction also compares that the handle's
+        workload registration does not exist, so GC never frees an address whose
+        workload registered in the meantime.
+        """
+        check_handle(handle)
+        for attempt in range(self.max_attempts):
+            entry = self.store.get(keys.handle(handle))
+            if entry is None:
+                return []
+            record = Handle.from_record(entry.value)
+            ip_keys = [_ip_key(a) for a in record.allocations]
+            ip_rows = self._read_chunked([get_op(k) for k in ip_keys])
+            compare = [unchanged(entry.key, entry.mod_revision)]
+            success = [delete(entry.key)]
+            if only_if_unregistered:
+                compare.append(absent(keys.workload(record.node, handle)))
+            freed = []
+            for allocation, key, rows in zip(record.allocations, ip_keys, ip_rows, strict=True):
+                ip_entry = _only_entry(rows, raise_corrupt=False)
+                if ip_entry is not None and ip_entry.value.get("handle") == handle:
+                    compare.append(unchanged(key, ip_entry.mod_revision))
+                    success.append(delete(key))
+                    freed.append(allocation.address)
+                if allocation.borrowed:
+                    success.append(delete(keys.borrowed(record.node, allocation.address)))
+            ok, _ = self.store.txn(compare, success)
+            if ok:
+                self.log.debug("released", handle=handle, addresses=freed)
+                return freed
+            if only_if_unregistered and self.store.get(keys.workload(record.node, handle)):
+                return []
+            self._backoff(attempt)
+        raise Conflict(f"could not release {handle}: lost {self.max_attempts} races")
+
+    def release_address(self, address: str) -> str | None:
+        """Free one address whoever holds it; returns the handle that held it, if any."""
+        pool = pool_of(address, self.pools())
+        if pool is None:
+            raise IpamError(f"{address} is not inside any IP pool")
+        cidr = block_containing(pool, address)
+        key = keys.ip(cidr, ordinal_of(cidr, address))
+        for attempt in range(self.max_attempts):
+            (rows,) = self.store.read_many([get_op(key)])
+            if not rows:
+                return None
+            ip_row = rows[0]
+            if isinstance(ip_row, CorruptValue):
+                self.store.delete(key)  # unreadable: the operator asked for it freed
+                self.log.warning("released unreadable ip record", key=key)
+                return None
+            owner = str(ip_row.value.get("handle", ""))
+            node = str(ip_row.value.get("node", ""))
+            compare = [unchanged(key, ip_row.mod_revision)]
+            success = [delete(key)]
+            handle_entry = self.store.get(keys.handle(owner)) if owner else None
+            if handle_entry is not None:
+                record = Handle.from_record(handle_entry.value)
+                compare.append(unchanged(handle_entry.key, handle_entry.mod_revision))
+                rest = record.without(address)
+                success.append(put(handle_entry.key, rest.to_record()) if rest.allocations
+                               else delete(handle_entry.key))
+            if node:
+                success.append(delete(keys.borrowed(node, address)))
+            ok, _ = self.store.txn(compare, success)
+            if ok:
+                self.log.info("released address", address=address, handle=owner)
+                return owner or None
+            self._backoff(attempt)
+        raise Conflict(f"could not release {address}: lost {self.max_attempts} races")
+
+    def drop_from_handle(self, handle: str, address: str) -> None:
+        """Remove an address from a handle record whose ip key is not its own (repair)."""
+        for attempt in range(self.max_attempts):
+            entry = self.store.get(keys.handle(handle))
+            if entry is None:
+                return
+            rest = Handle.from_record(entry.value).without(address)
+            op = put(entry.key, rest.to_record()) if rest.allocations else delete(entry.key)
+            ok, _ = self.store.txn([unchanged(entry.key, entry.mod_revision)], [op])
+            if ok:
+                return
+            self._backoff(attempt)
+        raise Conflict(f"could not repair handle {handle}")
+
+    # -- blocks ------------------------------------------------------------------------
+    def _blocks(self) -> list[Block]:
+        listing = self.store.list(keys.BLOCKS)
+        for bad in listing.corrupt:
+            self.log.error("block record unreadable", key=bad.key, reason=bad.reason)
+        return [_block(e) for e in listing.entries]
+
+    def blocks(self) -> list[Block]:
+        return sorted(self._blocks(), key=lambda b: (b.pool, b.cidr))
+
+    def blocks_of(self, node: str) -> list[Block]:
+        return [b for b in self.blocks() if b.affinity == node]
+
+    def release_empty_blocks(self, node: str) -> list[str]:
+        """Give back every empty block affine to `node` (a host that left the fabric)."""
+        freed = []
+        for block in self.blocks_of(node):
+            if self._free_block(block, require_empty=True):
+                freed.append(block.cidr)
+        for row in self.store.list(keys.affinity_prefix(node)).entries:
+            cidr = str(row.value.get("cidr", ""))
+            if cidr and self.store.get(keys.block(cidr)) is None:
+                self.store.delete(row.key)  # stale index entry
+        return freed
+
+    def _free_block(self, block: Block, require_empty: bool) -> bool:
+        entry = self.store.get(keys.block(block.cidr))
+        if entry is None:
+            return False
+        compare = [unchanged(entry.key, entry.mod_revision)]
+        success = [delete(entry.key)]
+        if require_empty:
+            compare.append(prefix_empty(keys.ips_prefix(block.cidr)))
+        else:
+            success.append(delete_under(keys.ips_prefix(block.cidr)))
+        affinity = _block(entry).affinity
+        if affinity:
+            success.append(delete(keys.affinity(affinity, block.cidr)))
+        ok, _ = self.store.txn(compare, success)
+        if ok:
+            self.log.info("freed block", block=block.cidr, node=affinity)
+        return ok
+
+    def _used_addresses(self, blocks: Iterable[Block]) -> dict[str, str | None]:
+        rows = self._read_chunked([list_op(keys.ips_prefix(b.cidr)) for b in blocks])
+        used: dict[str, str | None] = {}
+        for block, block_rows in zip(blocks, rows, strict=True):
+            for row in block_rows:
+                key = row.key
+                address = address_at(block.cidr, int(keys.last_segment(key)))
+                used[address] = row.value.get("handle") if isinstance(row, Entry) else None
+        return used
+
+
+def _pool(entry: Entry) -> Pool:
+    try:
+        return Pool.from_record(entry.value)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptValue(entry.key, f"not a pool record ({exc})") from exc
+
+
+def _block(entry: Entry) -> Block:
+    try:
+        return Block.from_record(entry.value)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptValue(entry.key, f"not a block record ({exc})") from exc
+
+
+def _in_pool(pool: Pool, cidr: str) -> bool:
+    try:
+        return pool_of(cidr.split("/")[0], [pool]) is not None
+    except ValueError:
+        return False
+
+
+def _affinity_cidr(row: Entry | CorruptValue) -> tuple[str, str]:
+    if isinstance(row, CorruptValue):
+        return keys.cidr_of_block_id(keys.last_segment(row.key)), ""
+    return str(row.value.get("cidr", "")), str(row.value.get("pool", ""))
+
+
+def _ip_key(allocation: Allocation) -> str:
+    return keys.ip(allocation.block, ordinal_of(allocation.block, allocation.address))
+
+
+def _only_entry(rows: list[Entry | CorruptValue], raise_corrupt: bool = True) -> Entry | None:
+    if not rows:
+        return None
+    row = rows[0]
+    if isinstance(row, CorruptValue):
+        if raise_corrupt:
+            raise row
+        return None
+    return row
+
+
+def _eligible_pools(rows: list[Entry | CorruptValue], family: int,
+                    names: Sequence[str] | None) -> list[tuple[Pool, Entry]]:
+    eligible = []
+    for row in rows:
+        if isinstance(row, CorruptValue):
+            continue
+        try:
+            pool = _pool(row)
+        except CorruptValue:
+            continue
+        if pool.disabled or pool.family != family:
+            continue
+        if names is not None and pool.name not in names:
+            continue
+        eligible.append((pool, row))
+    return sorted(eligible, key=lambda pe: pe[0].name)

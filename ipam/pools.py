@@ -1,0 +1,111 @@
+"""IP pools: what address space the fabric may hand out, and in what block size.
+
+A pool is validated here, before it reaches etcd, so a bad CIDR or an impossible block
+size is refused with a message that says which.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from typing import Any
+
+DEFAULT_BLOCK_SIZE = {4: 26, 6: 122}
+# Smallest and largest block prefix length per family: a block must hold at least
+# one address and at most 4096, so a host's block list stays short.
+BLOCK_SIZE_RANGE = {4: (20, 32), 6: (116, 128)}
+_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class PoolError(ValueError):
+    """A pool definition we refuse; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class Pool:
+    name: str
+    cidr: str
+    block_size: int
+    nat_outgoing: bool = False
+    disabled: bool = False
+    strict_affinity: bool = False
+    network: Network = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "network", ipaddress.ip_network(self.cidr))
+
+    @property
+    def family(self) -> int:
+        return self.network.version
+
+    @cached_property
+    def block_count(self) -> int:
+        return 1 << (self.block_size - self.network.prefixlen)
+
+    def contains(self, address: str) -> bool:
+        return ipaddress.ip_address(address) in self.network
+
+    def to_record(self) -> dict[str, Any]:
+        record = asdict(self)
+        record.pop("network")
+        return record
+
+    @classmethod
+    def from_record(cls, value: dict[str, Any]) -> Pool:
+        return cls(
+            name=str(value["name"]),
+            cidr=str(value["cidr"]),
+            block_size=int(value["block_size"]),
+            nat_outgoing=bool(value.get("nat_outgoing", False)),
+            disabled=bool(value.get("disabled", False)),
+            strict_affinity=bool(value.get("strict_affinity", False)),
+        )
+
+
+def parse_pool(name: str, cidr: str, block_size: int | None = None, *,
+               nat_outgoing: bool = False, disabled: bool = False,
+               strict_affinity: bool = False) -> Pool:
+    """Validate user input and build a Pool, or raise PoolError naming the problem."""
+    if not _NAME.match(name):
+        raise PoolError(f"pool name {name!r}: use lower-case letters, digits, '-' and '.' "
+                        "(at most 63 characters)")
+    try:
+        network = ipaddress.ip_network(cidr, strict=True)
+    except ValueError as exc:
+        if "host bits set" in str(exc):
+            loose = ipaddress.ip_network(cidr, strict=False)
+            raise PoolError(f"pool CIDR {cidr!r} has host bits set; did you mean {loose}?"
+                            ) from exc
+        raise PoolError(f"pool CIDR {cidr!r} is not a valid network: {exc}") from exc
+    family = network.version
+    size = DEFAULT_BLOCK_SIZE[family] if block_size is None else int(block_size)
+    low, high = BLOCK_SIZE_RANGE[family]
+    if not low <= size <= high:
+        raise PoolError(f"block size /{size} is out of range for IPv{family} "
+                        f"(allowed /{low} to /{high})")
+    if size < network.prefixlen:
+        raise PoolError(f"block size /{size} is larger than the pool {network} itself")
+    return Pool(name, str(network), size, nat_outgoing=nat_outgoing, disabled=disabled,
+                strict_affinity=strict_affinity)
+
+
+def check_overlap(pool: Pool, existing: Iterable[Pool]) -> None:
+    """Refuse a pool that shares addresses with another (or reuses its name)."""
+    for other in existing:
+        if other.name == pool.name:
+            raise PoolError(f"a pool named {pool.name!r} already exists ({other.cidr})")
+        if other.family == pool.family and other.network.overlaps(pool.network):
+            raise PoolError(f"pool {pool.cidr} overlaps pool {other.name!r} ({other.cidr})")
+
+
+def pool_of(address: str, pools: Iterable[Pool]) -> Pool | None:
+    ip = ipaddress.ip_address(address)
+    for pool in pools:
+        if ip.version == pool.family and ip in pool.network:
+            return pool
+    return None

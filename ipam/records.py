@@ -1,0 +1,82 @@
+"""IPAM records stored in etcd: allocations and the handles that own them."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+_HANDLE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,252}$")
+
+
+class IpamError(Exception):
+    """An allocation request we cannot serve; the message says why."""
+
+
+class Exhausted(IpamError):
+    """No free address is left where this node may allocate."""
+
+
+def check_handle(handle: str) -> str:
+    """Handles become etcd key segments, so they may not contain '/' or be empty."""
+    if not isinstance(handle, str) or not _HANDLE.match(handle):
+        raise IpamError(f"invalid handle {handle!r}: use letters, digits and _.:@- "
+                        "(no '/'), at most 253 characters")
+    return handle
+
+
+def handle_for(container_id: str, ifname: str) -> str:
+    """The handle of one container interface: ADD retried by a runtime maps to it again."""
+    return check_handle(f"{container_id}.{ifname}")
+
+
+@dataclass(frozen=True)
+class Allocation:
+    address: str
+    block: str
+    pool: str
+    borrowed: bool = False
+
+    @property
+    def family(self) -> int:
+        return 6 if ":" in self.address else 4
+
+    @property
+    def host_prefix(self) -> str:
+        return f"{self.address}/{128 if self.family == 6 else 32}"
+
+    def to_record(self) -> dict[str, Any]:
+        return {"address": self.address, "block": self.block, "pool": self.pool,
+                "borrowed": self.borrowed}
+
+    @classmethod
+    def from_record(cls, value: dict[str, Any]) -> Allocation:
+        return cls(str(value["address"]), str(value["block"]), str(value["pool"]),
+                   bool(value.get("borrowed", False)))
+
+
+@dataclass(frozen=True)
+class Handle:
+    """Who holds which addresses; one per container interface."""
+
+    handle: str
+    node: str
+    allocations: tuple[Allocation, ...]
+    attrs: dict[str, str] = field(default_factory=dict)
+
+    def to_record(self) -> dict[str, Any]:
+        return {"handle": self.handle, "node": self.node, "attrs": dict(self.attrs),
+                "allocations": [a.to_record() for a in self.allocations]}
+
+    @classmethod
+    def from_record(cls, value: dict[str, Any]) -> Handle:
+        return cls(str(value["handle"]), str(value["node"]),
+                   tuple(Allocation.from_record(a) for a in value.get("allocations", [])),
+                   {str(k): str(v) for k, v in (value.get("attrs") or {}).items()})
+
+    def families(self) -> set[int]:
+        return {a.family for a in self.allocations}
+
+    def without(self, address: str) -> Handle:
+        return Handle(self.handle, self.node,
+                      tuple(a for a in self.allocations if a.address != address), self.attrs)

@@ -1,0 +1,143 @@
+"""The allocator against a real etcd."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from fabric import keys
+from fabric.datastore import CorruptValue
+from ipam.allocator import Ipam
+from ipam.pools import PoolError, parse_pool
+from ipam.records import Exhausted, IpamError
+
+
+@pytest.fixture
+def ipam(store):
+    return Ipam(store)
+
+
+def test_pools_add_list_overlap(ipam):
+    ipam.add_pool(parse_pool("default", "10.244.0.0/16"))
+    with pytest.raises(PoolError, match="overlaps pool 'default'"):
+        ipam.add_pool(parse_pool("other", "10.244.4.0/24"))
+    ipam.add_pool(parse_pool("v6", "fd00:244::/64"))
+    assert [p.name for p in ipam.pools()] == ["default", "v6"]
+
+
+def test_allocate_is_idempotent_per_handle(ipam):
+    ipam.add_pool(parse_pool("default", "10.244.0.0/24"))
+    first = ipam.allocate("c1.eth0", "node-a")
+    again = ipam.allocate("c1.eth0", "node-a")
+    other = ipam.allocate("c2.eth0", "node-a")
+    assert first.allocations == again.allocations
+    assert first.allocations[0].address != other.allocations[0].address
+    assert first.allocations[0].block == "10.244.0.0/26"
+    assert not first.allocations[0].borrowed
+    assert [b.cidr for b in ipam.blocks_of("node-a")] == ["10.244.0.0/26"]
+
+
+def test_full_block_claims_next_then_borrows_then_exhausts(ipam, store):
+    ipam.add_pool(parse_pool("small", "10.9.0.0/29", 30))  # two blocks of 4
+    a = [ipam.allocate(f"a{i}.eth0", "node-a").allocations[0] for i in range(4)]
+    assert {x.block for x in a} == {"10.9.0.0/30"}
+    b = [ipam.allocate(f"b{i}.eth0", "node-b").allocations[0] for i in range(3)]
+    assert {x.block for x in b} == {"10.9.0.4/30"}
+    # node-a's block is full and no free block is left: it borrows from node-b's.
+    borrowed = ipam.allocate("a4.eth0", "node-a").allocations[0]
+    assert borrowed.borrowed and borrowed.block == "10.9.0.4/30"
+    assert store.get(keys.borrowed("node-a", borrowed.address)) is not None
+    with pytest.raises(Exhausted, match="no free address left for node node-a"):
+        ipam.allocate("a5.eth0", "node-a")
+    held = [x.address for x in a + b] + [borrowed.address]
+    assert len(set(held)) == 8
+
+
+def test_strict_affinity_never_borrows(ipam):
+    ipam.add_pool(parse_pool("strict", "10.9.0.0/29", 30, strict_affinity=True))
+    for i in range(4):
+        ipam.allocate(f"a{i}.eth0", "node-a")
+    ipam.allocate("b0.eth0", "node-b")
+    with pytest.raises(Exhausted):
+        ipam.allocate("a9.eth0", "node-a")
+
+
+def test_release_by_handle_and_address(ipam, store):
+    ipam.add_pool(parse_pool("default", "10.244.0.0/24"))
+    one = ipam.allocate("c1.eth0", "n").allocations[0]
+    two = ipam.allocate("c2.eth0", "n").allocations[0]
+    assert ipam.release("c1.eth0") == [one.address]
+    assert ipam.release("c1.eth0") == []  # already free: not an error
+    assert ipam.release_address(two.address) == "c2.eth0"
+    assert ipam.release_address(two.address) is None
+    assert store.get(keys.handle("c2.eth0")) is None
+    with pytest.raises(IpamError, match="not inside any IP pool"):
+        ipam.release_address("192.0.2.1")
+    # The block stays with its host after its last address is released...
+    assert [b.cidr for b in ipam.blocks_of("n")] == ["10.244.0.0/26"]
+    # ...until the host leaves the fabric.
+    assert ipam.release_empty_blocks("n") == ["10.244.0.0/26"]
+    assert ipam.blocks_of("n") == []
+    assert store.keys(keys.affinity_prefix("n")) == []
+
+
+def test_empty_block_release_keeps_used_blocks(ipam):
+    ipam.add_pool(parse_pool("default", "10.244.0.0/24"))
+    ipam.allocate("c1.eth0", "n")
+    assert ipam.release_empty_blocks("n") == []
+    assert len(ipam.blocks_of("n")) == 1
+
+
+def test_dual_stack(ipam):
+    ipam.add_pool(parse_pool("v4", "10.244.0.0/24"))
+    ipam.add_pool(parse_pool("v6", "fd00:244::/120"))
+    handle = ipam.allocate("c1.eth0", "n", families=(4, 6))
+    versions = sorted(ipaddress.ip_address(a.address).version for a in handle.allocations)
+    assert versions == [4, 6]
+    assert ipam.allocate("c1.eth0", "n", families=(4, 6)) == handle
+    assert sorted(ipam.release("c1.eth0")) == sorted(a.address for a in handle.allocations)
+
+
+def test_pool_selection_and_disabled(ipam):
+    ipam.add_pool(parse_pool("a", "10.1.0.0/24"))
+    ipam.add_pool(parse_pool("b", "10.2.0.0/24"))
+    got = ipam.allocate("c1.eth0", "n", pools=["b"]).allocations[0]
+    assert got.pool == "b"
+    ipam.update_pool("b", disabled=True)
+    with pytest.raises(IpamError, match="no enabled IPv4 pool among b"):
+        ipam.allocate("c2.eth0", "n", pools=["b"])
+
+
+def test_remove_pool_refused_while_in_use_unless_forced(ipam, store):
+    ipam.add_pool(parse_pool("default", "10.244.0.0/24"))
+    ipam.allocate("c1.eth0", "n")
+    with pytest.raises(PoolError, match=r"1 address\(es\) in use"):
+        ipam.remove_pool("default")
+    assert not ipam.pools()[0].disabled  # a refused removal changes nothing
+    result = ipam.remove_pool("default", force=True)
+    assert (result.blocks_freed, result.addresses_released) == (1, 1)
+    assert ipam.pools() == []
+    assert store.keys(keys.ROOT + "ipam/") == []
+
+
+def test_corrupt_block_does_not_stop_allocation(ipam, store):
+    ipam.add_pool(parse_pool("default", "10.244.0.0/24"))
+    first = ipam.allocate("c1.eth0", "n").allocations[0]
+    store._client.put(keys.block(first.block), b"{not json")
+    # The unreadable block is skipped (and never reclaimed): a new block is claimed.
+    second = ipam.allocate("c2.eth0", "n").allocations[0]
+    assert second.block != first.block
+
+
+def test_corrupt_handle_names_the_key(ipam, store):
+    ipam.add_pool(parse_pool("default", "10.244.0.0/24"))
+    store._client.put(keys.handle("bad.eth0"), b'{"v": 99}')
+    with pytest.raises(CorruptValue, match=r"/l3fabric/v1/ipam/handles/bad.eth0"):
+        ipam.allocate("bad.eth0", "n")
+    assert ipam.allocate("good.eth0", "n").allocations
+
+
+def test_invalid_handle(ipam):
+    with pytest.raises(IpamError, match="invalid handle"):
+        ipam.allocate("a/b", "n")

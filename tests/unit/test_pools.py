@@ -1,0 +1,48 @@
+import pytest
+
+from ipam.pools import Pool, PoolError, check_overlap, parse_pool, pool_of
+
+
+def test_defaults_per_family():
+    assert parse_pool("a", "10.244.0.0/16").block_size == 26
+    assert parse_pool("b", "fd00:10::/64").block_size == 122
+
+
+@pytest.mark.parametrize(("cidr", "block", "message"), [
+    ("10.244.0.0/33", None, "not a valid network"),
+    ("banana", None, "not a valid network"),
+    ("10.244.0.1/16", None, "host bits set; did you mean 10.244.0.0/16"),
+    ("10.244.0.0/28", 26, "larger than the pool"),
+    ("10.244.0.0/16", 19, "out of range for IPv4"),
+    ("fd00::/64", 26, "out of range for IPv6"),
+])
+def test_bad_pools_say_why(cidr, block, message):
+    with pytest.raises(PoolError, match=message):
+        parse_pool("p", cidr, block)
+
+
+def test_bad_name():
+    with pytest.raises(PoolError, match="pool name"):
+        parse_pool("Bad/Name", "10.0.0.0/24")
+
+
+def test_overlap_names_the_other_pool():
+    existing = [parse_pool("one", "10.244.0.0/16")]
+    with pytest.raises(PoolError, match="overlaps pool 'one'"):
+        check_overlap(parse_pool("two", "10.244.128.0/17"), existing)
+    with pytest.raises(PoolError, match="already exists"):
+        check_overlap(parse_pool("one", "10.245.0.0/16"), existing)
+    check_overlap(parse_pool("three", "10.245.0.0/16"), existing)
+    check_overlap(parse_pool("v6", "fd00::/64"), existing)
+
+
+def test_record_round_trip():
+    pool = parse_pool("p", "10.1.0.0/24", 28, nat_outgoing=True, strict_affinity=True)
+    assert Pool.from_record(pool.to_record()) == pool
+
+
+def test_pool_of():
+    pools = [parse_pool("a", "10.1.0.0/24"), parse_pool("b", "fd00::/120")]
+    assert pool_of("10.1.0.7", pools).name == "a"
+    assert pool_of("fd00::5", pools).name == "b"
+    assert pool_of("10.2.0.1", pools) is None
