@@ -20,6 +20,7 @@ import etcd3
 import etcd3.exceptions
 import etcd3.utils
 import grpc
+from etcd3 import etcdrpc
 
 from fabric.settings import EtcdSettings
 
@@ -123,12 +124,26 @@ def delete_under(prefix: str) -> Any:
     return etcd3.transactions.Delete(prefix, range_end=_prefix_end(prefix))
 
 
-def get_op(key: str) -> Any:
-    return etcd3.transactions.Get(key)
+@dataclass(frozen=True)
+class Read:
+    """One read inside `Datastore.read_many`: a key, or a prefix; optionally keys only."""
+
+    key: str
+    prefix: bool = False
+    keys_only: bool = False
 
 
-def list_op(prefix: str) -> Any:
-    return etcd3.transactions.Get(prefix, range_end=_prefix_end(prefix))
+def get_op(key: str) -> Read:
+    return Read(key)
+
+
+def list_op(prefix: str) -> Read:
+    return Read(prefix, prefix=True)
+
+
+def keys_op(prefix: str) -> Read:
+    """Keys under a prefix without their values: cheap when only existence matters."""
+    return Read(prefix, prefix=True, keys_only=True)
 
 
 def _prefix_end(prefix: str) -> bytes:
@@ -172,12 +187,16 @@ class Datastore:
         except (etcd3.exceptions.ConnectionFailedError,
                 etcd3.exceptions.ConnectionTimeoutError) as exc:
             raise Unavailable(f"etcd at {self.settings.describe()} is unreachable") from exc
-        except grpc.RpcError as exc:
+        except grpc.RpcError as exc:  # raised by the raw calls in read_many
             code = exc.code() if hasattr(exc, "code") else None
             if code in _UNAVAILABLE_CODES:
+                # Same bookkeeping as etcd3's own calls: fail over to another endpoint.
+                self._client.endpoint_in_use.fail()
+                self._client._clear_old_stubs()
                 raise Unavailable(
                     f"etcd at {self.settings.describe()} is unreachable") from exc
-            raise DatastoreError(f"etcd error: {exc}") from exc
+            raise DatastoreError(f"etcd error: {exc.details() if hasattr(exc, 'details') else exc}"
+                                 ) from exc
         except ValueError as exc:
             # etcd3 raises ValueError when every endpoint is marked failed.
             if "failed" in str(exc):
@@ -214,26 +233,42 @@ class Datastore:
         self._call(self._client.delete_prefix, prefix)
 
     def txn(self, compare: Iterable[Any], success: Iterable[Any],
-            failure: Iterable[Any] = ()) -> tuple[bool, list[Any]]:
-        ok, responses = self._call(self._client.transaction, compare=list(compare),
-                                   success=list(success), failure=list(failure))
-        return bool(ok), responses
+            failure: Iterable[Any] = ()) -> tuple[bool, list[list[Entry | CorruptValue]]]:
+        """One transaction, built from etcd's protobufs.
 
-    def read_many(self, ops: Iterable[Any]) -> list[list[Entry | CorruptValue]]:
-        """Several gets/prefix reads in one round trip (a compare-free transaction)."""
-        _, responses = self.txn([], list(ops))
-        results = []
-        for kvs in responses:
-            rows: list[Entry | CorruptValue] = []
-            for raw, meta in kvs:
-                key = meta.key.decode()
-                try:
-                    rows.append(Entry(key, decode(key, raw), meta.mod_revision,
-                                      meta.create_revision, meta.lease_id))
-                except CorruptValue as exc:
-                    rows.append(exc)
-            results.append(rows)
-        return results
+        Reads (`Read`, which unlike etcd3's Get can ask for keys only) may appear in
+        either branch and their rows come back in order (writes give an empty list),
+        so a compare that failed can hand the caller fresh data in the same round trip.
+        """
+        success, failure = list(success), list(failure)
+        client = self._client
+        request = etcdrpc.TxnRequest(
+            compare=[c.build_message() for c in compare],
+            success=[self._request_op(op) for op in success],
+            failure=[self._request_op(op) for op in failure])
+        response = self._call(client.kvstub.Txn, request, client.timeout,
+                              credentials=client.call_credentials, metadata=client.metadata)
+        ops = success if response.succeeded else failure
+        return bool(response.succeeded), [
+            _rows(op, r.response_range.kvs) if isinstance(op, Read) else []
+            for op, r in zip(ops, response.responses, strict=True)]
+
+    def read_many(self, reads: Iterable[Read]) -> list[list[Entry | CorruptValue]]:
+        """Several reads in one round trip: one read-only (linearizable) transaction."""
+        return self.txn([], reads)[1]
+
+    def _request_op(self, op: Any) -> Any:
+        if isinstance(op, Read):
+            return etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(
+                key=op.key.encode(), range_end=_prefix_end(op.key) if op.prefix else b"",
+                keys_only=op.keys_only))
+        if isinstance(op, etcd3.transactions.Put):
+            return etcdrpc.RequestOp(request_put=self._client._build_put_request(
+                op.key, op.value, op.lease, op.prev_kv))
+        if isinstance(op, etcd3.transactions.Delete):
+            return etcdrpc.RequestOp(request_delete_range=self._client._build_delete_request(
+                op.key, op.range_end, op.prev_kv))
+        raise TypeError(f"not a transaction operation: {op!r}")
 
     # -- leases ------------------------------------------------------------------------
     def lease(self, ttl: int) -> Any:
@@ -280,6 +315,21 @@ def _read(path: str | None) -> bytes | None:
         return None
     with open(path, "rb") as fh:
         return fh.read()
+
+
+def _rows(read: Read, kvs: Iterable[Any]) -> list[Entry | CorruptValue]:
+    rows: list[Entry | CorruptValue] = []
+    for kv in kvs:
+        key = kv.key.decode()
+        if read.keys_only:
+            rows.append(Entry(key, {}, kv.mod_revision, kv.create_revision, kv.lease))
+            continue
+        try:
+            rows.append(Entry(key, decode(key, kv.value), kv.mod_revision, kv.create_revision,
+                              kv.lease))
+        except CorruptValue as exc:
+            rows.append(exc)
+    return rows
 
 
 def _listing(kvs: Iterable[Any], revision: int, keys_only: bool) -> Listing:

@@ -16,9 +16,11 @@ Nothing is cached between calls: each attempt re-reads what it decides on.
 from __future__ import annotations
 
 import random
+import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fabric import keys, logs
@@ -27,10 +29,12 @@ from fabric.datastore import (
     CorruptValue,
     Datastore,
     Entry,
+    Read,
     absent,
     delete,
     delete_under,
     get_op,
+    keys_op,
     list_op,
     prefix_empty,
     prefix_unchanged_since,
@@ -47,13 +51,22 @@ from ipam.blocks import (
     ordinal_of,
     pick_block,
 )
+from ipam.check import IpOwner, Report, Snapshot
 from ipam.pools import Pool, PoolError, check_overlap, pool_of
 from ipam.records import Allocation, Exhausted, Handle, IpamError, check_handle
 
 # etcd refuses transactions with more than 128 operations by default.
 MAX_TXN_OPS = 128
 
-_RETRY = object()  # a compare failed: somebody else wrote first; read again
+
+
+@dataclass(frozen=True)
+class _Retry:
+    """A compare failed (somebody wrote first). `rows`, when given, is a fresh view
+    (see `_view_reads`) of `hinted` blocks read in the failed transaction itself."""
+
+    hinted: list[str] = field(default_factory=list)
+    rows: list[list[Entry | CorruptValue]] | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +85,18 @@ class Ipam:
         self.rng = rng or random.Random()
         self.max_attempts = max_attempts
         self.log = logs.get("ipam")
+        # (node, family) -> the block allocated from last, and the view of it read
+        # by the last commit. Hints only: every commit compares what it relies on.
+        self._hints: dict[tuple[str, int], str] = {}
+        self._views: dict[tuple[str, int], tuple[str, list[list[Entry | CorruptValue]]]] = {}
+        # Allocations for one node from one process (the agent serving concurrent CNI
+        # ADDs) go one at a time: they would only race each other for the same ordinal,
+        # and in turn each starts from the previous commit's view, so no round trip is
+        # lost. Other processes and hosts are still kept apart by the compares alone.
+        self._node_locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        # What allocation cost: commits, lost races, full scans, block claims (metrics).
+        self.stats: Counter[str] = Counter()
 
     # -- pools -------------------------------------------------------------------------
     def pools(self) -> list[Pool]:
@@ -154,13 +179,27 @@ class Ipam:
 
         Idempotent: a handle that already holds an address of a family gets that same
         address back, because runtimes retry ADD.
+
+        An attempt decides on a view: the handle, the pools, and the block this node
+        allocated from last time with its used ordinals (keys only). Every commit
+        reads that view again in the same transaction (success or failure branch),
+        and the next allocation on this node starts from it, assuming its own handle
+        is new. So the common case is one round trip. The view is only a hint: the
+        commit compares the block, the pool, the address key and the handle, so a
+        stale view costs a retry (with a fresh view from the failure branch), never
+        a duplicate.
         """
         check_handle(handle)
-        log = self.log.bind(handle=handle, node=node)
+        with self._locks_guard:
+            lock = self._node_locks.setdefault(node, threading.Lock())
+        with lock:
+            return self._allocate(handle, node, families, pools, attrs)
+
+    def _allocate(self, handle: str, node: str, families: Sequence[int],
+                  pools: Sequence[str] | None, attrs: dict[str, str] | None) -> Handle:
+        hinted, rows, verified = self._start_view(handle, node, families)
         for attempt in range(self.max_attempts):
-            handle_rows, affinity_rows, pool_rows = self.store.read_many(
-                [get_op(keys.handle(handle)), list_op(keys.affinity_prefix(node)),
-                 list_op(keys.POOLS)])
+            handle_rows, pool_rows = rows[:2]
             current = _only_entry(handle_rows)
             existing = Handle.from_record(current.value) if current else None
             have = existing.families() if existing else set()
@@ -169,34 +208,72 @@ class Ipam:
                 assert existing is not None
                 return existing
             family = missing[0]
-            candidates = _eligible_pools(pool_rows, family, pools)
-            if not candidates:
-                wanted = f" among {', '.join(pools)}" if pools else ""
-                raise IpamError(f"no enabled IPv{family} pool{wanted} to allocate from")
-            outcome = self._allocate_once(handle, node, candidates, affinity_rows, current,
-                                          existing, attrs or {})
-            if outcome is _RETRY:
-                self._backoff(attempt)
+            try:
+                candidates = _eligible_pools(pool_rows, family, pools)
+                if not candidates:
+                    wanted = f" among {', '.join(pools)}" if pools else ""
+                    raise IpamError(f"no enabled IPv{family} pool{wanted} to allocate from")
+                outcome = self._allocate_once(handle, node, family, candidates,
+                                              _usages(hinted, rows[2:]), current, existing,
+                                              attrs or {})
+            except IpamError:
+                if verified:
+                    raise
+                # The cached view assumed a new handle and known pools. Before refusing,
+                # read them for real: a retried ADD must get its address back even when
+                # the pool is full.
+                hinted = self._hinted(node, families)
+                rows, verified = self.store.read_many(_view_reads(handle, hinted)), True
                 continue
-            log.debug("allocated", families=[a.family for a in outcome.allocations])
+            if isinstance(outcome, Handle):
+                if set(families) <= outcome.families():
+                    return outcome
+                hinted = self._hinted(node, families)
+                rows = self.store.read_many(_view_reads(handle, hinted))
+            elif outcome.rows is not None:
+                hinted, rows = outcome.hinted, outcome.rows
+            else:
+                self._backoff(attempt)
+                hinted = self._hinted(node, families)
+                rows = self.store.read_many(_view_reads(handle, hinted))
+            verified = True  # every view from here on was read, handle included
         raise Conflict(f"could not allocate for {handle}: lost {self.max_attempts} races")
 
-    def _allocate_once(self, handle: str, node: str, candidates: list[tuple[Pool, Entry]],
-                       affinity_rows: list[Entry | CorruptValue], current: Entry | None,
-                       existing: Handle | None, attrs: dict[str, str]) -> Any:
+    def _start_view(self, handle: str, node: str, families: Sequence[int]
+                    ) -> tuple[list[str], list[list[Entry | CorruptValue]], bool]:
+        """The first view of an allocation, and whether it was read (not cached)."""
+        if len(families) == 1 and (node, families[0]) in self._views:
+            cidr, rows = self._views[node, families[0]]
+            return [cidr], [[], *rows], False  # [] = handle assumed new; the commit checks
+        hinted = self._hinted(node, families)
+        return hinted, self.store.read_many(_view_reads(handle, hinted)), True
+
+    def _hinted(self, node: str, families: Sequence[int]) -> list[str]:
+        return [self._hints[node, f] for f in families if (node, f) in self._hints]
+
+    def _allocate_once(self, handle: str, node: str, family: int,
+                       candidates: list[tuple[Pool, Entry]], hinted: list[BlockUsage],
+                       current: Entry | None, existing: Handle | None,
+                       attrs: dict[str, str]) -> Handle | _Retry:
         by_name = {p.name: (p, e) for p, e in candidates}
-        mine = [_affinity_cidr(r) for r in affinity_rows]
-        mine_in_pools = [c for c, pool_name in mine if pool_name in by_name]
-        usages = [u for u in self._usage(mine_in_pools) if u.block.affinity == node]
-        choice = pick_block(usages)
+        choice = next((u for u in hinted if u.block.affinity == node
+                       and u.block.pool in by_name and u.free > 0), None)
+        if choice is None:
+            self.stats["scans"] += 1
+            affinity_rows = self.store.list(keys.affinity_prefix(node)).entries
+            mine = [c for c, pool_name in map(_affinity_cidr, affinity_rows)
+                    if pool_name in by_name]
+            choice = pick_block([u for u in self._usage(mine) if u.block.affinity == node])
         if choice is not None:
-            pool, pool_entry = by_name[choice.block.pool]
+            self._hints[node, family] = choice.block.cidr
+            _, pool_entry = by_name[choice.block.pool]
             return self._commit(handle, node, pool_entry, choice, current, existing, attrs,
                                 borrowed=False)
         for pool, pool_entry in candidates:
             claimed = self._claim(pool, pool_entry, node)
             if claimed is not None:  # a new block (or a race): read again and use it
-                return _RETRY
+                self._hints[node, family] = claimed
+                return _Retry()
         for pool, pool_entry in candidates:
             if pool.strict_affinity:
                 continue
@@ -211,9 +288,9 @@ class Ipam:
 
     def _commit(self, handle: str, node: str, pool_entry: Entry, usage: BlockUsage,
                 current: Entry | None, existing: Handle | None, attrs: dict[str, str],
-                borrowed: bool) -> Any:
+                borrowed: bool) -> Handle | _Retry:
         ordinal = choose_ordinal(usage.size, usage.used, self.rng)
-        assert ordinal is not None  # pick_block only returns blocks with room
+        assert ordinal is not None  # only blocks with room get here
         cidr = usage.block.cidr
         address = address_at(cidr, ordinal)
         allocation = Allocation(address, cidr, usage.block.pool, borrowed)
@@ -231,12 +308,16 @@ class Ipam:
         if borrowed:
             success.append(put(keys.borrowed(node, address),
                                {"handle": handle, "block": cidr, "address": address}))
-        ok, _ = self.store.txn(compare, success)
-        if not ok:
-            return _RETRY
-        if borrowed:
-            self.log.info("borrowed address", handle=handle, node=node, address=address,
+            self.log.info("borrowing address", handle=handle, node=node, address=address,
                           block=cidr)
+        after = _view_reads(None, [cidr])
+        ok, fresh = self.store.txn(compare, [*success, *after], _view_reads(handle, [cidr]))
+        self.stats["commits" if ok else "lost_races"] += 1
+        if not ok:
+            self._views.pop((node, allocation.family), None)
+            return _Retry([cidr], fresh)
+        if not borrowed:
+            self._views[node, allocation.family] = (cidr, fresh[len(success):])
         return record
 
     def _claim(self, pool: Pool, pool_entry: Entry, node: str) -> str | None:
@@ -252,28 +333,20 @@ class Ipam:
             [absent(keys.block(cidr)), unchanged(pool_entry.key, pool_entry.mod_revision)],
             [put(keys.block(cidr), Block(cidr, pool.name, node).to_record()),
              put(keys.affinity(node, cidr), {"cidr": cidr, "pool": pool.name})])
+        self.stats["claims" if ok else "lost_claims"] += 1
         if ok:
             self.log.info("claimed block", node=node, block=cidr, pool=pool.name)
         return cidr
 
     def _usage(self, cidrs: Iterable[str]) -> list[BlockUsage]:
-        """Each block's record revision and used ordinals, read in few round trips."""
+        """Each block's record revision and used ordinals (keys only), in few round trips."""
         cidrs = list(cidrs)
-        ops: list[Any] = []
+        reads: list[Read] = []
         for cidr in cidrs:
-            ops += [get_op(keys.block(cidr)), list_op(keys.ips_prefix(cidr))]
-        rows = self._read_chunked(ops)
-        usages = []
-        for index in range(len(cidrs)):
-            block_rows, ip_rows = rows[2 * index], rows[2 * index + 1]
-            entry = _only_entry(block_rows, raise_corrupt=False)
-            if entry is None:
-                continue  # freed meanwhile, or unreadable: not usable
-            used = frozenset(int(keys.last_segment(r.key)) for r in ip_rows)
-            usages.append(BlockUsage(_block(entry), entry.mod_revision, used))
-        return usages
+            reads += [get_op(keys.block(cidr)), keys_op(keys.ips_prefix(cidr))]
+        return _usages(cidrs, self._read_chunked(reads))
 
-    def _read_chunked(self, ops: list[Any]) -> list[list[Entry | CorruptValue]]:
+    def _read_chunked(self, ops: list[Read]) -> list[list[Entry | CorruptValue]]:
         rows: list[list[Entry | CorruptValue]] = []
         for start in range(0, len(ops), MAX_TXN_OPS):
             rows += self.store.read_many(ops[start:start + MAX_TXN_OPS])
@@ -370,6 +443,87 @@ class Ipam:
             self._backoff(attempt)
         raise Conflict(f"could not repair handle {handle}")
 
+    # -- check and repair --------------------------------------------------------------
+    def snapshot(self) -> Snapshot:
+        """Everything `check` needs, read in one transaction (one consistent revision)."""
+        pools_r, blocks_r, ips_r, handles_r, workloads_r, nodes_r = self.store.read_many(
+            [list_op(keys.POOLS), list_op(keys.BLOCKS), list_op(keys.IPS),
+             list_op(keys.HANDLES), list_op(keys.WORKLOADS), list_op(keys.NODES)])
+        corrupt: list[CorruptValue] = []
+
+        def good(rows: list[Entry | CorruptValue]) -> list[Entry]:
+            corrupt.extend(r for r in rows if isinstance(r, CorruptValue))
+            return [r for r in rows if isinstance(r, Entry)]
+
+        pools = [p for p in (_decoded(_pool, e, corrupt) for e in good(pools_r)) if p]
+        blocks = [b for b in (_decoded(_block, e, corrupt) for e in good(blocks_r)) if b]
+        ips = []
+        for row in ips_r:  # an unreadable ip key still reserves its address
+            block_segment, ordinal = row.key[len(keys.IPS):].split("/")
+            cidr = keys.cidr_of_block_id(block_segment)
+            value = row.value if isinstance(row, Entry) else {}
+            if isinstance(row, CorruptValue):
+                corrupt.append(row)
+            ips.append(IpOwner(address_at(cidr, int(ordinal)), cidr,
+                               str(value.get("handle", "")), str(value.get("node", ""))))
+        handles = {}
+        for entry in good(handles_r):
+            record = _decoded(_handle, entry, corrupt)
+            if record:
+                handles[record.handle] = record
+        workloads = set()
+        for entry in good(workloads_r):
+            node, _, handle = entry.key[len(keys.WORKLOADS):].partition("/")
+            workloads.add((node, handle))
+        nodes = {keys.last_segment(e.key) for e in good(nodes_r)}
+        return Snapshot(pools, blocks, ips, handles, workloads, nodes, corrupt)
+
+    def release_found(self, report: Report, kinds: Iterable[str] = (
+            "leak", "orphan-ip", "dangling", "orphan-block")) -> dict[str, int]:
+        """Free what `check` found, each with the compares that keep it safe.
+
+        Leaks are released only while their workload is still unregistered; blocks of
+        dead nodes only when empty. Duplicates are never touched: they need a person.
+        """
+        wanted = set(kinds)
+        done = {kind: 0 for kind in wanted}
+        for finding in report.findings:
+            if finding.kind not in wanted:
+                continue
+            if finding.kind == "leak":
+                freed = self.release(finding.subject, only_if_unregistered=True)
+                done["leak"] += bool(freed) or not finding.addresses
+            elif finding.kind == "orphan-ip":
+                self._release_orphan_ip(finding.subject)
+                done["orphan-ip"] += 1
+            elif finding.kind == "dangling":
+                for address in finding.addresses:
+                    self.drop_from_handle(finding.subject, address)
+                done["dangling"] += 1
+            elif finding.kind == "orphan-block" and finding.node:
+                done["orphan-block"] += len(self.release_empty_blocks(finding.node))
+        return done
+
+    def _release_orphan_ip(self, address: str) -> None:
+        pool = pool_of(address, self.pools())
+        if pool is None:
+            return
+        cidr = block_containing(pool, address)
+        key = keys.ip(cidr, ordinal_of(cidr, address))
+        (rows,) = self.store.read_many([get_op(key)])
+        if not rows:
+            return
+        row = rows[0]
+        handle = row.value.get("handle") if isinstance(row, Entry) else None
+        if handle:
+            entry = self.store.get(keys.handle(str(handle)))
+            if entry and address in {a.address for a in Handle.from_record(entry.value)
+                                     .allocations}:
+                return  # no longer an orphan: its handle lists it now
+        compare = [unchanged(key, row.mod_revision)] if isinstance(row, Entry) else []
+        self.store.txn(compare, [delete(key)])
+        self.log.info("released orphan address", address=address)
+
     # -- blocks ------------------------------------------------------------------------
     def _blocks(self) -> list[Block]:
         listing = self.store.list(keys.BLOCKS)
@@ -414,6 +568,7 @@ class Ipam:
         return ok
 
     def _used_addresses(self, blocks: Iterable[Block]) -> dict[str, str | None]:
+        blocks = list(blocks)
         rows = self._read_chunked([list_op(keys.ips_prefix(b.cidr)) for b in blocks])
         used: dict[str, str | None] = {}
         for block, block_rows in zip(blocks, rows, strict=True):
@@ -438,6 +593,21 @@ def _block(entry: Entry) -> Block:
         raise CorruptValue(entry.key, f"not a block record ({exc})") from exc
 
 
+def _handle(entry: Entry) -> Handle:
+    try:
+        return Handle.from_record(entry.value)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptValue(entry.key, f"not a handle record ({exc})") from exc
+
+
+def _decoded(parse: Any, entry: Entry, corrupt: list[CorruptValue]) -> Any:
+    try:
+        return parse(entry)
+    except CorruptValue as exc:
+        corrupt.append(exc)
+        return None
+
+
 def _in_pool(pool: Pool, cidr: str) -> bool:
     try:
         return pool_of(cidr.split("/")[0], [pool]) is not None
@@ -449,6 +619,28 @@ def _affinity_cidr(row: Entry | CorruptValue) -> tuple[str, str]:
     if isinstance(row, CorruptValue):
         return keys.cidr_of_block_id(keys.last_segment(row.key)), ""
     return str(row.value.get("cidr", "")), str(row.value.get("pool", ""))
+
+
+def _view_reads(handle: str | None, hinted: list[str]) -> list[Read]:
+    """What one allocation attempt decides on: handle, pools, hinted blocks' usage."""
+    reads = [get_op(keys.handle(handle))] if handle is not None else []
+    reads.append(list_op(keys.POOLS))
+    for cidr in hinted:
+        reads += [get_op(keys.block(cidr)), keys_op(keys.ips_prefix(cidr))]
+    return reads
+
+
+def _usages(cidrs: list[str], rows: list[list[Entry | CorruptValue]]) -> list[BlockUsage]:
+    """Pair up (block record, ip keys) reads; blocks freed meanwhile are left out."""
+    usages = []
+    for index in range(len(cidrs)):
+        block_rows, ip_rows = rows[2 * index], rows[2 * index + 1]
+        entry = _only_entry(block_rows, raise_corrupt=False)
+        if entry is None:
+            continue  # freed meanwhile, or unreadable: not usable
+        used = frozenset(int(keys.last_segment(r.key)) for r in ip_rows)
+        usages.append(BlockUsage(_block(entry), entry.mod_revision, used))
+    return usages
 
 
 def _ip_key(allocation: Allocation) -> str:

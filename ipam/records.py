@@ -74,6 +74,9 @@ class Handle:
                    tuple(Allocation.from_record(a) for a in value.get("allocations", [])),
                    {str(k): str(v) for k, v in (value.get("attrs") or {}).items()})
 
+    def addresses(self) -> tuple[str, ...]:
+        return tuple(a.address for a in self.allocations)
+
     def families(self) -> set[int]:
         return {a.family for a in self.allocations}
 

@@ -3,6 +3,7 @@ namespaces with a unique prefix that are always removed."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from fabric import logs
 from fabric.datastore import Datastore
 from fabric.kernel import netns
 from fabric.keys import ROOT
@@ -21,6 +23,9 @@ from fabric.settings import EtcdSettings, parse_endpoints
 # Every namespace, link and process name a test makes starts with this, so leftovers
 # are attributable and a cleanup can find them.
 PREFIX = f"l3t{os.getpid() % 100000:05d}"
+
+# Library code logs through structlog; keep test output to what matters.
+logs.configure("console", "warning")
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, routes)")
 
@@ -74,10 +79,8 @@ def netns_factory() -> Iterator[Callable[[str], str]]:
     finally:
         for name in reversed(made):
             for pid in netns.pids(name):
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, 9)
-                except ProcessLookupError:
-                    pass
             netns.remove(name)
 
 

@@ -141,3 +141,40 @@ def test_corrupt_handle_names_the_key(ipam, store):
 def test_invalid_handle(ipam):
     with pytest.raises(IpamError, match="invalid handle"):
         ipam.allocate("a/b", "n")
+
+
+def test_retried_allocation_gets_its_address_back_when_the_pool_is_full(ipam):
+    """A runtime retries ADD; the retry must not fail with "exhausted" even though the
+    allocator's cached view assumes new handles (found by the model test)."""
+    ipam.add_pool(parse_pool("tiny", "10.9.0.0/30", 30))
+    held = [ipam.allocate(f"c{i}.eth0", "node-a").allocations[0].address for i in range(4)]
+    again = ipam.allocate("c1.eth0", "node-a").allocations[0].address
+    assert again == held[1]
+    with pytest.raises(Exhausted):
+        ipam.allocate("c9.eth0", "node-a")
+
+
+def test_threads_of_one_process_share_a_node_without_duplicates(ipam):
+    """The agent serves concurrent ADDs from threads; they must never share an address."""
+    import threading
+
+    ipam.add_pool(parse_pool("default", "10.244.0.0/24", 28))
+    got: list[str] = []
+    errors: list[BaseException] = []
+
+    def work(worker: int) -> None:
+        try:
+            for i in range(12):
+                record = ipam.allocate(f"t{worker}-{i}.eth0", "node-a")
+                got.append(record.allocations[0].address)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(got) == 96 and len(set(got)) == 96
+    assert ipam.stats["lost_races"] == 0  # one process, one node: no self-inflicted races

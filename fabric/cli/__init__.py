@@ -1,0 +1,1 @@
+"""`fabricctl`: the operator's tool. One module per command group."""

@@ -1,0 +1,164 @@
+"""Node and workload registrations in etcd.
+
+A node record lives under the agent's lease, so it disappears on its own when the
+agent is gone for longer than the TTL. A workload record is written by the CNI
+handler after its addresses are allocated, in a transaction that compares the IPAM
+handle still exists: GC can then never free an address whose workload registered
+concurrently, and a workload is never registered with an address already freed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from fabric import keys, logs
+from fabric.datastore import Datastore, absent, delete, put, unchanged
+
+
+class RegistrationError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    address: str
+    asn: int
+    labels: dict[str, str] = field(default_factory=dict)
+    rr_cluster_id: str | None = None
+    started_at: float = 0.0
+    version: str = ""
+
+    @property
+    def is_route_reflector(self) -> bool:
+        return self.rr_cluster_id is not None
+
+    def to_record(self) -> dict[str, Any]:
+        return {"name": self.name, "address": self.address, "asn": self.asn,
+                "labels": dict(self.labels), "rr_cluster_id": self.rr_cluster_id,
+                "started_at": self.started_at, "version": self.version}
+
+    @classmethod
+    def from_record(cls, value: dict[str, Any]) -> Node:
+        return cls(str(value["name"]), str(value["address"]), int(value["asn"]),
+                   {str(k): str(v) for k, v in (value.get("labels") or {}).items()},
+                   value.get("rr_cluster_id"), float(value.get("started_at", 0.0)),
+                   str(value.get("version", "")))
+
+
+@dataclass(frozen=True)
+class Workload:
+    handle: str
+    node: str
+    container_id: str
+    ifname: str
+    netns: str
+    ips: tuple[str, ...]
+    name: str | None = None
+    host_ifname: str | None = None
+    created_at: float = 0.0
+
+    def to_record(self) -> dict[str, Any]:
+        return {"handle": self.handle, "node": self.node, "container_id": self.container_id,
+                "ifname": self.ifname, "netns": self.netns, "ips": list(self.ips),
+                "name": self.name, "host_ifname": self.host_ifname,
+                "created_at": self.created_at}
+
+    @classmethod
+    def from_record(cls, value: dict[str, Any]) -> Workload:
+        return cls(str(value["handle"]), str(value["node"]), str(value["container_id"]),
+                   str(value["ifname"]), str(value.get("netns", "")),
+                   tuple(str(i) for i in value.get("ips", [])), value.get("name"),
+                   value.get("host_ifname"), float(value.get("created_at", 0.0)))
+
+
+class Registry:
+    def __init__(self, store: Datastore) -> None:
+        self.store = store
+        self.log = logs.get("registry")
+
+    # -- nodes -------------------------------------------------------------------------
+    def nodes(self) -> list[Node]:
+        listing = self.store.list(keys.NODES)
+        for bad in listing.corrupt:
+            self.log.error("node record unreadable", key=bad.key, reason=bad.reason)
+        nodes = []
+        for entry in listing.entries:
+            try:
+                nodes.append(Node.from_record(entry.value))
+            except (KeyError, TypeError, ValueError) as exc:
+                self.log.error("node record unreadable", key=entry.key, reason=str(exc))
+        return sorted(nodes, key=lambda n: n.name)
+
+    def node(self, name: str) -> Node | None:
+        entry = self.store.get(keys.node(name))
+        return Node.from_record(entry.value) if entry else None
+
+    def node_lease(self, name: str) -> int:
+        entry = self.store.get(keys.node(name))
+        return entry.lease if entry else 0
+
+    def register_node(self, node: Node, lease: Any) -> None:
+        """Write our node record under `lease`.
+
+        Refused when another host (different underlay address) holds the name: two
+        agents fighting over one name would announce each other's blocks.
+        """
+        key = keys.node(node.name)
+        for _ in range(20):
+            current = self.store.get(key)
+            if current is not None:
+                holder = str(current.value.get("address"))
+                if holder != node.address:
+                    raise RegistrationError(
+                        f"node name {node.name!r} is already registered by {holder}")
+                compare = [unchanged(key, current.mod_revision)]
+            else:
+                compare = [absent(key)]
+            ok, _ = self.store.txn(compare, [put(key, node.to_record(), lease=lease)])
+            if ok:
+                return
+        raise RegistrationError(f"could not register node {node.name!r}: concurrent writers")
+
+    # -- workloads ---------------------------------------------------------------------
+    def workloads(self, node: str | None = None) -> list[Workload]:
+        prefix = keys.workloads_prefix(node) if node else keys.WORKLOADS
+        listing = self.store.list(prefix)
+        for bad in listing.corrupt:
+            self.log.error("workload record unreadable", key=bad.key, reason=bad.reason)
+        found = []
+        for entry in listing.entries:
+            try:
+                found.append(Workload.from_record(entry.value))
+            except (KeyError, TypeError, ValueError) as exc:
+                self.log.error("workload record unreadable", key=entry.key, reason=str(exc))
+        return sorted(found, key=lambda w: (w.node, w.handle))
+
+    def workload(self, node: str, handle: str) -> Workload | None:
+        entry = self.store.get(keys.workload(node, handle))
+        return Workload.from_record(entry.value) if entry else None
+
+    def register_workload(self, workload: Workload) -> None:
+        """Register only while the IPAM handle exists (see the module docstring)."""
+        handle_key = keys.handle(workload.handle)
+        entry = self.store.get(handle_key)
+        if entry is None:
+            raise RegistrationError(f"handle {workload.handle} holds no addresses")
+        record = workload if workload.created_at else Workload(
+            **{**workload.__dict__, "created_at": time.time()})
+        ok, _ = self.store.txn([unchanged(handle_key, entry.mod_revision)],
+                               [put(keys.workload(workload.node, workload.handle),
+                                    record.to_record())])
+        if not ok:
+            raise RegistrationError(f"handle {workload.handle} changed while registering")
+
+    def deregister_workload(self, node: str, handle: str) -> bool:
+        ok, _ = self.store.txn([], [delete(keys.workload(node, handle))])
+        return ok
+
+    def find_workloads(self, name: str) -> list[Workload]:
+        return [w for w in self.workloads() if w.name == name]
+
+

@@ -1,0 +1,61 @@
+from ipam.blocks import Block
+from ipam.check import IpOwner, Snapshot, check, usage
+from ipam.gc import LeakTracker
+from ipam.pools import parse_pool
+from ipam.records import Allocation, Handle
+
+POOL = parse_pool("p", "10.0.0.0/24", 26)
+BLOCK = "10.0.0.0/26"
+
+
+def handle(name, *addresses, node="n1"):
+    return Handle(name, node, tuple(Allocation(a, BLOCK, "p") for a in addresses))
+
+
+def snapshot(handles, ips, workloads, nodes=("n1",), blocks=None):
+    blocks = blocks or [Block(BLOCK, "p", "n1")]
+    return Snapshot([POOL], list(blocks), ips, {h.handle: h for h in handles},
+                    set(workloads), set(nodes))
+
+
+def test_clean_state_has_no_findings():
+    snap = snapshot([handle("a", "10.0.0.1")], [IpOwner("10.0.0.1", BLOCK, "a", "n1")],
+                    [("n1", "a")])
+    report = check(snap)
+    assert report.ok
+    assert report.counts["addresses_used"] == 1
+    assert report.counts["addresses_free_in_blocks"] == 63
+
+
+def test_each_kind_is_found():
+    snap = snapshot(
+        [handle("leaky", "10.0.0.1"), handle("dangles", "10.0.0.2"),
+         handle("dup1", "10.0.0.3"), handle("dup2", "10.0.0.3")],
+        [IpOwner("10.0.0.1", BLOCK, "leaky", "n1"), IpOwner("10.0.0.3", BLOCK, "dup1", "n1"),
+         IpOwner("10.0.0.9", BLOCK, "ghost", "n1")],
+        [("n1", "dangles"), ("n1", "dup1"), ("n1", "dup2")],
+        nodes=(), blocks=[Block(BLOCK, "p", "n1")])
+    report = check(snap)
+    assert [f.subject for f in report.of("leak")] == ["leaky"]
+    assert [f.subject for f in report.of("dangling")] == ["dangles"]
+    assert {f.subject for f in report.of("duplicate")} == {"10.0.0.3"}
+    assert [f.subject for f in report.of("orphan-ip")] == ["10.0.0.9"]
+    assert [f.subject for f in report.of("orphan-block")] == [BLOCK]
+    assert not report.ok
+
+
+def test_usage_per_pool_and_host():
+    snap = snapshot([], [IpOwner("10.0.0.1", BLOCK, "a", "n1")], [],
+                    blocks=[Block(BLOCK, "p", "n1"), Block("10.0.0.64/26", "p", "n2")])
+    rows = usage(snap)
+    assert (rows[0].node, rows[0].blocks, rows[0].used, rows[0].free) == (None, 2, 1, 255)
+    assert [(r.node, r.used, r.free) for r in rows[1:]] == [("n1", 1, 63), ("n2", 0, 64)]
+
+
+def test_leak_tracker_needs_continuous_sighting():
+    tracker = LeakTracker(grace=600)
+    assert tracker.observe(["a", "b"], now=0) == []
+    assert tracker.observe(["a", "b"], now=599) == []
+    assert tracker.observe(["a"], now=600) == ["a"]  # b recovered: forgotten
+    assert tracker.observe(["a", "b"], now=700) == ["a"]
+    assert tracker.observe(["a", "b"], now=1300) == ["a", "b"]
