@@ -4,3 +4,5 @@ The shared foundations every other package stands on live here too: etcd setting
 (`settings`), the datastore adapter (`datastore`), its key layout (`keys`) and logging
 (`logs`).
 """
+
+__version__ = "0.1.0"

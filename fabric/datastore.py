@@ -163,14 +163,15 @@ class Datastore:
     @classmethod
     def connect(cls, settings: EtcdSettings) -> Datastore:
         creds = None
-        if settings.endpoints[0].secure:
+        if any(e.secure for e in settings.endpoints):
             creds = grpc.ssl_channel_credentials(
                 root_certificates=_read(settings.ca_cert),
                 private_key=_read(settings.key),
                 certificate_chain=_read(settings.cert),
             )
         endpoints = [
-            etcd3.Endpoint(e.host, e.port, secure=e.secure, creds=creds, time_retry=2.0)
+            etcd3.Endpoint(e.target, e.port, secure=e.secure,
+                           creds=creds if e.secure else None, time_retry=2.0)
             for e in settings.endpoints
         ]
         client = etcd3.MultiEndpointEtcd3Client(

@@ -59,19 +59,21 @@ class Workload:
     name: str | None = None
     host_ifname: str | None = None
     created_at: float = 0.0
+    network: str = ""  # the CNI network name: GC of one network leaves others alone
 
     def to_record(self) -> dict[str, Any]:
         return {"handle": self.handle, "node": self.node, "container_id": self.container_id,
                 "ifname": self.ifname, "netns": self.netns, "ips": list(self.ips),
                 "name": self.name, "host_ifname": self.host_ifname,
-                "created_at": self.created_at}
+                "created_at": self.created_at, "network": self.network}
 
     @classmethod
     def from_record(cls, value: dict[str, Any]) -> Workload:
         return cls(str(value["handle"]), str(value["node"]), str(value["container_id"]),
                    str(value["ifname"]), str(value.get("netns", "")),
                    tuple(str(i) for i in value.get("ips", [])), value.get("name"),
-                   value.get("host_ifname"), float(value.get("created_at", 0.0)))
+                   value.get("host_ifname"), float(value.get("created_at", 0.0)),
+                   str(value.get("network", "")))
 
 
 class Registry:

@@ -36,7 +36,14 @@ class Endpoint:
     def secure(self) -> bool:
         return self.scheme == "https"
 
+    @property
+    def target(self) -> str:
+        """The gRPC target's host part: a unix socket path is `unix://PATH`."""
+        return f"unix://{self.host}" if self.scheme == "unix" else self.host
+
     def __str__(self) -> str:
+        if self.scheme == "unix":
+            return f"unix://{self.host}:{self.port}"
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{self.scheme}://{host}:{self.port}"
 
@@ -56,7 +63,7 @@ class EtcdSettings:
             raise SettingsError("etcd endpoints: at least one endpoint is needed")
         if bool(self.cert) != bool(self.key):
             raise SettingsError("etcd TLS: --etcd-cert and --etcd-key must be given together")
-        secure = {e.secure for e in self.endpoints}
+        secure = {e.secure for e in self.endpoints if e.scheme != "unix"}
         if len(secure) > 1:
             raise SettingsError("etcd endpoints: mixing http:// and https:// is not supported")
         if True in secure and not self.ca_cert:
@@ -80,9 +87,16 @@ def parse_endpoints(text: str) -> tuple[Endpoint, ...]:
             continue
         if "://" not in item:
             item = f"http://{item}"
+        if item.startswith("unix://"):
+            # etcd names its unix socket "<name>:<port>" (in its working directory).
+            path, _, port_text = item[len("unix://"):].rpartition(":")
+            if not path.startswith("/") or not port_text.isdigit():
+                raise SettingsError(f"etcd endpoint {item!r}: use unix:///PATH:PORT")
+            endpoints.append(Endpoint("unix", path, int(port_text)))
+            continue
         parts = urlsplit(item)
         if parts.scheme not in ("http", "https"):
-            raise SettingsError(f"etcd endpoint {item!r}: scheme must be http or https")
+            raise SettingsError(f"etcd endpoint {item!r}: scheme must be http, https or unix")
         try:
             port = parts.port or 2379
         except ValueError as exc:

@@ -355,6 +355,26 @@ class Ipam:
     def _backoff(self, attempt: int) -> None:
         time.sleep(self.rng.uniform(0, 0.0005 * min(attempt + 1, 20)))
 
+    # -- reading handles ---------------------------------------------------------------
+    def handle(self, handle: str) -> Handle | None:
+        """The addresses a handle holds, or None."""
+        entry = self.store.get(keys.handle(check_handle(handle)))
+        return _handle(entry) if entry else None
+
+    def handles(self, node: str | None = None) -> list[Handle]:
+        """Every handle (of one node); unreadable records are logged and skipped."""
+        listing = self.store.list(keys.HANDLES)
+        found = []
+        for entry in listing.entries:
+            try:
+                record = _handle(entry)
+            except CorruptValue as exc:
+                self.log.error("handle record unreadable", key=exc.key, reason=exc.reason)
+                continue
+            if node is None or record.node == node:
+                found.append(record)
+        return sorted(found, key=lambda h: h.handle)
+
     # -- release -----------------------------------------------------------------------
     def release(self, handle: str, *, only_if_unregistered: bool = False) -> list[str]:
         """Free every address of `handle`. Releasing a free handle is not an error.

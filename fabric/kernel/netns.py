@@ -8,6 +8,7 @@ how a netlink socket is opened inside one without a child process.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import subprocess
 from collections.abc import Iterator
@@ -18,6 +19,16 @@ CLONE_NEWNET = 0x40000000
 
 class NetnsError(RuntimeError):
     pass
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def setns(fd: int, nstype: int = CLONE_NEWNET) -> None:
+    """setns(2) for the calling thread (os.setns exists only from Python 3.12)."""
+    if _libc.setns(fd, nstype) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def path(name: str) -> str:
@@ -73,11 +84,11 @@ def entered(netns_path: str) -> Iterator[None]:
         os.close(own)
         raise NetnsError(f"cannot open network namespace {netns_path}: {exc.strerror}") from exc
     try:
-        os.setns(target, CLONE_NEWNET)
+        setns(target)
         try:
             yield
         finally:
-            os.setns(own, CLONE_NEWNET)
+            setns(own)
     finally:
         os.close(target)
         os.close(own)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 ETCD_BINARY_CANDIDATES = ("/usr/bin/etcd", "/usr/local/bin/etcd")
 READY_MARKER = "ready to serve client requests"
+UNIX_PORT = 2379
 
 
 class EtcdError(RuntimeError):
@@ -51,6 +52,12 @@ class EtcdServer:
         return f"http://{self.host}:{self.port}"
 
     @property
+    def unix_endpoint(self) -> str:
+        """etcd also listens on a unix socket in its work dir: reachable from every
+        network namespace (it is a file), which is how tools outside a lab reach it."""
+        return f"unix://{self.data_dir.parent}/etcd:{UNIX_PORT}"
+
+    @property
     def pid(self) -> int:
         return self.process.pid
 
@@ -65,7 +72,7 @@ class EtcdServer:
         peer_port = peer_port or free_port()
         argv = [
             etcd_binary(), "--name", name, "--data-dir", str(data_dir),
-            "--listen-client-urls", f"http://{host}:{port}",
+            "--listen-client-urls", f"http://{host}:{port},unix://etcd:{UNIX_PORT}",
             "--advertise-client-urls", f"http://{host}:{port}",
             "--listen-peer-urls", f"http://{host}:{peer_port}",
             "--initial-advertise-peer-urls", f"http://{host}:{peer_port}",
@@ -76,7 +83,8 @@ class EtcdServer:
             argv = ["ip", "netns", "exec", netns, *argv]
         with open(log_path, "ab") as log:
             process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, start_new_session=True)
+                                       stdin=subprocess.DEVNULL, start_new_session=True,
+                                       cwd=workdir)
         server = cls(host, port, peer_port, data_dir, log_path, process)
         server._wait_ready(timeout)
         return server

@@ -1,0 +1,166 @@
+"""ExaBGP's API, sans I/O: JSON lines in, typed events out; commands as text.
+
+ExaBGP (with `encoder json` and `receive { parsed; update; open; notification; }`
+plus `neighbor-changes`) writes one JSON object per line to its API process, and
+answers each command we write with `done` or `error`. `parse_line` turns a line into
+the events below; nothing here reads or writes a pipe, so it is tested with recorded
+lines.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Ack:
+    ok: bool
+
+
+@dataclass(frozen=True)
+class PeerState:
+    peer: str
+    state: str  # connected, up, down
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Open:
+    peer: str
+    graceful_restart: int | None  # the peer's restart time when it advertises GR
+    hold_time: int
+    router_id: str
+
+
+@dataclass(frozen=True)
+class Notification:
+    peer: str
+    code: int
+    subcode: int
+    received: bool
+
+
+@dataclass(frozen=True)
+class Attributes:
+    as_path: tuple[int, ...] = ()
+    local_pref: int | None = None
+    med: int | None = None
+    origin: str = ""
+
+
+@dataclass(frozen=True)
+class Update:
+    """One UPDATE: announced prefixes grouped by next hop, and withdrawn prefixes."""
+
+    peer: str
+    announced: dict[str, list[str]] = field(default_factory=dict)  # next hop -> prefixes
+    withdrawn: list[str] = field(default_factory=list)
+    attributes: Attributes = field(default_factory=Attributes)
+
+
+@dataclass(frozen=True)
+class EndOfRib:
+    peer: str
+    family: str  # "ipv4 unicast"
+
+
+@dataclass(frozen=True)
+class Unknown:
+    line: str
+
+
+Event = Ack | PeerState | Open | Notification | Update | EndOfRib | Unknown
+
+
+def parse_line(line: str | bytes) -> Iterator[Event]:
+    text = line.decode(errors="replace") if isinstance(line, bytes) else line
+    text = text.strip()
+    if not text:
+        return
+    if text in ("done", "error"):
+        yield Ack(text == "done")
+        return
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        yield Unknown(text)
+        return
+    if not isinstance(doc, dict):
+        yield Unknown(text)
+        return
+    kind = doc.get("type")
+    neighbor = doc.get("neighbor") or {}
+    peer = str((neighbor.get("address") or {}).get("peer", ""))
+    if kind == "state":
+        yield PeerState(peer, str(neighbor.get("state", "")), str(neighbor.get("reason", "")))
+    elif kind == "open":
+        yield _open(peer, neighbor.get("open") or {})
+    elif kind == "notification":
+        note = neighbor.get("notification") or {}
+        yield Notification(peer, int(note.get("code", 0)), int(note.get("subcode", 0)),
+                           neighbor.get("direction") == "receive")
+    elif kind == "update":
+        message = neighbor.get("message") or {}
+        if "eor" in message:
+            eor = message["eor"]
+            yield EndOfRib(peer, f"{eor.get('afi', '')} {eor.get('safi', '')}")
+            return
+        yield _update(peer, message.get("update") or {})
+    else:
+        yield Unknown(text)
+
+
+def _open(peer: str, body: dict[str, Any]) -> Open:
+    restart = None
+    for capability in (body.get("capabilities") or {}).values():
+        if isinstance(capability, dict) and capability.get("name") == "graceful restart":
+            restart = int(capability.get("time", 0))
+    return Open(peer, restart, int(body.get("hold_time", 0)), str(body.get("router_id", "")))
+
+
+def as_path_of(value: Any) -> tuple[int, ...]:
+    """ExaBGP 5 nests segments (`{"0": {"element": "as-sequence", "value": [...]}}`);
+    older encoders give a flat list. AS sets count as their members."""
+    if value is None:
+        return ()
+    if isinstance(value, list):
+        return tuple(int(a) for a in value)
+    if isinstance(value, dict):
+        path: list[int] = []
+        for key in sorted(value, key=lambda k: int(k) if str(k).isdigit() else 0):
+            segment = value[key]
+            members = segment.get("value", []) if isinstance(segment, dict) else segment
+            path.extend(int(a) for a in members)
+        return tuple(path)
+    return ()
+
+
+def _update(peer: str, body: dict[str, Any]) -> Update:
+    attrs = body.get("attribute") or {}
+    attributes = Attributes(as_path_of(attrs.get("as-path")), attrs.get("local-preference"),
+                            attrs.get("med"), str(attrs.get("origin", "")))
+    announced: dict[str, list[str]] = {}
+    for family, by_hop in (body.get("announce") or {}).items():
+        if not family.endswith("unicast") or not isinstance(by_hop, dict):
+            continue
+        for next_hop, nlris in by_hop.items():
+            announced.setdefault(next_hop, []).extend(
+                n["nlri"] if isinstance(n, dict) else str(n) for n in nlris)
+    withdrawn: list[str] = []
+    for family, nlris in (body.get("withdraw") or {}).items():
+        if family.endswith("unicast"):
+            withdrawn.extend(n["nlri"] if isinstance(n, dict) else str(n) for n in nlris)
+    return Update(peer, announced, withdrawn, attributes)
+
+
+# -- commands ----------------------------------------------------------------------------
+def withdraw(prefix: str) -> str:
+    return f"withdraw route {prefix}"
+
+
+def teardown(peer: str, subcode: int = 2) -> str:
+    """Close one session with a Cease notification (2: administrative shutdown)."""
+    return f"neighbor {peer} teardown {subcode}"

@@ -1,0 +1,96 @@
+"""Import policy: which received routes may reach the kernel. Pure.
+
+A fabric node trusts BGP only for what etcd says can exist: prefixes inside an
+enabled IP pool, never a default route, never anything covering an underlay address
+(a route to a peer through itself would take the session down), never a path that
+already went through our AS (ExaBGP does no loop detection: an eBGP ToR echoes our
+own routes back), never our own blocks. A claimed block or a borrowed address is only
+accepted from where etcd says it lives: with an empty AS path the next hop must be
+its node; through other ASes the path must originate in its node's AS. Everything
+rejected keeps its reason, for counters and `fabricctl bgp routes --rejected`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from fabric.kernel.routes import Prefix, address_int
+
+DEFAULT_ROUTE = "default-route"
+OUTSIDE_POOLS = "outside-pools"
+UNDERLAY = "underlay-address"
+AS_LOOP = "as-path-loop"
+OWN_BLOCK = "own-block"
+NOT_BORROWED = "not-borrowed"
+NEXT_HOP = "next-hop-mismatch"
+ORIGIN = "origin-mismatch"
+MAX_PREFIX = "max-prefix"
+BAD_PREFIX = "malformed-prefix"
+REASONS = (DEFAULT_ROUTE, OUTSIDE_POOLS, UNDERLAY, AS_LOOP, OWN_BLOCK, NOT_BORROWED,
+           NEXT_HOP, ORIGIN, MAX_PREFIX, BAD_PREFIX)
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where etcd says a block or borrowed address lives: its node's address and AS."""
+
+    node: str
+    address: str
+    asn: int
+
+
+@dataclass(frozen=True)
+class PolicyContext:
+    local_as: int
+    pools: tuple[tuple[Prefix, int], ...] = ()  # enabled pools with their block size
+    own_blocks: tuple[Prefix, ...] = ()
+    underlay: frozenset[tuple[int, int]] = frozenset()  # (family, address int)
+    blocks: Mapping[Prefix, Origin] = field(default_factory=dict)
+    borrowed: Mapping[Prefix, Origin] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, local_as: int, pools: Iterable[tuple[str, int]],
+              own_blocks: Iterable[str], underlay: Iterable[str],
+              blocks: Mapping[str, Origin], borrowed: Mapping[str, Origin]) -> PolicyContext:
+        return cls(local_as,
+                   tuple((Prefix.parse(c), size) for c, size in pools),
+                   tuple(Prefix.parse(b) for b in own_blocks),
+                   frozenset(address_int(a) for a in underlay),
+                   {Prefix.parse(k): v for k, v in blocks.items()},
+                   {Prefix.parse(k): v for k, v in borrowed.items()})
+
+
+def evaluate(prefix: Prefix, next_hop: str, as_path: tuple[int, ...],
+             ctx: PolicyContext) -> str | None:
+    """None when the route is accepted, else the reason it is not."""
+    if prefix.length == 0:
+        return DEFAULT_ROUTE
+    block_size = next((size for pool, size in ctx.pools if pool.contains(prefix)), None)
+    if block_size is None:
+        return OUTSIDE_POOLS
+    shift = prefix.bits - prefix.length
+    for family, address in ctx.underlay:
+        if family == prefix.family and (address >> shift) == (prefix.network >> shift):
+            return UNDERLAY
+    if ctx.local_as in as_path:
+        return AS_LOOP
+    origin = ctx.borrowed.get(prefix) if prefix.length == prefix.bits else None
+    if origin is None:
+        if any(own.overlaps(prefix) for own in ctx.own_blocks):
+            return OWN_BLOCK
+        origin = ctx.blocks.get(prefix)
+        if origin is None and prefix.length > block_size:
+            # Inside a claimed block but not a known borrowed address: a more specific
+            # route that would steal part of another node's block.
+            drop = prefix.bits - block_size
+            containing = Prefix(prefix.family, (prefix.network >> drop) << drop, block_size)
+            if containing in ctx.blocks:
+                return NOT_BORROWED
+    if origin is not None:
+        if not as_path:
+            if next_hop != origin.address:
+                return NEXT_HOP
+        elif as_path[-1] != origin.asn:
+            return ORIGIN
+    return None

@@ -1,0 +1,274 @@
+"""The CNI verbs, run inside the node agent for each request the shim forwards.
+
+ADD, DEL, CHECK, GC and STATUS side by side, as the reference plugins read. The kernel
+work is in `fabric.kernel.links`; addresses come from `ipam`; workloads are registered
+in etcd so check, GC and DNS can see them.
+
+A failed ADD leaves nothing behind: every step that made something registers its
+undo, and the undo runs in reverse order before the error is returned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from cni.netconf import IPAM_PLUGIN, Request, parse_request
+from cni.shim import FIELDS
+from cni.spec import (
+    INVALID_ENV,
+    IO_FAILURE,
+    LATEST,
+    NOT_READY,
+    SUPPORTED_VERSIONS,
+    TRY_AGAIN_LATER,
+    CniError,
+    Interface,
+    IpConfig,
+    Result,
+    RouteConfig,
+    version_document,
+)
+from fabric import logs
+from fabric.datastore import DatastoreError, Unavailable
+from fabric.kernel import links
+from fabric.kernel.reconciler import Reconciler
+from fabric.kernel.routes import Prefix, Route, workload
+from fabric.registry import RegistrationError, Registry, Workload
+from ipam.allocator import Ipam
+from ipam.records import Exhausted, Handle, IpamError
+
+# Plugin-specific error codes (the spec leaves 100 and up to plugins).
+NO_ADDRESS = 100
+CHECK_FAILED = 101
+INTERNAL = 199
+
+
+@dataclass
+class Undo:
+    """Steps to take back, newest first, if the operation fails."""
+
+    steps: list[tuple[str, Callable[[], object]]] = field(default_factory=list)
+
+    def push(self, what: str, step: Callable[[], object]) -> None:
+        self.steps.append((what, step))
+
+    def run(self, log: Any) -> None:
+        for what, step in reversed(self.steps):
+            try:
+                step()
+            except Exception as exc:  # keep undoing the rest
+                log.error("rollback step failed", step=what, error=str(exc))
+
+
+class CniHandler:
+    def __init__(self, node: str, ipam: Ipam, registry: Registry, routes: Reconciler,
+                 dns: Mapping[str, Any] | None = None) -> None:
+        self.node = node
+        self.ipam = ipam
+        self.registry = registry
+        self.routes = routes
+        self.dns = dict(dns or {})
+        self.log = logs.get("cni", node=node)
+
+    # -- entry point -------------------------------------------------------------------
+    def handle(self, fields: Mapping[str, bytes]) -> tuple[int, bytes]:
+        """(exit status, stdout) for one forwarded request."""
+        env = {k: fields[k].decode(errors="replace") for k in FIELDS[1:-1]}
+        plugin = fields["plugin"].decode(errors="replace") or "l3fabric"
+        version = LATEST
+        try:
+            request = parse_request(env, fields["stdin"], plugin)
+            version = request.conf.version
+            verbs = {"ADD": self.add, "DEL": self.delete, "CHECK": self.check,
+                     "GC": self.gc, "STATUS": self.status,
+                     "VERSION": lambda _: version_document()}
+            result = verbs[request.command](request)
+            return 0, (json.dumps(result).encode() + b"\n") if result is not None else b""
+        except CniError as exc:
+            if exc.code != TRY_AGAIN_LATER:
+                self.log.info("request refused", command=env.get("CNI_COMMAND"),
+                              container=env.get("CNI_CONTAINERID"), code=exc.code,
+                              error=exc.msg)
+            doc_version = version if version in SUPPORTED_VERSIONS else LATEST
+            return 1, json.dumps(exc.document(doc_version)).encode() + b"\n"
+        except Exception as exc:
+            self.log.exception("request failed", command=env.get("CNI_COMMAND"))
+            error = CniError(INTERNAL, f"internal error in the l3fabric agent: {exc}")
+            return 1, json.dumps(error.document(version)).encode() + b"\n"
+
+    # -- verbs -------------------------------------------------------------------------
+    def add(self, req: Request) -> dict[str, Any]:
+        if not os.path.exists(req.netns):
+            raise CniError(INVALID_ENV, f"CNI_NETNS {req.netns} does not exist")
+        log = self.log.bind(handle=req.handle)
+        undo = Undo()
+        try:
+            with _store_errors("ADD"):
+                record = self._allocate(req)
+                undo.push("release addresses", lambda: self.ipam.release(req.handle))
+            addresses = [a.address for a in record.allocations]
+            host_if = None
+            attachment = None
+            if req.plugin != IPAM_PLUGIN:
+                host_if = links.host_ifname(req.handle)
+                links.detach(host_if, None, req.ifname)  # a retried ADD starts clean
+                try:
+                    attachment = links.attach(req.netns, req.ifname, host_if, addresses,
+                                              req.conf.mtu)
+                except links.LinkError as exc:
+                    raise CniError(IO_FAILURE, f"wiring {req.ifname}: {exc}") from exc
+                undo.push("remove veth", lambda: links.detach(host_if, req.netns, req.ifname))
+                wanted = self._workload_routes(addresses, attachment.host_index)
+                undo.push("remove host routes",
+                          lambda: self.routes.install_now("workloads", dict.fromkeys(wanted)))
+                failures = self.routes.install_now("workloads", wanted)
+                if failures:
+                    raise CniError(IO_FAILURE, f"host route: {failures[0]}")
+            with _store_errors("ADD"):
+                self.registry.register_workload(Workload(
+                    req.handle, self.node, req.container_id, req.ifname, req.netns,
+                    tuple(addresses), req.workload_name, host_if,
+                    network=req.conf.name))
+        except BaseException:
+            undo.run(log)
+            raise
+        log.info("attached", addresses=addresses, host_if=host_if, name=req.workload_name)
+        return self._result(req, record, attachment).document(req.conf.version)
+
+    def delete(self, req: Request) -> None:
+        """Tear down whatever exists; everything already gone is fine."""
+        with _store_errors("DEL"):
+            registered = self.registry.workload(self.node, req.handle)
+            held = self.ipam.handle(req.handle)
+        netns = req.netns or (registered.netns if registered else "")
+        addresses = list(held.addresses() if held else ())
+        addresses += [a for a in (registered.ips if registered else ()) if a not in addresses]
+        if req.plugin != IPAM_PLUGIN:
+            links.detach(links.host_ifname(req.handle), netns, req.ifname)
+            self.routes.install_now("workloads", dict.fromkeys(
+                Prefix.parse(a) for a in addresses))
+        with _store_errors("DEL"):
+            self.registry.deregister_workload(self.node, req.handle)
+            self.ipam.release(req.handle)
+        self.log.info("detached", handle=req.handle, addresses=addresses)
+
+    def check(self, req: Request) -> None:
+        with _store_errors("CHECK"):
+            registered = self.registry.workload(self.node, req.handle)
+            held = self.ipam.handle(req.handle)
+        if held is None:
+            raise CniError(CHECK_FAILED, f"{req.handle} holds no addresses")
+        if registered is None:
+            raise CniError(CHECK_FAILED, f"{req.handle} is not registered on {self.node}")
+        addresses = list(held.addresses())
+        if req.conf.prev_result is not None:
+            prev = Result.parse(req.conf.prev_result)
+            expected = sorted(ip.address.split("/")[0] for ip in prev.ips)
+            if expected != sorted(addresses):
+                raise CniError(CHECK_FAILED, f"prevResult has {expected}, IPAM holds "
+                                             f"{sorted(addresses)}")
+        if req.plugin == IPAM_PLUGIN:
+            return
+        problems = links.inspect(links.host_ifname(req.handle), req.netns, req.ifname,
+                                 addresses)
+        desired = self.routes.source("workloads")
+        problems += [f"no host route for {a}" for a in addresses
+                     if Prefix.parse(a) not in desired]
+        if problems:
+            raise CniError(CHECK_FAILED, "; ".join(problems))
+
+    def gc(self, req: Request) -> None:
+        """Release every attachment of this network on this node not in the valid list."""
+        valid = {f"{cid}.{ifname}" for cid, ifname in req.conf.valid_attachments or ()}
+        with _store_errors("GC"):
+            registered = {w.handle: w for w in self.registry.workloads(self.node)
+                          if w.network == req.conf.name}
+            held = {h.handle: h for h in self.ipam.handles(self.node)
+                    if h.attrs.get("network") == req.conf.name}
+        stale = sorted((set(registered) | set(held)) - valid)
+        failed = []
+        for handle in stale:
+            workload_ = registered.get(handle)
+            try:
+                if workload_ and workload_.host_ifname:
+                    links.detach(workload_.host_ifname, None, workload_.ifname)
+                addresses = set(workload_.ips if workload_ else ())
+                if handle in held:
+                    addresses |= set(held[handle].addresses())
+                self.routes.install_now("workloads", dict.fromkeys(
+                    Prefix.parse(a) for a in addresses))
+                self.registry.deregister_workload(self.node, handle)
+                self.ipam.release(handle)
+            except Exception as exc:  # GC keeps going and reports at the end
+                failed.append(f"{handle}: {exc}")
+        if stale:
+            self.log.info("gc released stale attachments", released=len(stale) - len(failed),
+                          failed=len(failed))
+        if failed:
+            raise CniError(IO_FAILURE, f"GC could not release {len(failed)} attachment(s)",
+                           "; ".join(failed))
+
+    def status(self, req: Request) -> None:
+        try:
+            self.ipam.store.ping()
+            pools = [p for p in self.ipam.pools() if not p.disabled]
+        except DatastoreError as exc:
+            raise CniError(NOT_READY, f"etcd is unreachable from the agent: {exc}") from exc
+        wanted = set(req.conf.pools or [])
+        usable = [p for p in pools if (not wanted or p.name in wanted)
+                  and p.family in req.conf.families]
+        if not usable:
+            raise CniError(NOT_READY, "no enabled IP pool to allocate from"
+                           + (f" among {', '.join(sorted(wanted))}" if wanted else ""))
+
+    # -- helpers -----------------------------------------------------------------------
+    def _allocate(self, req: Request) -> Handle:
+        attrs = {"netns": req.netns, "network": req.conf.name,
+                 "container_id": req.container_id, "ifname": req.ifname}
+        try:
+            return self.ipam.allocate(req.handle, self.node, families=req.conf.families,
+                                      pools=req.conf.pools, attrs=attrs)
+        except Exhausted as exc:
+            raise CniError(NO_ADDRESS, str(exc)) from exc
+        except IpamError as exc:
+            raise CniError(NO_ADDRESS, f"cannot allocate: {exc}") from exc
+
+    @staticmethod
+    def _workload_routes(addresses: list[str], index: int) -> dict[Prefix, Route]:
+        return {Prefix.parse(a): workload(Prefix.parse(a), index) for a in addresses}
+
+    def _result(self, req: Request, record: Handle,
+                attachment: links.Attachment | None) -> Result:
+        result = Result(dns=req.conf.dns or self.dns)
+        if attachment is not None:
+            result.interfaces = [
+                Interface(attachment.host_ifname, links.HOST_MAC),
+                Interface(req.ifname, attachment.container_mac, req.netns)]
+        for allocation in record.allocations:
+            family = allocation.family
+            gateway = links.GATEWAY[family]
+            result.ips.append(IpConfig(allocation.host_prefix,
+                                       gateway if attachment else None,
+                                       1 if attachment else None))
+        for family in sorted({a.family for a in record.allocations}):
+            result.routes.append(RouteConfig("::/0" if family == 6 else "0.0.0.0/0",
+                                             links.GATEWAY[family] if attachment else None))
+        return result
+
+
+@contextlib.contextmanager
+def _store_errors(verb: str) -> Iterator[None]:
+    """etcd trouble becomes "try again later"; anything else stays what it is."""
+    try:
+        yield
+    except Unavailable as exc:
+        raise CniError(TRY_AGAIN_LATER, f"{verb}: etcd is unreachable: {exc}") from exc
+    except RegistrationError as exc:
+        raise CniError(TRY_AGAIN_LATER, f"{verb}: {exc}") from exc
+    except DatastoreError as exc:
+        raise CniError(IO_FAILURE, f"{verb}: datastore error: {exc}") from exc

@@ -1,0 +1,59 @@
+"""`fabric-agent`: parse settings, run the agent until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+
+from fabric import logs
+from fabric.agent import config as agent_config
+from fabric.agent.service import Agent
+from fabric.datastore import DatastoreError
+from fabric.registry import RegistrationError
+from fabric.settings import SettingsError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fabric-agent",
+        description="The l3fabric host agent: registers the node, speaks BGP through "
+                    "ExaBGP, keeps the kernel's routes, serves the CNI plugin.")
+    agent_config.add_arguments(parser)
+    parser.add_argument("--check-config", action="store_true",
+                        help="validate the settings, print them, and exit")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = agent_config.load(args)
+    except SettingsError as exc:
+        print(f"fabric-agent: {exc}", file=sys.stderr)
+        return 2
+    if args.check_config:
+        for field, value in sorted(config.__dict__.items()):
+            print(f"{field} = {value}")
+        return 0
+    logs.configure("json", config.log_level)
+    done = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: done.set())
+    agent = Agent(config)
+    try:
+        agent.start()
+    except (RegistrationError, DatastoreError, OSError) as exc:
+        logs.get("agent").error("agent could not start", error=str(exc))
+        print(f"fabric-agent: {exc}", file=sys.stderr)
+        agent.stop()
+        return 1
+    done.wait()
+    agent.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""What the kernel should hold: the route model and the pure diff.
+
+The agent owns every route in the main table that carries its protocol number and
+nothing else. A route is identified by its destination prefix; its value is what the
+kernel can tell us back (type, next hops, output interface), so "desired" and
+"actual" compare without any hidden state. `kind` is ours alone: it says why a route
+exists (remote block, local workload, blackhole, borrowed /32) and is shown to people,
+but it is not part of what the kernel is compared on.
+
+Prefixes are kept as `(family, network int, prefix length)` triples: the reconciler
+handles 100,000 routes, and `ipaddress` objects cost too much at that size.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+DEFAULT_PROTOCOL = 73  # l3fabric's route protocol number ("proto 73" in `ip route`)
+
+Kind = Literal["remote", "workload", "blackhole", "borrowed"]
+RouteType = Literal["unicast", "blackhole"]
+
+_V4 = struct.Struct("!I")
+
+
+@dataclass(frozen=True, order=True)
+class Prefix:
+    """A network as integers: cheap to hash, compare and encode for netlink."""
+
+    family: int  # 4 or 6
+    network: int
+    length: int
+
+    @classmethod
+    def parse(cls, text: str) -> Prefix:
+        """`10.0.0.0/26` or `fd00::/64`; a bare address is a host prefix.
+
+        Raises ValueError naming the text when it is not a network (or has host bits).
+        """
+        address, _, length_text = text.partition("/")
+        family = 6 if ":" in address else 4
+        try:
+            raw = socket.inet_pton(socket.AF_INET6 if family == 6 else socket.AF_INET, address)
+        except OSError as exc:
+            raise ValueError(f"{text!r} is not an IP prefix") from exc
+        bits = 128 if family == 6 else 32
+        try:
+            length = int(length_text) if length_text else bits
+        except ValueError as exc:
+            raise ValueError(f"{text!r} has a bad prefix length") from exc
+        if not 0 <= length <= bits:
+            raise ValueError(f"{text!r} has a bad prefix length")
+        network = int.from_bytes(raw, "big")
+        if network & ((1 << (bits - length)) - 1):
+            raise ValueError(f"{text!r} has host bits set")
+        return cls(family, network, length)
+
+    @property
+    def bits(self) -> int:
+        return 128 if self.family == 6 else 32
+
+    @property
+    def packed(self) -> bytes:
+        return self.network.to_bytes(16 if self.family == 6 else 4, "big")
+
+    def contains(self, other: Prefix) -> bool:
+        if other.family != self.family or other.length < self.length:
+            return False
+        shift = self.bits - self.length
+        return (other.network >> shift) == (self.network >> shift)
+
+    def overlaps(self, other: Prefix) -> bool:
+        return self.contains(other) or other.contains(self)
+
+    def __str__(self) -> str:
+        af = socket.AF_INET6 if self.family == 6 else socket.AF_INET
+        return f"{socket.inet_ntop(af, self.packed)}/{self.length}"
+
+
+def address_int(text: str) -> tuple[int, int]:
+    """(family, integer) of an IP address, fast."""
+    if ":" in text:
+        return 6, int.from_bytes(socket.inet_pton(socket.AF_INET6, text), "big")
+    return 4, _V4.unpack(socket.inet_aton(text))[0]
+
+
+@dataclass(frozen=True)
+class Route:
+    """One route the agent wants in (or found in) the kernel's main table."""
+
+    prefix: Prefix
+    type: RouteType = "unicast"
+    gateways: tuple[str, ...] = ()  # sorted; more than one is ECMP
+    oif: int = 0  # output interface index; 0 lets the kernel pick (via a gateway)
+    kind: Kind = field(default="remote", compare=False)
+
+    def describe(self) -> str:
+        if self.type == "blackhole":
+            return f"blackhole {self.prefix}"
+        via = " ".join(f"via {g}" for g in self.gateways)
+        dev = f" dev#{self.oif}" if self.oif and not self.gateways else ""
+        return f"{self.prefix} {via}{dev}".strip()
+
+
+def remote(prefix: Prefix, gateways: Iterable[str], kind: Kind = "remote") -> Route:
+    return Route(prefix, "unicast", tuple(sorted(set(gateways))), 0, kind)
+
+
+def blackhole(prefix: Prefix) -> Route:
+    return Route(prefix, "blackhole", (), 0, "blackhole")
+
+
+def workload(prefix: Prefix, oif: int) -> Route:
+    return Route(prefix, "unicast", (), oif, "workload")
+
+
+@dataclass(frozen=True)
+class Diff:
+    """What to change so the kernel matches: routes to (re)place and prefixes to drop."""
+
+    replace: list[Route]
+    delete: list[Route]
+
+    def __bool__(self) -> bool:
+        return bool(self.replace or self.delete)
+
+
+def diff(desired: Mapping[Prefix, Route], actual: Mapping[Prefix, Route],
+         keep: Iterable[Prefix] = ()) -> Diff:
+    """Routes that are missing or differ, and owned routes nobody wants any more.
+
+    `keep` lists actual prefixes that must not be deleted even though they are not
+    desired (routes taken over after a restart, still waiting for their peers).
+    """
+    replace = [r for p, r in desired.items() if actual.get(p) != r]
+    kept = set(keep)
+    delete = [r for p, r in actual.items() if p not in desired and p not in kept]
+    return Diff(replace, delete)
+
+
+def kind_of(route: Route) -> Kind:
+    """Why a route found in the kernel exists, as far as the kernel can tell (display)."""
+    if route.type == "blackhole":
+        return "blackhole"
+    if route.oif and not route.gateways:
+        return "workload"
+    return "borrowed" if route.prefix.length == route.prefix.bits else "remote"
