@@ -250,14 +250,21 @@ class CniHandler:
                 Interface(attachment.host_ifname, links.HOST_MAC),
                 Interface(req.ifname, attachment.container_mac, req.netns)]
         for allocation in record.allocations:
-            family = allocation.family
-            gateway = links.GATEWAY[family]
-            result.ips.append(IpConfig(allocation.host_prefix,
-                                       gateway if attachment else None,
-                                       1 if attachment else None))
+            gateway = links.GATEWAY[allocation.family]
+            if attachment is not None:
+                result.ips.append(IpConfig(allocation.host_prefix, gateway, 1))
+            else:
+                # For another main plugin (ptp, bridge): the block's prefix length, so it
+                # has a subnet route to replace, and our link-local gateway, so it never
+                # puts a pool address on the host.
+                length = allocation.block.split("/")[1]
+                result.ips.append(IpConfig(f"{allocation.address}/{length}", gateway))
+        if attachment is None:
+            result.routes = [RouteConfig(dst, gw) for dst, gw in req.conf.ipam_routes]
+            return result
         for family in sorted({a.family for a in record.allocations}):
             result.routes.append(RouteConfig("::/0" if family == 6 else "0.0.0.0/0",
-                                             links.GATEWAY[family] if attachment else None))
+                                             links.GATEWAY[family]))
         return result
 
 

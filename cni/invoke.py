@@ -13,8 +13,6 @@ import subprocess
 from dataclasses import dataclass
 from typing import Any
 
-from fabric.kernel.netns import setns
-
 
 @dataclass(frozen=True)
 class Outcome:
@@ -40,18 +38,11 @@ def run(binary: str, command: str, config: dict[str, Any] | bytes, *, container_
            "CNI_PATH": cni_path or os.path.dirname(binary), "PATH": "/usr/sbin:/usr/bin:/bin"}
     env.update(extra_env or {})
     stdin = config if isinstance(config, bytes) else json.dumps(config).encode()
-    preexec = None
-    if host_netns:
-        fd = os.open(host_netns, os.O_RDONLY)
-
-        def preexec() -> None:
-            setns(fd)
-    try:
-        result = subprocess.run([binary], input=stdin, env=env, capture_output=True,
-                                timeout=timeout, preexec_fn=preexec, check=False)
-    finally:
-        if host_netns:
-            os.close(fd)
+    # nsenter, not a preexec_fn calling setns: forking a process that runs gRPC threads
+    # and then running Python in the child can abort in gRPC's fork handlers.
+    argv = ["nsenter", f"--net={host_netns}", binary] if host_netns else [binary]
+    result = subprocess.run(argv, input=stdin, env=env, capture_output=True,
+                            timeout=timeout, check=False)
     return Outcome(result.returncode, result.stdout.decode(errors="replace"),
                    result.stderr.decode(errors="replace"))
 

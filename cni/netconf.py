@@ -45,6 +45,7 @@ class NetConf:
     prev_result: dict[str, Any] | None = None
     runtime_config: dict[str, Any] = field(default_factory=dict)
     valid_attachments: tuple[tuple[str, str], ...] | None = None
+    ipam_routes: tuple[tuple[str, str | None], ...] = ()  # (dst, gw) for IPAM-only use
 
 
 @dataclass(frozen=True)
@@ -126,12 +127,17 @@ def parse_conf(raw: bytes, verb: str, plugin: str) -> NetConf:
     runtime = doc.get("runtimeConfig") or {}
     if not isinstance(runtime, dict):
         raise CniError(INVALID_CONFIG, "runtimeConfig must be an object")
+    routes = ipam.get("routes") or []
+    if not isinstance(routes, list) or not all(
+            isinstance(r, dict) and isinstance(r.get("dst"), str) for r in routes):
+        raise CniError(INVALID_CONFIG, "ipam.routes must be a list of {\"dst\": CIDR}")
     valid = None
     if verb == "GC":
         valid = _valid_attachments(doc.get("cni.dev/valid-attachments"))
     return NetConf(version, name, str(doc.get("type", plugin)), mtu,
                    tuple(pools) if pools is not None else None, tuple(families),
-                   socket_path, dns, prev, runtime, valid)
+                   socket_path, dns, prev, runtime, valid,
+                   tuple((r["dst"], r.get("gw")) for r in routes))
 
 
 def _valid_attachments(value: Any) -> tuple[tuple[str, str], ...]:

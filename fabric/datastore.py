@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import etcd3
+import etcd3.events
 import etcd3.exceptions
 import etcd3.utils
 import grpc
@@ -349,14 +350,12 @@ def _listing(kvs: Iterable[Any], revision: int, keys_only: bool) -> Listing:
     return Listing(entries, corrupt, revision)
 
 
-_DELETE = 1  # mvccpb.Event.EventType.DELETE
-
-
 def _watch_event(ev: Any) -> WatchEvent:
-    key = ev.kv.key.decode()
-    if ev.type == _DELETE:
-        return WatchEvent(key, None, ev.kv.mod_revision)
+    """etcd3 hands watch events over wrapped (PutEvent / DeleteEvent)."""
+    key = ev.key.decode()
+    if isinstance(ev, etcd3.events.DeleteEvent):
+        return WatchEvent(key, None, ev.mod_revision)
     try:
-        return WatchEvent(key, decode(key, ev.kv.value), ev.kv.mod_revision)
+        return WatchEvent(key, decode(key, ev.value), ev.mod_revision)
     except CorruptValue as exc:
-        return WatchEvent(key, None, ev.kv.mod_revision, error=exc)
+        return WatchEvent(key, None, ev.mod_revision, error=exc)

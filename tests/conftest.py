@@ -18,7 +18,10 @@ from fabric.datastore import Datastore
 from fabric.kernel import netns
 from fabric.keys import ROOT
 from fabric.lab.etcd import EtcdServer
+from fabric.lab.topology import Lab
 from fabric.settings import EtcdSettings, parse_endpoints
+from ipam.allocator import Ipam
+from ipam.pools import parse_pool
 
 # Every namespace, link and process name a test makes starts with this, so leftovers
 # are attributable and a cleanup can find them.
@@ -87,3 +90,37 @@ def netns_factory() -> Iterator[Callable[[str], str]]:
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     return tmp_path
+
+
+_lab_counter = itertools.count()
+
+
+def lab_name() -> str:
+    """Unique per test process and call: `l3` + pid digits + a letter."""
+    return f"l3{os.getpid() % 100000:05d}{'abcdefghijklmnopqrstuvwxyz'[next(_lab_counter) % 26]}"
+
+
+@contextlib.contextmanager
+def running_lab(pool: str | None = "10.244.0.0/16", **pool_options: object
+                ) -> Iterator[Lab]:
+    """An underlay with etcd (and optionally an IP pool); always torn down."""
+    lab = Lab(lab_name())
+    lab.down()
+    lab = Lab(lab.name)
+    try:
+        lab.create_underlay()
+        lab.start_etcd()
+        if pool:
+            store = Datastore.connect(EtcdSettings(
+                endpoints=parse_endpoints(lab.etcd_local_endpoint)))
+            try:
+                Ipam(store).add_pool(parse_pool("default", pool, **pool_options))
+            finally:
+                store.close()
+        yield lab
+    finally:
+        lab.down()
+
+
+def lab_store(lab: Lab) -> Datastore:
+    return Datastore.connect(EtcdSettings(endpoints=parse_endpoints(lab.etcd_local_endpoint)))

@@ -166,7 +166,7 @@ def _configure_container_end(netns_path: str, ifname: str,
                 ipr.neigh("add", dst=gateway, lladdr=HOST_MAC, ifindex=index,
                           state=NUD_PERMANENT)
                 ipr.route("add", dst="::/0" if family == 6 else "0.0.0.0/0",
-                          gateway=gateway, oif=index, flags=RTNH_F_ONLINK)
+                          gateway=gateway, oif=index, flags=RTNH_F_ONLINK, proto=3)
             link = ipr.get_links(index)[0]
             return str(link.get("IFLA_ADDRESS", ""))
     except NetnsError as exc:

@@ -22,6 +22,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -139,9 +140,9 @@ def _ip(*argv: str) -> None:
 
 class Lab:
     def __init__(self, name: str, base_dir: Path = BASE_DIR) -> None:
-        if not name or "/" in name or len(name) > 8:
-            raise LabError(f"lab name {name!r}: use 1 to 8 characters, no '/' (namespace "
-                           "and interface names are built from it)")
+        if not re.match(r"^[a-z0-9]{1,10}$", name):
+            raise LabError(f"lab name {name!r}: use 1 to 10 lower-case letters or digits "
+                           "(namespace and interface names are built from it)")
         self.name = name
         self.dir = base_dir / name
         self.state_path = self.dir / "state.json"
@@ -207,6 +208,10 @@ class Lab:
         self.state.etcd_pid = server.pid
         self.save()
 
+    def _port(self, host: str) -> str:
+        """The bridge port of a host in the underlay namespace (15 characters at most)."""
+        return f"p-{host}"[:15]
+
     def _plug(self, ns: str, port: str, address: str, default_route: bool = True) -> None:
         """Connect a namespace to the underlay bridge as `eth0` with `address`."""
         _ip("-n", self.net_ns, "link", "add", port, "type", "veth", "peer", "name", "eth0",
@@ -232,7 +237,7 @@ class Lab:
         self.state.hosts[name] = host
         self.save()
         netns.create(host.netns)
-        self._plug(host.netns, f"{self.name}{name}"[:15], host.address)
+        self._plug(host.netns, self._port(name), host.address)
         if start:
             self.start_agent(name)
         return host
@@ -292,7 +297,7 @@ class Lab:
         """A host dies: its underlay link goes down first (no goodbye reaches the peers),
         then everything running in its namespaces is killed."""
         host = self.state.hosts[name]
-        port = f"{self.name}{name}"[:15]
+        port = self._port(name)
         with contextlib.suppress(LabError):
             _ip("-n", self.net_ns, "link", "set", port, "down")
         for ns in [host.netns] + [w.netns for w in self.state.workloads.values()
