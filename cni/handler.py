@@ -11,6 +11,7 @@ undo, and the undo runs in reverse order before the error is returned.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -76,13 +77,16 @@ class CniHandler:
         self.log = logs.get("cni", node=node)
 
     # -- entry point -------------------------------------------------------------------
-    def handle(self, fields: Mapping[str, bytes]) -> tuple[int, bytes]:
+    def handle(self, fields: Mapping[str, bytes],
+               netns_fd: int | None = None) -> tuple[int, bytes]:
         """(exit status, stdout) for one forwarded request."""
         env = {k: fields[k].decode(errors="replace") for k in FIELDS[1:-1]}
         plugin = fields["plugin"].decode(errors="replace") or "l3fabric"
         version = LATEST
         try:
             request = parse_request(env, fields["stdin"], plugin)
+            if netns_fd is not None:
+                request = dataclasses.replace(request, netns_access=f"/proc/self/fd/{netns_fd}")
             version = request.conf.version
             verbs = {"ADD": self.add, "DEL": self.delete, "CHECK": self.check,
                      "GC": self.gc, "STATUS": self.status,
@@ -103,7 +107,7 @@ class CniHandler:
 
     # -- verbs -------------------------------------------------------------------------
     def add(self, req: Request) -> dict[str, Any]:
-        if not os.path.exists(req.netns):
+        if not os.path.exists(req.netns_path):
             raise CniError(INVALID_ENV, f"CNI_NETNS {req.netns} does not exist")
         log = self.log.bind(handle=req.handle)
         undo = Undo()
@@ -118,11 +122,11 @@ class CniHandler:
                 host_if = links.host_ifname(req.handle)
                 links.detach(host_if, None, req.ifname)  # a retried ADD starts clean
                 try:
-                    attachment = links.attach(req.netns, req.ifname, host_if, addresses,
+                    attachment = links.attach(req.netns_path, req.ifname, host_if, addresses,
                                               req.conf.mtu)
                 except links.LinkError as exc:
                     raise CniError(IO_FAILURE, f"wiring {req.ifname}: {exc}") from exc
-                undo.push("remove veth", lambda: links.detach(host_if, req.netns, req.ifname))
+                undo.push("remove veth", lambda: links.detach(host_if, req.netns_path, req.ifname))
                 wanted = self._workload_routes(addresses, attachment.host_index)
                 undo.push("remove host routes",
                           lambda: self.routes.install_now("workloads", dict.fromkeys(wanted)))
@@ -145,7 +149,7 @@ class CniHandler:
         with _store_errors("DEL"):
             registered = self.registry.workload(self.node, req.handle)
             held = self.ipam.handle(req.handle)
-        netns = req.netns or (registered.netns if registered else "")
+        netns = req.netns_path or (registered.netns if registered else "")
         addresses = list(held.addresses() if held else ())
         addresses += [a for a in (registered.ips if registered else ()) if a not in addresses]
         if req.plugin != IPAM_PLUGIN:
@@ -174,7 +178,7 @@ class CniHandler:
                                              f"{sorted(addresses)}")
         if req.plugin == IPAM_PLUGIN:
             return
-        problems = links.inspect(links.host_ifname(req.handle), req.netns, req.ifname,
+        problems = links.inspect(links.host_ifname(req.handle), req.netns_path, req.ifname,
                                  addresses)
         desired = self.routes.source("workloads")
         problems += [f"no host route for {a}" for a in addresses

@@ -57,6 +57,13 @@ class Request:
     ifname: str
     args: dict[str, str]
     conf: NetConf
+    # How the agent reaches the namespace: the descriptor the shim passed
+    # (/proc/self/fd/N) when there is one, else the path the runtime gave.
+    netns_access: str = ""
+
+    @property
+    def netns_path(self) -> str:
+        return self.netns_access or self.netns
 
     @property
     def handle(self) -> str:

@@ -11,6 +11,8 @@ counterpart `decode_request` from here, so both sides share one definition):
             plugin, CNI_COMMAND, CNI_CONTAINERID, CNI_NETNS, CNI_IFNAME, CNI_ARGS,
             CNI_PATH, stdin; then the client shuts down its write side.
   response: b"<exit status>\n" then the bytes to print on stdout.
+  For ADD, CHECK and DEL the network namespace also travels as an open descriptor
+  (SCM_RIGHTS with the first bytes of the request).
 """
 
 import os
@@ -96,6 +98,14 @@ def main():
     plugin = os.path.basename(sys.argv[0]).encode()
     values = [plugin] + [env.get(k, "").encode() for k in FIELDS[1:-1]] + [stdin]
     name = _agent_socket(stdin)
+    # The namespace travels as an open file descriptor, not only as a path: the agent
+    # may live in another mount namespace, where the runtime's netns mount is invisible.
+    netns_fd = -1
+    if command in ("ADD", "CHECK", "DEL") and env.get("CNI_NETNS"):
+        try:
+            netns_fd = os.open(env["CNI_NETNS"], os.O_RDONLY)
+        except OSError:
+            netns_fd = -1
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     sock.settimeout(TIMEOUT)
     try:
@@ -107,7 +117,14 @@ def main():
         return _error(stdin, 11, f"l3fabric agent is not running on this host ({name}); "
                                  "start fabric-agent and try again")
     try:
-        sock.sendall(encode_request(values))
+        payload = encode_request(values)
+        if netns_fd >= 0:
+            rights = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
+                       netns_fd.to_bytes(4, sys.byteorder))]
+            sent = sock.sendmsg([payload], rights)
+            sock.sendall(payload[sent:])
+        else:
+            sock.sendall(payload)
         sock.shutdown(_socket.SHUT_WR)
         chunks = []
         while True:

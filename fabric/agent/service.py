@@ -268,15 +268,15 @@ class Agent:
             self.log.error("outgoing NAT not applied", error=str(exc))
 
     # -- servers -----------------------------------------------------------------------
-    def _serve_cni(self, raw: bytes) -> bytes:
+    def _serve_cni(self, raw: bytes, fds: list[int]) -> bytes:
         try:
             fields = decode_request(raw)
         except ValueError as exc:
             return b'1\n{"cniVersion":"1.1.0","code":6,"msg":"%s"}\n' % str(exc).encode()
-        status, output = self.cni.handle(fields)
+        status, output = self.cni.handle(fields, netns_fd=fds[0] if fds else None)
         return b"%d\n" % status + output
 
-    def _serve_control(self, raw: bytes) -> bytes:
+    def _serve_control(self, raw: bytes, _fds: list[int]) -> bytes:
         try:
             request = json.loads(raw)
             method = str(request["method"])

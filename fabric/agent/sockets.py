@@ -45,10 +45,10 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     allow_reuse_address = False
 
 
-def serve(name: str, handle: Callable[[bytes], bytes], label: str) -> _Server:
-    """Serve `handle(request bytes) -> response bytes` on `name`; one thread per client.
-
-    A request is everything the client sends until it shuts down its write side.
+def serve(name: str, handle: Callable[[bytes, list[int]], bytes], label: str) -> _Server:
+    """Serve `handle(request bytes, descriptors) -> response bytes` on `name`, one thread
+    per client. A request is everything the client sends until it shuts down its write
+    side; descriptors passed with it (SCM_RIGHTS) are closed after `handle` returns.
     """
     log = logs.get("socket", socket=name, server=label)
 
@@ -58,17 +58,25 @@ def serve(name: str, handle: Callable[[bytes], bytes], label: str) -> _Server:
             if peer_uid(sock) != 0:
                 sock.sendall(b"")
                 return
-            chunks = []
+            chunks, fds = [], []
             while True:
-                chunk = sock.recv(65536)
+                chunk, ancillary, _, _ = sock.recvmsg(65536, socket.CMSG_SPACE(4 * 4))
+                for level, kind, data in ancillary:
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                        usable = len(data) - len(data) % 4
+                        fds += list(struct.unpack(f"={usable // 4}i", data[:usable]))
                 if not chunk:
                     break
                 chunks.append(chunk)
             try:
-                reply = handle(b"".join(chunks))
+                reply = handle(b"".join(chunks), fds)
             except Exception:
                 log.exception("request handler failed")
                 return
+            finally:
+                for fd in fds:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
             with contextlib.suppress(OSError):
                 sock.sendall(reply)
 
