@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,8 +35,8 @@ from cni.spec import (
     RouteConfig,
     version_document,
 )
-from fabric import logs
-from fabric.datastore import DatastoreError, Unavailable
+from fabric import keys, logs
+from fabric.datastore import DatastoreError, Entry, Unavailable, get_op
 from fabric.kernel import links
 from fabric.kernel.reconciler import Reconciler
 from fabric.kernel.routes import Prefix, Route, workload
@@ -75,6 +76,8 @@ class CniHandler:
         self.routes = routes
         self.dns = dict(dns or {})
         self.log = logs.get("cni", node=node)
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cni-unwire")
+        self._pending: dict[str, Future[None]] = {}
 
     # -- entry point -------------------------------------------------------------------
     def handle(self, fields: Mapping[str, bytes],
@@ -110,6 +113,7 @@ class CniHandler:
         if not os.path.exists(req.netns_path):
             raise CniError(INVALID_ENV, f"CNI_NETNS {req.netns} does not exist")
         log = self.log.bind(handle=req.handle)
+        self.wait_pending(req.handle)  # a DEL of this handle may still be deleting its veth
         undo = Undo()
         try:
             with _store_errors("ADD"):
@@ -145,21 +149,47 @@ class CniHandler:
         return self._result(req, record, attachment).document(req.conf.version)
 
     def delete(self, req: Request) -> None:
-        """Tear down whatever exists; everything already gone is fine."""
+        """Tear down whatever exists; everything already gone is fine.
+
+        Deleting a veth makes the kernel wait an RCU grace period (about 20 ms), so DEL
+        sets the host end down (traffic stops, its route goes) and deletes the pair in
+        the background; an ADD for the same handle waits for that deletion first.
+        """
         with _store_errors("DEL"):
-            registered = self.registry.workload(self.node, req.handle)
-            held = self.ipam.handle(req.handle)
+            registered, held = self._attachment(req.handle)
         netns = req.netns_path or (registered.netns if registered else "")
         addresses = list(held.addresses() if held else ())
         addresses += [a for a in (registered.ips if registered else ()) if a not in addresses]
         if req.plugin != IPAM_PLUGIN:
-            links.detach(links.host_ifname(req.handle), netns, req.ifname)
+            host_if = links.host_ifname(req.handle)
+            index = links.disable(host_if)
             self.routes.install_now("workloads", dict.fromkeys(
                 Prefix.parse(a) for a in addresses))
+            if index is None:  # no host end: remove a half-made container end, if any
+                links.detach(host_if, netns, req.ifname)
+            else:
+                self._pending[req.handle] = self._pool.submit(links.remove, host_if, index)
         with _store_errors("DEL"):
-            self.registry.deregister_workload(self.node, req.handle)
-            self.ipam.release(req.handle)
+            self.ipam.release(req.handle, also_delete=[keys.workload(self.node, req.handle)])
         self.log.info("detached", handle=req.handle, addresses=addresses)
+
+    def wait_pending(self, handle: str | None = None) -> None:
+        """Finish background deletions (of one handle, or all)."""
+        for key in [handle] if handle else list(self._pending):
+            future = self._pending.pop(key, None) if key else None
+            if future is not None:
+                future.result()
+
+    def _attachment(self, handle: str) -> tuple[Workload | None, Handle | None]:
+        """The registration and the IPAM record of a handle, in one round trip."""
+        rows = self.ipam.store.read_many([get_op(keys.workload(self.node, handle)),
+                                          get_op(keys.handle(handle))])
+        registered = held = None
+        if rows[0] and isinstance(rows[0][0], Entry):
+            registered = Workload.from_record(rows[0][0].value)
+        if rows[1] and isinstance(rows[1][0], Entry):
+            held = Handle.from_record(rows[1][0].value)
+        return registered, held
 
     def check(self, req: Request) -> None:
         with _store_errors("CHECK"):

@@ -376,23 +376,27 @@ class Ipam:
         return sorted(found, key=lambda h: h.handle)
 
     # -- release -----------------------------------------------------------------------
-    def release(self, handle: str, *, only_if_unregistered: bool = False) -> list[str]:
+    def release(self, handle: str, *, only_if_unregistered: bool = False,
+                also_delete: Sequence[str] = ()) -> list[str]:
         """Free every address of `handle`. Releasing a free handle is not an error.
 
         With `only_if_unregistered`, the transaction also compares that the handle's
         workload registration does not exist, so GC never frees an address whose
-        workload registered in the meantime.
+        workload registered in the meantime. `also_delete` names keys (a workload
+        registration) to delete in the same transaction.
         """
         check_handle(handle)
         for attempt in range(self.max_attempts):
             entry = self.store.get(keys.handle(handle))
             if entry is None:
+                if also_delete:
+                    self.store.txn([], [delete(k) for k in also_delete])
                 return []
             record = Handle.from_record(entry.value)
             ip_keys = [_ip_key(a) for a in record.allocations]
             ip_rows = self._read_chunked([get_op(k) for k in ip_keys])
             compare = [unchanged(entry.key, entry.mod_revision)]
-            success = [delete(entry.key)]
+            success = [delete(entry.key), *(delete(k) for k in also_delete)]
             if only_if_unregistered:
                 compare.append(absent(keys.workload(record.node, handle)))
             freed = []

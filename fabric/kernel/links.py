@@ -196,6 +196,30 @@ def detach(host_if: str, netns_path: str | None, ifname: str) -> bool:
     return False
 
 
+def disable(host_if: str) -> int | None:
+    """Set the host end down (traffic stops; the kernel drops routes through it) and
+    return its index for `remove`; None when there is no such interface."""
+    with _ipr() as ipr:
+        found = ipr.link_lookup(ifname=host_if)
+        if not found:
+            return None
+        with contextlib.suppress(NetlinkError):
+            ipr.link("set", index=found[0], state="down")
+        return found[0]
+
+
+def remove(host_if: str, index: int) -> None:
+    """Delete the pair by its host end, if that name still has this index.
+
+    This is the slow part of a detach (the kernel waits an RCU grace period, about
+    20 ms), which is why the CNI handler runs it in the background after `disable`.
+    """
+    with _ipr() as ipr:
+        if ipr.link_lookup(ifname=host_if) == [index]:
+            with contextlib.suppress(NetlinkError):
+                ipr.link("del", index=index)
+
+
 def inspect(host_if: str, netns_path: str, ifname: str,
             addresses: Sequence[str]) -> list[str]:
     """What is wrong with an attachment (empty when it is as `attach` made it)."""

@@ -52,9 +52,12 @@ def containers(lab):
         return name
 
     yield make
+    ns = lab.state.hosts["h1"].netns
     for name, _ in made:
         plugin(lab, "DEL", name)
         netns.remove(name)
+        host_if = links.host_ifname(f"{name}.eth0")
+        wait_for(lambda h=host_if: h not in links_in(ns), f"{host_if} is gone")
 
 
 def host_ns(lab) -> str:
@@ -88,6 +91,13 @@ def host_state(lab, store) -> dict[str, object]:
         "ips": sorted(store.keys(keys.IPS)),
         "workloads": sorted(store.keys(keys.WORKLOADS)),
     }
+
+
+def wait_for(condition, what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.05)
 
 
 def links_in(ns: str) -> list[str]:
@@ -132,7 +142,9 @@ def test_add_check_del(lab, store, containers, version):
 
     deleted = plugin(lab, "DEL", container, cfg=config(version))
     assert deleted.ok and deleted.stdout == ""
-    assert host_if not in links_in(ns)
+    assert address not in subprocess.run(["ip", "-n", ns, "route"], capture_output=True,
+                                         text=True).stdout
+    wait_for(lambda: host_if not in links_in(ns), "the veth is deleted after DEL")
     assert Ipam(store).handle(f"{container}.eth0") is None
     assert Registry(store).workload("h1", f"{container}.eth0") is None
 
