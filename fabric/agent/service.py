@@ -53,6 +53,7 @@ class Agent:
         self._mirrors: list[Mirror] = []
         self._threads: list[threading.Thread] = []
         self._static_plan: dict[str, set[str]] = {}
+        self._orphans: dict[str, int] = {}
 
     # -- start -------------------------------------------------------------------------
     def start(self) -> None:
@@ -245,10 +246,14 @@ class Agent:
                     self.log.warning("ipam gc failed", error=str(exc))
 
     def refresh_workload_routes(self) -> None:
-        """/32 routes to this node's registered workloads whose host interface exists."""
+        """/32 routes to this node's registered workloads whose host interface exists,
+        and removal of host interfaces nobody registered (left by a crash mid-ADD or
+        mid-DEL): those seen unregistered on two rounds in a row go."""
         present = links.host_links()
         routes = {}
+        registered = set()
         for item in self.registry.workloads(self.config.node_name):
+            registered.add(item.host_ifname)
             index = present.get(item.host_ifname or "")
             if index is None:
                 continue
@@ -256,6 +261,12 @@ class Agent:
                 prefix = Prefix.parse(address)
                 routes[prefix] = workload(prefix, index)
         self.reconciler.replace("workloads", routes)
+        orphans = {name: index for name, index in present.items() if name not in registered}
+        for name, index in orphans.items():
+            if self._orphans.get(name) == index:
+                self.log.warning("removing unregistered workload interface", link=name)
+                links.remove(name, index)
+        self._orphans = orphans
 
     def _apply_nat(self) -> None:
         if not self.config.nat_outgoing:
