@@ -7,7 +7,12 @@ import sys
 from collections.abc import Sequence
 
 from fabric import logs
+from fabric.agent.sockets import AgentError, AgentUnreachable
+from fabric.cli import bgp as bgp_cmds
+from fabric.cli import cni as cni_cmds
 from fabric.cli import ipam as ipam_cmds
+from fabric.cli import lab as lab_cmds
+from fabric.cli import node as node_cmds
 from fabric.cli.context import Context
 from fabric.cli.output import ERROR, CliError
 from fabric.datastore import CorruptValue, DatastoreError, Unavailable
@@ -22,9 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", choices=("table", "json"), default="table",
                         help="table for people (default) or json for scripts")
     parser.add_argument("--log-level", default="warning", help="log level on stderr")
+    parser.add_argument("--host", metavar="HOST",
+                        help="a lab host: reach its agent (and the lab's etcd)")
+    parser.add_argument("--lab", metavar="NAME", help="which lab (default: the one up)")
     add_etcd_arguments(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    ipam_cmds.register(sub)
+    for group in (node_cmds, bgp_cmds, ipam_cmds, cni_cmds, lab_cmds):
+        group.register(sub)
     return parser
 
 
@@ -38,7 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as exc:
         print(f"fabricctl: {exc}", file=sys.stderr)
         return exc.code
-    except (SettingsError, Unavailable, CorruptValue, IpamError, PoolError) as exc:
+    except (SettingsError, Unavailable, CorruptValue, IpamError, PoolError, AgentUnreachable,
+            AgentError) as exc:
         print(f"fabricctl: {exc}", file=sys.stderr)
         return ERROR
     except DatastoreError as exc:

@@ -77,6 +77,7 @@ class PeerState:
     asn: int
     pids: list[int] = field(default_factory=list)
     run_dir: str = ""
+    role: str = "rr"
 
 
 @dataclass
@@ -240,6 +241,8 @@ class Lab:
         self._plug(host.netns, self._port(name), host.address)
         if start:
             self.start_agent(name)
+        if self.state.peer:
+            self.refresh_peer()
         return host
 
     def agent_argv(self, host: HostState) -> list[str]:
@@ -310,6 +313,89 @@ class Lab:
         host.agent_pid = None
         host.alive = False
         self.save()
+
+    # -- an external BGP speaker -------------------------------------------------------
+    @property
+    def peer_ns(self) -> str:
+        return f"{self.name}-peer"
+
+    def add_peer(self, kind: str, role: str = "rr", asn: int | None = None,
+                 fabric_asn: int = 64512) -> PeerState:
+        """A BIRD or FRR speaker on the underlay, configured in etcd as a global peer.
+
+        `rr`: route reflector in the fabric's AS, node mesh off. `tor`: eBGP ToR in
+        its own AS (hosts should have their own AS each), node mesh off.
+        """
+        from bgp.peers import BgpConfig, PeerSpec
+        from fabric import keys as fabric_keys
+
+        if kind not in ("bird", "frr") or role not in ("rr", "tor"):
+            raise LabError(f"peer {kind!r} as {role!r}: use bird|frr and rr|tor")
+        asn = asn or (fabric_asn if role == "rr" else 65100)
+        peer = PeerState(kind, self.peer_ns, self._address(253), asn,
+                         run_dir=str(self.dir / "peer"), role=role)
+        self.state.peer = peer
+        self.save()
+        netns.create(peer.netns)
+        self._plug(peer.netns, "p-peer", peer.address)
+        _ip("netns", "exec", peer.netns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        peer.pids = self._start_peer_daemon(peer)
+        self.save()
+        store = self.store()
+        try:
+            store.put(fabric_keys.BGP_CONFIG, BgpConfig(fabric_asn, node_mesh=False).to_record())
+            spec = PeerSpec(f"lab-{kind}", peer.address, asn, route_reflector=role == "rr")
+            store.put(fabric_keys.bgp_peer(spec.name), spec.to_record())
+        finally:
+            store.close()
+        return peer
+
+    def _neighbors(self, fabric_asn: int = 64512) -> list[Any]:
+        from fabric.lab.peers import Neighbor
+        return [Neighbor(h.name, h.address, h.asn or fabric_asn)
+                for h in self.state.hosts.values()]
+
+    def _start_peer_daemon(self, peer: PeerState) -> list[int]:
+        from fabric.lab.peers import Bird, Frr, bird_config, frr_config
+
+        run_dir = Path(peer.run_dir)
+        if peer.kind == "bird":
+            return [Bird(peer.netns, run_dir).start(
+                bird_config(peer.address, peer.asn, self._neighbors(), peer.role))]
+        return Frr(peer.netns, run_dir, peer.netns).start(
+            frr_config(peer.address, peer.asn, self._neighbors(), peer.role,
+                       str(run_dir / "frr.log")))
+
+    def refresh_peer(self) -> None:
+        """Tell the external speaker about hosts added since it started."""
+        from fabric.lab.peers import Bird, Frr, bird_config
+
+        peer = self.state.peer
+        if peer is None:
+            return
+        run_dir = Path(peer.run_dir)
+        if peer.kind == "bird":
+            Bird(peer.netns, run_dir).reconfigure(
+                bird_config(peer.address, peer.asn, self._neighbors(), peer.role))
+            return
+        frr = Frr(peer.netns, run_dir, peer.netns)
+        commands = ["configure terminal", f"router bgp {peer.asn}"]
+        for neighbor in self._neighbors():
+            commands += [f"neighbor {neighbor.address} remote-as {neighbor.asn}",
+                         f"neighbor {neighbor.address} timers 3 9",
+                         "address-family ipv4 unicast",
+                         f"neighbor {neighbor.address} activate"]
+            if peer.role == "rr":
+                commands.append(f"neighbor {neighbor.address} route-reflector-client")
+            commands.append("exit-address-family")
+        frr.vtysh(*commands)
+
+    def store(self) -> Any:
+        from fabric.datastore import Datastore
+        from fabric.settings import EtcdSettings, parse_endpoints
+
+        return Datastore.connect(EtcdSettings(endpoints=parse_endpoints(
+            self.etcd_local_endpoint)))
 
     # -- workloads ---------------------------------------------------------------------
     @property
@@ -417,6 +503,7 @@ class Lab:
             resolv = Path("/etc/netns") / ns
             if resolv.exists():
                 shutil.rmtree(resolv, ignore_errors=True)
+        shutil.rmtree(Path("/var/run/frr") / self.peer_ns, ignore_errors=True)
         if self.dir.exists():
             shutil.rmtree(self.dir, ignore_errors=True)
             removed.append(str(self.dir))

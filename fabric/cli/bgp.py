@@ -1,0 +1,176 @@
+"""`fabricctl bgp ...`: fabric-wide BGP settings, configured peers, and the routes
+BGP received, accepted, rejected and advertised on a node."""
+
+from __future__ import annotations
+
+import argparse
+
+from bgp.config import password_ok
+from bgp.peers import BgpConfig, PeerError, PeerSpec, parse_peer
+from fabric import keys
+from fabric.cli.context import Context
+from fabric.cli.output import OK, CliError, emit_json, table
+from fabric.datastore import absent, put
+from fabric.kernel.features import tcp_md5_supported
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    bgp = sub.add_parser("bgp", help="BGP peers, settings and routes")
+    bgp_sub = bgp.add_subparsers(dest="bgp_cmd", required=True, metavar="COMMAND")
+
+    config = bgp_sub.add_parser("config", help="show or change fabric-wide BGP settings")
+    config.add_argument("--as", dest="asn", type=int, help="the fabric's AS number")
+    mesh = config.add_mutually_exclusive_group()
+    mesh.add_argument("--mesh", dest="mesh", action="store_true", default=None,
+                      help="every node peers with every other (the default)")
+    mesh.add_argument("--no-mesh", dest="mesh", action="store_false",
+                      help="only configured peers (route reflectors, ToRs)")
+    config.set_defaults(handler=config_cmd)
+
+    peer = bgp_sub.add_parser("peer", help="configured BGP peers")
+    peer_sub = peer.add_subparsers(dest="peer_cmd", required=True, metavar="COMMAND")
+    add = peer_sub.add_parser("add", help="add a peer (global, or for one node)")
+    add.add_argument("name")
+    add.add_argument("address")
+    add.add_argument("--as", dest="asn", type=int, required=True, help="the peer's AS")
+    scope = add.add_mutually_exclusive_group()
+    scope.add_argument("--node", help="only this node peers with it")
+    scope.add_argument("--node-selector", metavar="KEY=VALUE", action="append",
+                       help="only nodes with these labels peer with it")
+    add.add_argument("--password", help="TCP MD5 password")
+    add.add_argument("--max-prefixes", type=int, help="close the session beyond this many")
+    add.add_argument("--route-reflector", action="store_true",
+                     help="the peer is a route reflector (shown as such)")
+    add.set_defaults(handler=peer_add)
+    rm = peer_sub.add_parser("rm", help="remove a peer")
+    rm.add_argument("name")
+    rm.set_defaults(handler=peer_rm)
+    peer_sub.add_parser("list", help="list configured peers").set_defaults(handler=peer_list)
+
+    routes = bgp_sub.add_parser("routes", help="routes on a node's BGP sessions")
+    routes.add_argument("--peer", metavar="ADDR", help="only this peer")
+    which = routes.add_mutually_exclusive_group()
+    which.add_argument("--received", dest="which", action="store_const", const="received",
+                       help="everything received, accepted or not (default)")
+    which.add_argument("--advertised", dest="which", action="store_const",
+                       const="advertised", help="what this node announces")
+    which.add_argument("--rejected", dest="which", action="store_const", const="rejected",
+                       help="what import policy refused, with the reason")
+    routes.set_defaults(handler=routes_cmd, which="received")
+
+
+def config_cmd(ctx: Context) -> int:
+    entry = ctx.store.get(keys.BGP_CONFIG)
+    current = BgpConfig.from_record(entry.value if entry else None)
+    if ctx.asn is not None or ctx.mesh is not None:
+        if ctx.asn is not None and not 1 <= ctx.asn <= 4294967295:
+            raise CliError(f"AS {ctx.asn} is out of range (1 to 4294967295)")
+        current = BgpConfig(ctx.asn if ctx.asn is not None else current.asn,
+                            current.node_mesh if ctx.mesh is None else ctx.mesh)
+        ctx.store.put(keys.BGP_CONFIG, current.to_record())
+    if ctx.json:
+        emit_json(current.to_record())
+    else:
+        print(f"AS {current.asn}, node mesh {'on' if current.node_mesh else 'off'}")
+    return OK
+
+
+def _selector(items: list[str] | None) -> dict[str, str]:
+    selector = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CliError(f"--node-selector {item!r}: use KEY=VALUE")
+        selector[key] = value
+    return selector
+
+
+def peer_add(ctx: Context) -> int:
+    try:
+        spec = parse_peer(ctx.name, ctx.address, ctx.asn, node=ctx.node,
+                          node_selector=_selector(ctx.node_selector), password=ctx.password,
+                          max_prefixes=ctx.max_prefixes, route_reflector=ctx.route_reflector)
+    except PeerError as exc:
+        raise CliError(str(exc)) from exc
+    if spec.password is not None:
+        if not password_ok(spec.password):
+            raise CliError("--password: use printable characters without space, quotes, "
+                           "';' or braces (ExaBGP's configuration cannot carry them)")
+        if not tcp_md5_supported():
+            raise CliError("--password: this kernel does not support TCP MD5 signatures "
+                           "(CONFIG_TCP_MD5SIG); BGP passwords cannot work here")
+    ok, _ = ctx.store.txn([absent(keys.bgp_peer(spec.name))],
+                          [put(keys.bgp_peer(spec.name), spec.to_record())])
+    if not ok:
+        raise CliError(f"a peer named {spec.name} exists; remove it first")
+    if ctx.json:
+        emit_json(_public(spec))
+    else:
+        where = f"node {spec.node}" if spec.node else (
+            "nodes " + ",".join(f"{k}={v}" for k, v in spec.node_selector.items())
+            if spec.node_selector else "every node")
+        print(f"peer {spec.name} added: {spec.address} AS {spec.asn}, for {where}")
+    return OK
+
+
+def peer_rm(ctx: Context) -> int:
+    if not ctx.store.delete(keys.bgp_peer(ctx.name)):
+        raise CliError(f"no peer named {ctx.name}")
+    if not ctx.json:
+        print(f"peer {ctx.name} removed")
+    else:
+        emit_json({"removed": ctx.name})
+    return OK
+
+
+def peer_list(ctx: Context) -> int:
+    specs = []
+    for entry in ctx.store.list(keys.BGP_PEERS).entries:
+        specs.append(PeerSpec.from_record(entry.value))
+    specs.sort(key=lambda s: s.name)
+    if ctx.json:
+        emit_json([_public(s) for s in specs])
+        return OK
+    table(["name", "address", "as", "scope", "password", "max-prefixes", "reflector"],
+          [[s.name, s.address, s.asn, s.node or _scope(s), "yes" if s.password else "no",
+            s.max_prefixes, "yes" if s.route_reflector else "no"] for s in specs])
+    return OK
+
+
+def _scope(spec: PeerSpec) -> str:
+    if spec.node_selector:
+        return ",".join(f"{k}={v}" for k, v in spec.node_selector.items())
+    return "all nodes"
+
+
+def _public(spec: PeerSpec) -> dict[str, object]:
+    record = spec.to_record()
+    record["password"] = "***" if spec.password else None
+    return record
+
+
+def routes_cmd(ctx: Context) -> int:
+    rows = ctx.agent("bgp_routes", peer=ctx.peer, which=ctx.which)
+    if ctx.json:
+        emit_json(rows)
+        return OK
+    if ctx.which == "advertised":
+        table(["prefix", "peer", "next hop", "as path", "origin"],
+              [[r["prefix"], r["peer"], r["next_hop"], _path(r["as_path"]), r["origin"]]
+               for r in rows])
+        return OK
+    headers = ["prefix", "peer", "next hop", "as path", "status"]
+    table(headers, [[r["prefix"], r["peer"], r["next_hop"], _path(r["as_path"]),
+                     _status(r)] for r in rows])
+    return OK
+
+
+def _path(path: list[int]) -> str:
+    return " ".join(map(str, path)) or "(local AS)"
+
+
+def _status(row: dict[str, object]) -> str:
+    if not row["accepted"]:
+        return f"rejected: {row['reason']}"
+    status = "best" if row["best"] else "accepted"
+    return status + (" (stale)" if row.get("stale") else "")

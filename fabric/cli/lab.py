@@ -1,0 +1,295 @@
+"""`fabricctl lab ...`: a routed multi-host fabric in network namespaces on this machine."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fabric.agent import sockets
+from fabric.cli.context import Context
+from fabric.cli.output import ERROR, OK, PROBLEM, CliError, emit_json, table
+from fabric.kernel import netns
+from fabric.lab.topology import DEFAULT_UNDERLAY, Lab, LabError, all_labs
+
+DEFAULT_LAB = "l3lab"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    lab = sub.add_parser("lab", help="a multi-host fabric in network namespaces")
+    lab_sub = lab.add_subparsers(dest="lab_cmd", required=True, metavar="COMMAND")
+
+    up = lab_sub.add_parser("up", help="build the lab and show it working")
+    up.add_argument("--hosts", type=int, default=3, help="hosts (default 3)")
+    up.add_argument("--containers-per-host", type=int, default=2, metavar="M",
+                    help="workloads per host (default 2)")
+    up.add_argument("--peer", choices=("bird", "frr", "none"), default="none",
+                    help="an external BGP speaker (default none: full mesh)")
+    up.add_argument("--peer-role", choices=("rr", "tor"), default="rr",
+                    help="the speaker as route reflector, or as eBGP ToR with an AS per host")
+    up.add_argument("--route-reflectors", type=int, default=0, metavar="K",
+                    help="make the first K hosts route reflectors")
+    up.add_argument("--pool", default="10.244.0.0/16", help="IP pool (default 10.244.0.0/16)")
+    up.add_argument("--underlay", default=DEFAULT_UNDERLAY, help="underlay subnet")
+    up.set_defaults(handler=up_cmd)
+
+    lab_sub.add_parser("status", help="hosts, sessions, routes, workloads"
+                       ).set_defaults(handler=status_cmd)
+    run = lab_sub.add_parser("exec", help="run a command on a lab host or workload")
+    run.add_argument("target", help="host (h1) or workload (h1-w1)")
+    run.add_argument("argv", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS]")
+    run.set_defaults(handler=exec_cmd)
+    add = lab_sub.add_parser("add-host", help="add a host (and its workloads)")
+    add.add_argument("host_name", nargs="?", metavar="HOST", help="name (default: next hN)")
+    add.add_argument("--containers", type=int, default=0, help="workloads on it")
+    add.set_defaults(handler=add_host_cmd)
+    kill = lab_sub.add_parser("kill", help="a host dies: link down, processes killed")
+    kill.add_argument("host_name", metavar="HOST")
+    kill.set_defaults(handler=kill_cmd)
+    lab_sub.add_parser("down", help="remove everything the lab made (safe to repeat)"
+                       ).set_defaults(handler=down_cmd)
+    lab_sub.add_parser("env", help="shell exports to use fabricctl against the lab's etcd"
+                       ).set_defaults(handler=env_cmd)
+
+
+def _name(ctx: Context) -> str:
+    return getattr(ctx.args, "lab", None) or DEFAULT_LAB
+
+
+def _existing(ctx: Context) -> Lab:
+    name = getattr(ctx.args, "lab", None)
+    if not name:
+        labs = all_labs()
+        name = labs[0] if len(labs) == 1 else DEFAULT_LAB
+    lab = Lab(name)
+    if not lab.state_path.exists():
+        raise CliError(f"no lab named {name} is up (fabricctl lab up)")
+    return lab
+
+
+class Progress:
+    """One line per step, with its duration, on stderr (stdout stays for results)."""
+
+    def __init__(self, total: int, quiet: bool) -> None:
+        self.total, self.done, self.quiet = total, 0, quiet
+
+    def step(self, text: str, work: Callable[[], Any]) -> Any:
+        self.done += 1
+        started = time.monotonic()
+        if not self.quiet:
+            print(f"[{self.done}/{self.total}] {text} ...", end="", file=sys.stderr, flush=True)
+        result = work()
+        if not self.quiet:
+            print(f" ok ({time.monotonic() - started:.1f}s)", file=sys.stderr, flush=True)
+        return result
+
+
+def up_cmd(ctx: Context) -> int:
+    if ctx.hosts < 1 or ctx.containers_per_host < 0 or ctx.route_reflectors < 0:
+        raise CliError("--hosts must be at least 1, the other counts at least 0")
+    if ctx.route_reflectors > ctx.hosts:
+        raise CliError("--route-reflectors cannot exceed --hosts")
+    if os.geteuid() != 0:
+        raise CliError("the lab needs root (network namespaces)")
+    lab = Lab(_name(ctx))
+    if lab.exists:
+        raise CliError(f"a lab named {lab.name} is already up; use it, or remove it with "
+                       f"`fabricctl lab down --lab {lab.name}`")
+    peer = ctx.peer != "none"
+    tor = peer and ctx.peer_role == "tor"
+    steps = 3 + ctx.hosts + (1 if peer else 0) + (1 if ctx.containers_per_host else 0) + 1
+    progress = Progress(steps, ctx.json)
+    try:
+        progress.step(f"underlay {ctx.underlay} and etcd", lambda: (
+            lab.create_underlay(ctx.underlay), lab.start_etcd()))
+        progress.step(f"IP pool {ctx.pool}", lambda: _add_pool(lab, ctx.pool))
+        if peer:
+            progress.step(f"{ctx.peer} as {'eBGP ToR' if tor else 'route reflector'}",
+                          lambda: lab.add_peer(ctx.peer, ctx.peer_role))
+        for index in range(1, ctx.hosts + 1):
+            rr = f"10.255.0.{index}" if index <= ctx.route_reflectors else None
+            progress.step(f"host h{index} with fabric-agent and ExaBGP" +
+                          (" (route reflector)" if rr else ""),
+                          lambda i=index, r=rr: (
+                              lab.add_host(f"h{i}", asn=65000 + i if tor else None,
+                                           rr_cluster_id=r),
+                              lab.wait_agent(f"h{i}")))
+        progress.step("BGP sessions established", lambda: _wait_sessions(lab))
+        if ctx.containers_per_host:
+            progress.step(f"{ctx.containers_per_host} workload(s) per host through the CNI "
+                          "plugin", lambda: [lab.add_workload(h) for h in lab.state.hosts
+                                             for _ in range(ctx.containers_per_host)])
+        matrix = progress.step("reachability between workloads (ping)",
+                               lambda: _wait_matrix(lab))
+    except (LabError, OSError) as exc:
+        raise CliError(f"lab up failed: {exc}\n(everything made so far stays for "
+                       f"inspection; `fabricctl lab down --lab {lab.name}` removes it)"
+                       ) from exc
+    lab.state.complete = True
+    lab.save()
+    return _summary(ctx, lab, matrix)
+
+
+def _add_pool(lab: Lab, cidr: str) -> None:
+    from ipam.allocator import Ipam
+    from ipam.pools import parse_pool
+
+    store = lab.store()
+    try:
+        Ipam(store).add_pool(parse_pool("default", cidr, nat_outgoing=True))
+    finally:
+        store.close()
+
+
+def _statuses(lab: Lab) -> dict[str, dict[str, Any] | None]:
+    out: dict[str, dict[str, Any] | None] = {}
+    for name, host in lab.state.hosts.items():
+        try:
+            out[name] = sockets.call("@l3fabric/agent", "status",
+                                     netns=netns.path(host.netns))
+        except (sockets.AgentUnreachable, sockets.AgentError, OSError):
+            out[name] = None
+    return out
+
+
+def _wait_sessions(lab: Lab, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        statuses = _statuses(lab)
+        down = [f"{h}->{p['address']}" for h, s in statuses.items() if s
+                for p in s["peers"] if p["state"] != "Established"]
+        if not down and all(statuses.values()):
+            return
+        if time.monotonic() > deadline:
+            raise LabError(f"sessions not established after {timeout:.0f}s: "
+                           f"{', '.join(down) or 'an agent is not answering'}")
+        time.sleep(0.3)
+
+
+def _wait_matrix(lab: Lab, timeout: float = 30.0) -> dict[str, dict[str, bool]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        matrix = lab.matrix()
+        if all(all(row.values()) for row in matrix.values()) or time.monotonic() > deadline:
+            return matrix
+
+
+def _summary(ctx: Context, lab: Lab, matrix: dict[str, dict[str, bool]]) -> int:
+    statuses = _statuses(lab)
+    hosts = []
+    for name, host in sorted(lab.state.hosts.items()):
+        status = statuses.get(name)
+        peers = status["peers"] if status else []
+        kernel = _kernel_routes(host.netns)
+        hosts.append({"host": name, "address": host.address, "alive": host.alive,
+                      "agent": status is not None,
+                      "sessions_up": sum(p["state"] == "Established" for p in peers),
+                      "sessions": len(peers), "routes_installed": kernel,
+                      "workloads": [w.name for w in lab.state.workloads.values()
+                                    if w.host == name]})
+    green = all(all(row.values()) for row in matrix.values())
+    if ctx.json:
+        emit_json({"lab": lab.name, "hosts": hosts, "matrix": matrix, "all_reachable": green,
+                   "etcd": lab.etcd_local_endpoint})
+        return OK if green else PROBLEM
+    print(f"\nlab {lab.name}: {len(hosts)} host(s) on {lab.state.underlay}"
+          + (f", {lab.state.peer.kind} as {lab.state.peer.role}" if lab.state.peer else ""))
+    table(["host", "address", "agent", "bgp sessions up", "routes installed", "workloads"],
+          [[h["host"], h["address"], "running" if h["agent"] else "DOWN",
+            f"{h['sessions_up']}/{h['sessions']}", h["routes_installed"],
+            " ".join(h["workloads"]) or None] for h in hosts])
+    if matrix:
+        names = sorted(matrix)
+        print("\nreachability (ping from row to column):")
+        table(["from \\ to", *names],
+              [[a, *["-" if a == b else ("ok" if matrix[a].get(b) else "FAIL")
+                     for b in names]] for a in names])
+    print(f"\n{'all workloads reach each other' if green else 'SOME PINGS FAILED'}. Next:"
+          f"\n  fabricctl --host h1 node status\n  fabricctl --host h1 bgp routes"
+          f"\n  fabricctl --host h1 routes\n  fabricctl --lab {lab.name} nodes"
+          f"\n  fabricctl lab exec h1-w1 -- ping -c1 h2-w1.fabric.internal"
+          f"\n  fabricctl lab down")
+    return OK if green else PROBLEM
+
+
+def _kernel_routes(ns: str) -> int:
+    import subprocess
+
+    result = subprocess.run(["ip", "-n", ns, "route", "show", "proto", "73"],
+                            capture_output=True, text=True, check=False)
+    return len(result.stdout.splitlines())
+
+
+def status_cmd(ctx: Context) -> int:
+    lab = _existing(ctx)
+    matrix = lab.matrix() if lab.state.workloads else {}
+    return _summary(ctx, lab, matrix)
+
+
+def exec_cmd(ctx: Context) -> int:
+    lab = _existing(ctx)
+    argv = list(ctx.argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        raise CliError("give a command after --, e.g. fabricctl lab exec h1 -- ip route")
+    target = ctx.target
+    if target in lab.state.hosts:
+        ns = lab.state.hosts[target].netns
+    elif target in lab.state.workloads:
+        ns = lab.state.workloads[target].netns
+    else:
+        raise CliError(f"lab {lab.name} has no host or workload {target} (hosts: "
+                       f"{', '.join(sorted(lab.state.hosts))}; workloads: "
+                       f"{', '.join(sorted(lab.state.workloads))})")
+    os.execvp("ip", ["ip", "netns", "exec", ns, *argv])
+    return ERROR  # not reached
+
+
+def add_host_cmd(ctx: Context) -> int:
+    lab = _existing(ctx)
+    name = ctx.host_name or f"h{len(lab.state.hosts) + 1}"
+    try:
+        host = lab.add_host(name)
+        lab.wait_agent(name)
+        made = [lab.add_workload(name) for _ in range(ctx.containers)]
+    except LabError as exc:
+        raise CliError(str(exc)) from exc
+    if ctx.json:
+        emit_json({"host": name, "address": host.address, "workloads": [w.name for w in made]})
+    else:
+        print(f"host {name} added ({host.address})" +
+              (f" with {', '.join(w.name for w in made)}" if made else ""))
+    return OK
+
+
+def kill_cmd(ctx: Context) -> int:
+    lab = _existing(ctx)
+    if ctx.host_name not in lab.state.hosts:
+        raise CliError(f"lab {lab.name} has no host {ctx.host_name}")
+    lab.kill_host(ctx.host_name)
+    if not ctx.json:
+        print(f"host {ctx.host_name} killed: its underlay link is down and its processes are gone;"
+              " peers notice when the hold time runs out")
+    return OK
+
+
+def down_cmd(ctx: Context) -> int:
+    names = [ctx.args.lab] if getattr(ctx.args, "lab", None) else (all_labs() or [DEFAULT_LAB])
+    removed = []
+    for name in names:
+        removed += Lab(name).down()
+    if ctx.json:
+        emit_json({"removed": removed})
+    else:
+        print("removed: " + (", ".join(removed) if removed else "nothing (no lab was up)"))
+    return OK
+
+
+def env_cmd(ctx: Context) -> int:
+    lab = _existing(ctx)
+    print(f"export FABRIC_ETCD_ENDPOINTS={lab.etcd_local_endpoint}")
+    return OK

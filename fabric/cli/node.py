@@ -1,0 +1,127 @@
+"""`fabricctl node status`, `routes`, `nodes`, `workloads`: what a node's agent, its
+kernel and the registrations in etcd say."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from fabric import keys
+from fabric.cli.context import Context
+from fabric.cli.output import OK, PROBLEM, CliError, emit_json, kv, table
+from fabric.registry import Registry
+from ipam.allocator import Ipam
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    node = sub.add_parser("node", help="this node's agent")
+    node_sub = node.add_subparsers(dest="node_cmd", required=True, metavar="COMMAND")
+    node_sub.add_parser("status", help="BGP process and sessions (exit 1 if a session "
+                        "is not Established)").set_defaults(handler=status)
+    sub.add_parser("routes", help="kernel routes the agent owns, and drift it repaired"
+                   ).set_defaults(handler=routes)
+    sub.add_parser("nodes", help="registered nodes").set_defaults(handler=nodes)
+    workloads_ = sub.add_parser("workloads", help="registered workloads (all, or by name)")
+    workloads_.add_argument("name", nargs="?")
+    workloads_.set_defaults(handler=workloads)
+
+
+def _ago(when: float | None) -> str:
+    if not when:
+        return "-"
+    seconds = max(0, int(time.time() - when))
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h"
+
+
+def status(ctx: Context) -> int:
+    doc = ctx.agent("status")
+    peers = doc["peers"]
+    healthy = all(p["state"] == "Established" for p in peers)
+    if ctx.json:
+        emit_json(doc)
+        return OK if healthy else PROBLEM
+    process = doc["bgp_process"]
+    state = "running" if process["running"] else "NOT running"
+    rr = f", route reflector (cluster {doc['route_reflector']})" if doc["route_reflector"] \
+        else ""
+    kv([("node", f"{doc['node']} ({doc['address']}, AS {doc['asn']}{rr})"),
+        ("BGP process", f"exabgp {state}, pid {process['pid']}, up {_ago(process['started_at'])}"
+                        f", {process['restarts']} restart(s)"),
+        ("registration", "healthy" if doc["registration"]["healthy"] else "NOT refreshed"),
+        ("announcing", ", ".join(doc["exports"]) or "nothing"),
+        ("kernel routes", f"{doc['kernel']['applied']} changes applied, "
+                          f"{doc['kernel']['repaired']} repaired, "
+                          f"{doc['kernel']['failures']} refused")])
+    print()
+    table(["peer address", "name", "kind", "as", "state", "since", "received", "accepted",
+           "advertised", "last error"],
+          [[p["address"], p["name"], p["kind"], p["asn"], p["state"], _ago(p["since"]),
+            p["received"], p["accepted"], p["advertised"], p["last_error"] or None]
+           for p in peers])
+    if not peers:
+        print("(no peers: the only node, or the mesh is off and no peer is configured)")
+    return OK if healthy else PROBLEM
+
+
+def routes(ctx: Context) -> int:
+    doc = ctx.agent("routes")
+    if ctx.json:
+        emit_json(doc)
+        return OK
+    table(["prefix", "via", "dev", "kind", "state"],
+          [[r["prefix"], " ".join(r["via"]) or ("blackhole" if r["type"] == "blackhole"
+                                                else None),
+            r["dev"], r["kind"], "ok" if r["in_sync"] else
+            ("stale (kept until peers confirm)" if r["stale"] else "pending")]
+           for r in doc["routes"]])
+    if doc["failed"]:
+        print()
+        table(["prefix", "kernel refused"], sorted(doc["failed"].items()))
+    if doc["drift"]:
+        print("\ndrift repaired:")
+        table(["when", "prefix", "found", "restored"],
+              [[time.strftime("%H:%M:%S", time.localtime(d["at"])), d["prefix"], d["found"],
+                d["wanted"]] for d in doc["drift"]])
+    return OK
+
+
+def nodes(ctx: Context) -> int:
+    registry = Registry(ctx.store)
+    found = registry.nodes()
+    blocks = Ipam(ctx.store).blocks()
+    rows = []
+    for node in found:
+        entry = ctx.store.get(keys.node(node.name))
+        ttl = ctx.store.lease_remaining(entry.lease)[0] if entry and entry.lease else -1
+        rows.append({"name": node.name, "address": node.address, "asn": node.asn,
+                     "labels": node.labels, "route_reflector": node.rr_cluster_id,
+                     "blocks": [b.cidr for b in blocks if b.affinity == node.name],
+                     "started_at": node.started_at, "lease_ttl": ttl,
+                     "version": node.version})
+    if ctx.json:
+        emit_json(rows)
+        return OK
+    table(["name", "address", "as", "blocks", "up", "last seen", "labels"],
+          [[r["name"], r["address"], r["asn"], " ".join(r["blocks"]) or None,
+            _ago(r["started_at"]),
+            "now" if r["lease_ttl"] > 0 else "lease expired",
+            ",".join(f"{k}={v}" for k, v in r["labels"].items()) or None] for r in rows])
+    return OK
+
+
+def workloads(ctx: Context) -> int:
+    registry = Registry(ctx.store)
+    found = registry.find_workloads(ctx.name) if ctx.name else registry.workloads()
+    if ctx.name and not found:
+        raise CliError(f"no workload named {ctx.name}", code=PROBLEM)
+    if ctx.json:
+        emit_json([w.to_record() for w in found])
+        return OK
+    table(["name", "node", "ips", "container", "interface", "network"],
+          [[w.name, w.node, " ".join(w.ips), w.container_id[:20], w.ifname, w.network]
+           for w in found])
+    return OK
