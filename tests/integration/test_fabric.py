@@ -1,0 +1,237 @@
+"""The host agent on real components: 3 (then 4) hosts in namespaces on one underlay,
+each with fabric-agent, a real ExaBGP, real etcd, real kernel routes and workloads
+attached by the CNI plugin. The tests run in order on one lab and each leaves it as
+it found it."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+
+import pytest
+
+from fabric.kernel import netns
+from ipam.allocator import Ipam
+from tests.conftest import needs_root, running_lab
+from tests.support.fabric import (
+    agent,
+    blocks_of,
+    kernel_routes,
+    sessions_established,
+    status,
+    wait_until,
+)
+
+pytestmark = [needs_root, pytest.mark.root, pytest.mark.slow]
+HOLD_TIME = 9
+RESYNC = 3.0
+AGENT_ARGS = ["--resync-interval", str(RESYNC), "--lease-ttl", "6", "--gc-interval", "5"]
+
+
+@pytest.fixture(scope="module")
+def lab():
+    with running_lab(pool="10.244.0.0/16") as lab:
+        for host in ("h1", "h2", "h3"):
+            lab.add_host(host, agent_args=AGENT_ARGS)
+        for host in ("h1", "h2", "h3"):
+            lab.wait_agent(host)
+        for host in ("h1", "h2", "h3"):
+            lab.add_workload(host)
+        yield lab
+
+
+def expected_remote(lab, host: str) -> dict[str, str]:
+    """What `host`'s kernel must hold for the other hosts' blocks."""
+    addresses = {h.name: h.address for h in lab.state.hosts.values()}
+    return {cidr: f"via {addresses[owner]}" for cidr, owner in blocks_of(lab).items()
+            if owner != host and owner in addresses and lab.state.hosts[owner].alive}
+
+
+def converged(lab, host: str) -> bool:
+    table = kernel_routes(lab.state.hosts[host].netns)
+    wanted = expected_remote(lab, host)
+    return all(table.get(cidr) == via for cidr, via in wanted.items())
+
+
+def remote_table(lab, host: str) -> dict[str, str]:
+    return {p: v for p, v in kernel_routes(lab.state.hosts[host].netns).items()
+            if v.startswith("via")}
+
+
+def test_each_host_holds_the_others_blocks_via_the_right_next_hop(lab):
+    for host in ("h1", "h2", "h3"):
+        wait_until(lambda h=host: converged(lab, h), f"{host} learned the other blocks", 10)
+        table = kernel_routes(lab.state.hosts[host].netns)
+        own = [c for c, owner in blocks_of(lab).items() if owner == host]
+        assert own and all(table[c] == "blackhole" for c in own)
+        assert len(remote_table(lab, host)) == 2
+    w1, w3 = lab.state.workloads["h1-w1"], lab.state.workloads["h3-w1"]
+    assert lab.ping(w1.netns, w3.ips[0], count=3)
+    assert lab.ping(w3.netns, w1.ips[0], count=3)
+
+
+def test_workloads_resolve_each_other_by_name(lab):
+    result = subprocess.run(["ip", "netns", "exec", lab.state.workloads["h1-w1"].netns,
+                             "ping", "-c", "1", "-W", "2", "h3-w1.fabric.internal"],
+                            capture_output=True, text=True, timeout=20)
+    assert result.returncode == 0, result.stderr
+    assert lab.state.workloads["h3-w1"].ips[0] in result.stdout
+
+
+def test_route_deleted_or_changed_by_hand_is_repaired(lab):
+    ns = lab.state.hosts["h2"].netns
+    before = kernel_routes(ns)
+    victim = next(p for p, v in before.items() if v.startswith("via"))
+    foreign = "10.200.0.0/24"
+    subprocess.run(["ip", "-n", ns, "route", "add", foreign, "via", lab.router], check=True)
+    subprocess.run(["ip", "-n", ns, "route", "del", victim], check=True)
+    wait_until(lambda: kernel_routes(ns).get(victim) == before[victim],
+               "the deleted route is back", RESYNC + 2)
+    subprocess.run(["ip", "-n", ns, "route", "replace", victim, "via", lab.router, "proto",
+                    "73"], check=True)
+    wait_until(lambda: kernel_routes(ns).get(victim) == before[victim],
+               "the changed route is repaired", RESYNC + 2)
+    drift = agent(lab, "h2", "routes")["drift"]
+    assert any(d["prefix"] == victim for d in drift)
+    time.sleep(RESYNC + 1)  # a full resync later, another protocol's route is untouched
+    shown = subprocess.run(["ip", "-n", ns, "route", "show", foreign], capture_output=True,
+                           text=True).stdout
+    assert "via" in shown
+    subprocess.run(["ip", "-n", ns, "route", "del", foreign], check=True)
+
+
+def test_a_fourth_host_joins_without_restarting_sessions_and_leaves(lab):
+    def sessions(host):
+        return {p["address"]: (p["since"], p["flaps"]) for p in status(lab, host)["peers"]}
+
+    before = {h: sessions(h) for h in ("h1", "h2", "h3")}
+    lab.add_host("h4", agent_args=AGENT_ARGS)
+    lab.wait_agent("h4")
+    lab.add_workload("h4")
+    h4_block = wait_until(lambda: [c for c, o in blocks_of(lab).items() if o == "h4"],
+                          "h4 claimed a block")[0]
+    for host in ("h1", "h2", "h3"):
+        wait_until(lambda h=host: remote_table(lab, h).get(h4_block) == "via " +
+                   lab.state.hosts["h4"].address, f"{host} learned h4's block", 10)
+        wait_until(lambda h=host: sessions_established(lab, h), f"{host} sessions up", 10)
+        after = sessions(host)
+        for peer, seen in before[host].items():
+            assert after[peer] == seen, f"{host}'s session to {peer} was restarted"
+    # h4 leaves: its agent stops (closing its sessions), its lease then expires.
+    lab.remove_workload("h4-w1")
+    lab.stop_agent("h4")
+    started = time.monotonic()
+    for host in ("h1", "h2", "h3"):
+        wait_until(lambda h=host: h4_block not in remote_table(lab, h),
+                   f"h4's routes are gone from {host}", HOLD_TIME)
+    assert time.monotonic() - started < HOLD_TIME
+    store = lab.store()
+    try:
+        wait_until(lambda: store.get("/l3fabric/v1/nodes/h4") is None,
+                   "h4's registration expired", 6 + 5)
+    finally:
+        store.close()
+    for host in ("h1", "h2", "h3"):
+        wait_until(lambda h=host: "10.99.0.14" not in
+                   [p["address"] for p in status(lab, h)["peers"]], f"{host} dropped h4")
+    lab.kill_host("h4")
+
+
+def test_kill_9_of_an_agent_loses_no_ping_and_keeps_the_kernel(lab):
+    w1, w3 = lab.state.workloads["h1-w1"], lab.state.workloads["h3-w1"]
+    tables = {h: kernel_routes(lab.state.hosts[h].netns) for h in ("h1", "h2", "h3")}
+    pinger = subprocess.Popen(["ip", "netns", "exec", w1.netns, "ping", "-i", "0.05", "-W",
+                               "1", "-q", w3.ips[0]], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1)
+        lab.stop_agent("h3", sig=signal.SIGKILL)
+        time.sleep(0.5)
+        # The agent is gone, ExaBGP died with it; the kernel still forwards.
+        assert kernel_routes(lab.state.hosts["h3"].netns) == tables["h3"]
+        time.sleep(1.5)
+        lab.start_agent("h3")
+        lab.wait_agent("h3")
+        for host in ("h1", "h2", "h3"):
+            wait_until(lambda h=host: sessions_established(lab, h), f"{host} sessions up", 15)
+        time.sleep(1)
+    finally:
+        pinger.send_signal(signal.SIGINT)
+        out, _ = pinger.communicate(timeout=10)
+    transmitted = int(out.split(" packets transmitted")[0].split()[-1])
+    received = int(out.split(" received")[0].split()[-1])
+    assert transmitted > 40 and received == transmitted, out
+    wait_until(lambda: status(lab, "h3")["stale_released"], "h3 confirmed its routes", 15)
+    for host in ("h1", "h2", "h3"):
+        assert kernel_routes(lab.state.hosts[host].netns) == tables[host]
+
+
+def test_two_agents_killed_together_are_back_within_the_hold_time(lab):
+    tables = {h: kernel_routes(lab.state.hosts[h].netns) for h in ("h1", "h2", "h3")}
+    for host in ("h1", "h2"):
+        lab.stop_agent(host, sig=signal.SIGKILL)
+    started = time.monotonic()
+    for host in ("h1", "h2"):
+        lab.start_agent(host)
+    for host in ("h1", "h2"):
+        lab.wait_agent(host)
+    for host in ("h1", "h2", "h3"):
+        wait_until(lambda h=host: sessions_established(lab, h), f"{host} sessions up",
+                   HOLD_TIME)
+    for host in ("h1", "h2"):
+        # Confirmed by the peers (End-of-RIB from each), not waiting for a restart timer.
+        wait_until(lambda h=host: status(lab, h)["stale_released"],
+                   f"{host} confirmed its routes", HOLD_TIME)
+        assert status(lab, host)["stale_routes"] == 0
+    assert time.monotonic() - started < HOLD_TIME + 2
+    for host in ("h1", "h2", "h3"):
+        assert kernel_routes(lab.state.hosts[host].netns) == tables[host]
+
+
+def test_clean_shutdown_keeps_routes_and_stops_exabgp(lab):
+    ns = lab.state.hosts["h2"].netns
+    before = kernel_routes(ns)
+    exabgp = status(lab, "h2")["bgp_process"]["pid"]
+    lab.stop_agent("h2")  # SIGTERM
+    assert kernel_routes(ns) == before
+    wait_until(lambda: not netns_has_pid(ns, exabgp), "exabgp stopped with the agent", 5)
+    lab.start_agent("h2")
+    lab.wait_agent("h2")
+    for host in ("h1", "h2", "h3"):
+        wait_until(lambda h=host: sessions_established(lab, h) and converged(lab, h),
+                   f"{host} back", 15)
+
+
+def netns_has_pid(ns: str, pid: int) -> bool:
+    return pid in netns.pids(ns)
+
+
+def test_metrics_endpoint(lab):
+    host = lab.state.hosts["h1"]
+    code = ("import urllib.request;print(urllib.request.urlopen("
+            f"'http://{host.address}:9473/metrics', timeout=5).read().decode())")
+    out = subprocess.run(["ip", "netns", "exec", host.netns, "python3", "-c", code],
+                         capture_output=True, text=True, timeout=30).stdout
+    assert 'l3fabric_bgp_sessions{state="Established"} 2' in out
+    assert 'l3fabric_bgp_routes_accepted{peer="' in out
+    assert 'l3fabric_kernel_routes{kind="remote"} 2' in out
+    assert "l3fabric_reconcile_seconds" in out and "l3fabric_etcd_errors_total" in out
+
+
+def test_nat_outgoing_follows_the_pool_flag(lab):
+    workload = lab.state.workloads["h1-w1"]
+    assert not lab.ping(workload.netns, lab.router, count=1)  # no route back to the pool
+    store = lab.store()
+    try:
+        Ipam(store).update_pool("default", nat_outgoing=True)
+        wait_until(lambda: lab.ping(workload.netns, lab.router, count=1),
+                   "NAT lets the workload reach outside the pools", 10)
+        # Between workloads nothing is translated: the source stays the pool address.
+        other = lab.state.workloads["h2-w1"]
+        assert lab.ping(workload.netns, other.ips[0])
+        Ipam(store).update_pool("default", nat_outgoing=False)
+        wait_until(lambda: not lab.ping(workload.netns, lab.router, count=1),
+                   "NAT is removed with the flag", 10)
+    finally:
+        store.close()
