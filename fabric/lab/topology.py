@@ -213,7 +213,7 @@ class Lab:
         """The bridge port of a host in the underlay namespace (15 characters at most)."""
         return f"p-{host}"[:15]
 
-    def _plug(self, ns: str, port: str, address: str, default_route: bool = True) -> None:
+    def plug(self, ns: str, port: str, address: str, default_route: bool = True) -> None:
         """Connect a namespace to the underlay bridge as `eth0` with `address`."""
         _ip("-n", self.net_ns, "link", "add", port, "type", "veth", "peer", "name", "eth0",
             "netns", ns)
@@ -238,7 +238,7 @@ class Lab:
         self.state.hosts[name] = host
         self.save()
         netns.create(host.netns)
-        self._plug(host.netns, self._port(name), host.address)
+        self.plug(host.netns, self._port(name), host.address)
         if start:
             self.start_agent(name)
         if self.state.peer:
@@ -337,7 +337,7 @@ class Lab:
         self.state.peer = peer
         self.save()
         netns.create(peer.netns)
-        self._plug(peer.netns, "p-peer", peer.address)
+        self.plug(peer.netns, "p-peer", peer.address)
         _ip("netns", "exec", peer.netns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
         peer.pids = self._start_peer_daemon(peer)
         self.save()
