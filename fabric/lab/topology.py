@@ -126,6 +126,11 @@ def kill_pid(pid: int, timeout: float = 10.0, sig: int = signal.SIGTERM) -> None
         os.waitpid(pid, 0)
 
 
+def is_running(pid: int) -> bool:
+    """True while the process exists and is not a zombie waiting to be reaped."""
+    return os.path.exists(f"/proc/{pid}") and not _zombie(pid)
+
+
 def _zombie(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")

@@ -26,7 +26,8 @@ from tests.support.fabric import (
 pytestmark = [needs_root, pytest.mark.root, pytest.mark.slow]
 HOLD_TIME = 9
 RESYNC = 3.0
-AGENT_ARGS = ["--resync-interval", str(RESYNC), "--lease-ttl", "6", "--gc-interval", "5"]
+AGENT_ARGS = ["--resync-interval", str(RESYNC), "--lease-ttl", "6", "--gc-interval", "2",
+              "--gc-grace", "3"]
 
 
 @pytest.fixture(scope="module")
@@ -233,5 +234,23 @@ def test_nat_outgoing_follows_the_pool_flag(lab):
         Ipam(store).update_pool("default", nat_outgoing=False)
         wait_until(lambda: not lab.ping(workload.netns, lab.router, count=1),
                    "NAT is removed with the flag", 10)
+    finally:
+        store.close()
+
+
+def test_the_agent_garbage_collects_leaked_addresses(lab):
+    store = lab.store()
+    try:
+        ipam = Ipam(store)
+        # An allocation whose container never registered (its ADD died half-way), and
+        # one whose network namespace still exists: only the first may go.
+        leaked = ipam.allocate("leaked.eth0", "h1", attrs={"netns": "/run/netns/gone"})
+        alive_ns = lab.state.workloads["h1-w1"].netns
+        ipam.allocate("busy.eth0", "h1", attrs={"netns": netns.path(alive_ns)})
+        assert leaked.addresses()
+        wait_until(lambda: ipam.handle("leaked.eth0") is None,
+                   "the agent's GC released the leak after its grace period", 20)
+        assert ipam.handle("busy.eth0") is not None
+        ipam.release("busy.eth0")
     finally:
         store.close()
