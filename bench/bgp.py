@@ -234,7 +234,7 @@ def main() -> int:
     if "dead" not in args.skip:
         gone = dead_host()
         print(f"3. host killed until its routes are gone elsewhere: {gone:.1f}s "
-              f"(hold time 9 s, lease TTL 10 s; ratio to hold time {gone / 9:.2f})")
+              f"(hold time 9 s; ratio to hold time {gone / 9:.2f})")
     return 0
 
 

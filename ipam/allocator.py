@@ -15,6 +15,7 @@ Nothing is cached between calls: each attempt re-reads what it decides on.
 
 from __future__ import annotations
 
+import ipaddress
 import random
 import threading
 import time
@@ -556,7 +557,7 @@ class Ipam:
         return [_block(e) for e in listing.entries]
 
     def blocks(self) -> list[Block]:
-        return sorted(self._blocks(), key=lambda b: (b.pool, b.cidr))
+        return sorted(self._blocks(), key=lambda b: (b.pool, ipaddress.ip_network(b.cidr)))
 
     def blocks_of(self, node: str) -> list[Block]:
         return [b for b in self.blocks() if b.affinity == node]

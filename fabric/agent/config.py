@@ -175,7 +175,7 @@ class AgentConfig:
     route_protocol: int = DEFAULT_PROTOCOL
     resync_interval: float = 10.0
     nat_outgoing: bool = True
-    lease_ttl: int = 10
+    lease_ttl: int = 20
     gc_interval: float = 60.0
     gc_grace: float = 600.0
     dns_domain: str = "fabric.internal"

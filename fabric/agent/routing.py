@@ -15,6 +15,7 @@ End-of-RIB, or its restart time runs out, or it leaves etcd.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections import Counter
@@ -301,8 +302,7 @@ class RoutingController:
             return {}
         session.flaps += 1
         reason = event.reason or "closed"
-        if "notification" not in reason:
-            session.last_error = reason
+        session.last_error = _describe_reason(reason)
         graceful = session.restart_time and "notification" not in reason
         if graceful:
             assert session.restart_time is not None
@@ -436,6 +436,14 @@ class RoutingController:
                              "accepted": path.accepted, "reason": path.rejected,
                              "best": best, "stale": path.stale})
             return rows
+
+
+def _describe_reason(reason: str) -> str:
+    """ExaBGP's "notification sent (4,0)" with the names of the code and subcode."""
+    match = re.search(r"\((\d+),(\d+)\)", reason)
+    if "notification" in reason and match:
+        return f"{reason} {_notification_text(int(match[1]), int(match[2]))}"
+    return reason
 
 
 def _notification_text(code: int, subcode: int) -> str:

@@ -166,7 +166,7 @@ def routes_cmd(ctx: Context) -> int:
 
 
 def _path(path: list[int]) -> str:
-    return " ".join(map(str, path)) or "(local AS)"
+    return " ".join(map(str, path)) or "-"
 
 
 def _status(row: dict[str, object]) -> str:

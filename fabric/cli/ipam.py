@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 
 from fabric.cli.context import Context
 from fabric.cli.output import OK, PROBLEM, CliError, emit_json, kv, table
@@ -100,7 +101,7 @@ def show_usage(ctx: Context) -> int:
     used_per_block: dict[str, int] = {}
     for ip in snap.ips:
         used_per_block[ip.block] = used_per_block.get(ip.block, 0) + 1
-    blocks = sorted(snap.blocks, key=lambda b: (b.pool, b.cidr))
+    blocks = sorted(snap.blocks, key=lambda b: (b.pool, ipaddress.ip_network(b.cidr)))
     if ctx.json:
         out: dict[str, object] = {"usage": [r.__dict__ for r in rows]}
         if ctx.blocks:

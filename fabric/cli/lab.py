@@ -49,6 +49,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     kill = lab_sub.add_parser("kill", help="a host dies: link down, processes killed")
     kill.add_argument("host_name", metavar="HOST")
     kill.set_defaults(handler=kill_cmd)
+    restart = lab_sub.add_parser("restart-agent", help="stop a host's agent (SIGTERM, or "
+                                 "--kill for SIGKILL) and start it again")
+    restart.add_argument("host_name", metavar="HOST")
+    restart.add_argument("--kill", action="store_true", help="kill -9, as in a crash")
+    restart.set_defaults(handler=restart_cmd)
     lab_sub.add_parser("down", help="remove everything the lab made (safe to repeat)"
                        ).set_defaults(handler=down_cmd)
     lab_sub.add_parser("env", help="shell exports to use fabricctl against the lab's etcd"
@@ -274,6 +279,27 @@ def kill_cmd(ctx: Context) -> int:
     if not ctx.json:
         print(f"host {ctx.host_name} killed: its underlay link is down and its processes are gone;"
               " peers notice when the hold time runs out")
+    return OK
+
+
+def restart_cmd(ctx: Context) -> int:
+    import signal
+
+    lab = _existing(ctx)
+    if ctx.host_name not in lab.state.hosts:
+        raise CliError(f"lab {lab.name} has no host {ctx.host_name}")
+    old = lab.state.hosts[ctx.host_name].agent_pid
+    lab.stop_agent(ctx.host_name, sig=signal.SIGKILL if ctx.kill else signal.SIGTERM)
+    pid = lab.start_agent(ctx.host_name)
+    try:
+        lab.wait_agent(ctx.host_name)
+    except LabError as exc:
+        raise CliError(str(exc)) from exc
+    if ctx.json:
+        emit_json({"host": ctx.host_name, "old_pid": old, "pid": pid})
+    else:
+        how = "killed (-9)" if ctx.kill else "stopped"
+        print(f"agent of {ctx.host_name} {how} (pid {old}) and started again (pid {pid})")
     return OK
 
 
