@@ -35,6 +35,7 @@ from ipam.blocks import Block
 from ipam.pools import Pool
 
 MAX_PREFIX_HOLD_DOWN = 60.0
+REJECTIONS_LOGGED = 10  # per peer and reason; beyond that they are counted only
 STATE_NAMES = {"connected": "OpenSent", "up": "Established", "down": "Active"}
 
 
@@ -263,6 +264,13 @@ class RoutingController:
                 verdict = policy.evaluate(prefix, next_hop, as_path, self.ctx)
                 if verdict is not None:
                     session.rejected[verdict] += 1
+                    if session.rejected[verdict] <= REJECTIONS_LOGGED:
+                        self.log.info("route rejected", peer=peer, prefix=text,
+                                      next_hop=next_hop, reason=verdict,
+                                      **({"more": "further rejections for this reason are "
+                                                  "only counted"}
+                                         if session.rejected[verdict] == REJECTIONS_LOGGED
+                                         else {}))
                 if self.rib.announce(peer, prefix, Path(peer, next_hop, as_path, verdict)):
                     changed.add(prefix)
         return self._kernel_changes(changed)

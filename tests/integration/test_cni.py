@@ -375,3 +375,35 @@ def test_chained_portmap_and_bandwidth(lab, containers):
     nat = subprocess.run(["ip", "netns", "exec", ns, "iptables-save", "-t", "nat"],
                          capture_output=True, text=True).stdout
     assert "18080" not in nat
+
+
+def test_mtu_and_dual_stack(lab, store, containers):
+    from ipam.pools import parse_pool
+
+    if "v6" not in {p.name for p in Ipam(store).pools()}:
+        Ipam(store).add_pool(parse_pool("v6", "fd00:244::/64"))
+    container = containers()
+    cfg = config("1.0.0", mtu=1400, ipam={"type": "l3fabric-ipam", "families": [4, 6]})
+    outcome = plugin(lab, "ADD", container, cfg=cfg)
+    assert outcome.ok, outcome.stdout
+    ips = [ip["address"] for ip in outcome.document["ips"]]
+    assert ips[0].endswith("/32") and ips[1].startswith("fd00:244::") and \
+        ips[1].endswith("/128")
+    assert {r["dst"] for r in outcome.document["routes"]} == {"0.0.0.0/0", "::/0"}
+    link = subprocess.run(["ip", "-n", container, "link", "show", "eth0"],
+                          capture_output=True, text=True).stdout
+    assert "mtu 1400" in link
+    v6 = subprocess.run(["ip", "-n", container, "-6", "route"], capture_output=True,
+                        text=True).stdout
+    assert "default via fe80::ecee:eeff:feee:eeee dev eth0" in v6
+    host = lab.state.hosts["h1"].netns
+    assert ips[1].split("/")[0] in subprocess.run(
+        ["ip", "-n", host, "-6", "route", "show", "proto", "73"], capture_output=True,
+        text=True).stdout
+    other = containers()
+    peer = plugin(lab, "ADD", other, cfg=cfg).document["ips"][1]["address"].split("/")[0]
+    ping = subprocess.run(["ip", "netns", "exec", container, "ping", "-6", "-c", "2", "-W",
+                           "2", peer], capture_output=True, text=True, timeout=30)
+    assert ping.returncode == 0, ping.stdout + ping.stderr
+    assert plugin(lab, "DEL", container, cfg=cfg).ok
+    assert Ipam(store).handle(f"{container}.eth0") is None

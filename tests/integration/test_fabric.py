@@ -5,6 +5,7 @@ it found it."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -188,6 +189,26 @@ def test_two_agents_killed_together_are_back_within_the_hold_time(lab):
     assert time.monotonic() - started < HOLD_TIME + 2
     for host in ("h1", "h2", "h3"):
         assert kernel_routes(lab.state.hosts[host].netns) == tables[host]
+
+
+def test_exabgp_dying_alone_is_restarted_and_routes_flow_again(lab):
+    for host in ("h1", "h2", "h3"):
+        wait_until(lambda h=host: sessions_established(lab, h) and converged(lab, h),
+                   f"{host} converged", 15)
+    before = status(lab, "h2")["bgp_process"]
+    block = next(c for c, o in blocks_of(lab).items() if o == "h2")
+    tables = {h: kernel_routes(lab.state.hosts[h].netns) for h in ("h1", "h3")}
+    os.kill(before["pid"], signal.SIGKILL)
+    wait_until(lambda: status(lab, "h2")["bgp_process"]["restarts"] > before["restarts"] and
+               status(lab, "h2")["bgp_process"]["running"], "the agent restarted ExaBGP", 15)
+    assert status(lab, "h2")["bgp_process"]["pid"] != before["pid"]
+    for host in ("h1", "h2", "h3"):
+        wait_until(lambda h=host: sessions_established(lab, h), f"{host} sessions up", 15)
+    for host in ("h1", "h3"):  # h2's block never left their kernels, and is confirmed
+        assert kernel_routes(lab.state.hosts[host].netns)[block] == tables[host][block]
+        wait_until(lambda h=host: any(r["prefix"] == block and r["best"] and not r["stale"]
+                                      for r in agent(lab, h, "bgp_routes")),
+                   f"{host} has h2's block fresh again", 10)
 
 
 def test_clean_shutdown_keeps_routes_and_stops_exabgp(lab):

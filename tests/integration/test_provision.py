@@ -3,9 +3,10 @@
 `vagrant/provision.sh` provisions two lab hosts (network namespaces on one underlay,
 with the lab's etcd), each with an install root of its own (DESTDIR, as a chroot
 would be): it installs l3fabric from this tree into a fresh virtualenv, writes the
-config, the CNI plugin and the systemd units. The agents are then started the way the unit says (its ExecStart, as a
-non-root user with only the unit's capabilities), the script's own wait step checks
-the sessions, and containers attached through the installed plugin ping each other.
+config, the CNI plugin and the systemd units. The agents are then started the way
+the unit says (its ExecStart, as a non-root user with only the unit's capabilities),
+the script's own wait step checks the sessions, and containers attached through the
+installed plugin ping each other.
 """
 
 from __future__ import annotations
