@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from bgp.peers import BgpConfig, PeerSpec
 from bgp.speaker import Speaker
@@ -37,6 +38,7 @@ from ipam.gc import LeakTracker, collect
 from ipam.pools import Pool
 
 ETCD_WAIT = 120.0
+T = TypeVar("T")
 
 
 class Agent:
@@ -129,33 +131,15 @@ class Agent:
 
     def _start_mirrors(self) -> None:
         def pools(snap: Snapshot) -> None:
-            found = []
-            for value in snap.values():
-                try:
-                    found.append(Pool.from_record(value))
-                except (KeyError, TypeError, ValueError):
-                    continue
-            self.routing.set_state(pools=tuple(found))
+            self.routing.set_state(pools=_records(snap, Pool.from_record))
             if hasattr(self, "nat"):
                 self._apply_nat()
 
         def nodes(snap: Snapshot) -> None:
-            found = []
-            for value in snap.values():
-                try:
-                    found.append(Node.from_record(value))
-                except (KeyError, TypeError, ValueError):
-                    continue
-            self.routing.set_state(nodes=tuple(found))
+            self.routing.set_state(nodes=_records(snap, Node.from_record))
 
         def specs(snap: Snapshot) -> None:
-            found = []
-            for value in snap.values():
-                try:
-                    found.append(PeerSpec.from_record(value))
-                except (KeyError, TypeError, ValueError):
-                    continue
-            self.routing.set_state(specs=tuple(found))
+            self.routing.set_state(specs=_records(snap, PeerSpec.from_record))
 
         def workloads(snap: Snapshot) -> None:
             names: dict[str, list[str]] = {}
@@ -423,6 +407,17 @@ class Agent:
         if getattr(self, "store", None):
             self.store.close()
         self.log.info("agent stopped")
+
+
+def _records(snap: Snapshot, parse: Callable[[dict[str, Any]], T]) -> tuple[T, ...]:
+    """Every record of a mirror that parses; unreadable ones were logged by the mirror."""
+    found = []
+    for value in snap.values():
+        try:
+            found.append(parse(value))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return tuple(found)
 
 
 class _Empty:

@@ -82,6 +82,10 @@ class Reconciler:
     # -- desired state -----------------------------------------------------------------
     def update(self, source: str, changes: Mapping[Prefix, Route | None]) -> None:
         """Set (or with None, drop) some of a source's routes; applied asynchronously."""
+        self._record(source, changes)
+        self._wake.set()
+
+    def _record(self, source: str, changes: Mapping[Prefix, Route | None]) -> None:
         with self._lock:
             routes = self._sources[source]
             for prefix, route in changes.items():
@@ -90,7 +94,6 @@ class Reconciler:
                 else:
                     routes[prefix] = route
             self._dirty.update(changes)
-        self._wake.set()
 
     def replace(self, source: str, routes: Mapping[Prefix, Route]) -> None:
         """Make a source's routes exactly `routes`."""
@@ -103,14 +106,7 @@ class Reconciler:
 
     def install_now(self, source: str, routes: Mapping[Prefix, Route | None]) -> list[Failure]:
         """Like `update`, but applied before returning (a CNI ADD needs its route now)."""
-        with self._lock:
-            routes_of = self._sources[source]
-            for prefix, route in routes.items():
-                if route is None:
-                    routes_of.pop(prefix, None)
-                else:
-                    routes_of[prefix] = route
-            self._dirty.update(routes)
+        self._record(source, routes)
         return self._apply_dirty(only=set(routes))
 
     def desired(self) -> dict[Prefix, Route]:

@@ -339,19 +339,25 @@ def test_chained_portmap_and_bandwidth(lab, containers):
         {"type": "portmap", "capabilities": {"portMappings": True}},
         {"type": "bandwidth", "ingressRate": 1000000, "ingressBurst": 100000,
          "egressRate": 1000000, "egressBurst": 100000}])
-    prev = None
-    for index in range(3):
+    mappings = {"portMappings": [{"hostPort": 18080, "containerPort": 80,
+                                  "protocol": "tcp"}]}
+
+    def step(command: str, index: int, prev: dict | None) -> dict | None:
+        """One plugin of the chain, as a runtime runs it (same runtimeConfig on DEL)."""
         cfg = invoke.network_config(chain, index, prev)
         if index == 1:
-            cfg["runtimeConfig"] = {"portMappings": [
-                {"hostPort": 18080, "containerPort": 80, "protocol": "tcp"}]}
+            cfg["runtimeConfig"] = mappings
         binary = str(lab.cni_bin / "l3fabric") if index == 0 else \
             f"/usr/lib/cni/{cfg['type']}"
-        outcome = invoke.run(binary, "ADD", cfg, container_id=container,
+        outcome = invoke.run(binary, command, cfg, container_id=container,
                              netns=netns.path(container), host_netns=host_ns(lab),
                              cni_path=f"{lab.cni_bin}:/usr/lib/cni")
-        assert outcome.ok, (cfg["type"], outcome.stdout, outcome.stderr)
-        prev = outcome.document
+        assert outcome.ok, (command, cfg["type"], outcome.stdout, outcome.stderr)
+        return outcome.document
+
+    prev = None
+    for index in range(3):
+        prev = step("ADD", index, prev)
     assert prev["ips"][0]["address"].endswith("/32")
     ns = lab.state.hosts["h1"].netns
     nat = subprocess.run(["ip", "netns", "exec", ns, "iptables-save", "-t", "nat"],
@@ -361,16 +367,7 @@ def test_chained_portmap_and_bandwidth(lab, containers):
                            capture_output=True, text=True).stdout
     assert "tbf" in qdisc
     for index in (2, 1, 0):
-        cfg = invoke.network_config(chain, index, prev)
-        if index == 1:  # runtimes pass the same runtimeConfig on DEL
-            cfg["runtimeConfig"] = {"portMappings": [
-                {"hostPort": 18080, "containerPort": 80, "protocol": "tcp"}]}
-        binary = str(lab.cni_bin / "l3fabric") if index == 0 else \
-            f"/usr/lib/cni/{cfg['type']}"
-        outcome = invoke.run(binary, "DEL", cfg, container_id=container,
-                             netns=netns.path(container), host_netns=host_ns(lab),
-                             cni_path=f"{lab.cni_bin}:/usr/lib/cni")
-        assert outcome.ok, (cfg["type"], outcome.stdout, outcome.stderr)
+        step("DEL", index, prev)
     time.sleep(0.1)
     nat = subprocess.run(["ip", "netns", "exec", ns, "iptables-save", "-t", "nat"],
                          capture_output=True, text=True).stdout

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from fabric.kernel import netns
+from fabric.kernel.routes import Prefix
 from ipam.allocator import Ipam
 from tests.conftest import needs_root, running_lab
 from tests.support.fabric import (
@@ -275,3 +276,28 @@ def test_the_agent_garbage_collects_leaked_addresses(lab):
         ipam.release("busy.eth0")
     finally:
         store.close()
+
+
+def test_borrowed_addresses_are_announced_and_routed():
+    """Two blocks of four: h2 fills its own, then borrows from h1's block; h2 announces
+    the /32, and h1 (whose blackhole covers that block) routes it to h2."""
+    with running_lab(pool="10.245.0.0/29", block_size=30) as small:
+        for host in ("h1", "h2"):
+            small.add_host(host)
+        for host in ("h1", "h2"):
+            small.wait_agent(host)
+        first = small.add_workload("h1")
+        for _ in range(4):
+            small.add_workload("h2")
+        borrowed = small.add_workload("h2")
+        h1_block = next(c for c, o in blocks_of(small).items() if o == "h1")
+        address = borrowed.ips[0]
+        assert Prefix.parse(h1_block).contains(Prefix.parse(address))
+        h1 = small.state.hosts["h1"]
+        wait_until(lambda: kernel_routes(h1.netns).get(f"{address}/32") ==
+                   f"via {small.state.hosts['h2'].address}", "h1 routes the borrowed /32", 10)
+        assert kernel_routes(h1.netns)[h1_block] == "blackhole"
+        assert agent(small, "h2", "status")["exports"] == sorted(
+            [next(c for c, o in blocks_of(small).items() if o == "h2"), f"{address}/32"])
+        assert small.ping(first.netns, address, count=2)
+        assert small.ping(borrowed.netns, first.ips[0], count=2)

@@ -92,6 +92,9 @@ def test_a_rogue_peer_reaches_no_kernel():
             lab.wait_agent(host)
             lab.add_workload(host)
         victim = next(c for c, o in blocks_of(lab).items() if o == "h2")
+        h2_address = lab.state.hosts["h2"].address
+        wait_until(lambda: kernel_routes(lab.state.hosts["h1"].netns).get(victim) ==
+                   f"via {h2_address}", "h1 learned h2's block from h2", 15)
         from pathlib import Path
 
         from fabric.kernel import netns as ns_tools
@@ -194,3 +197,31 @@ def test_agents_as_route_reflectors():
                 f"{host} learned {other}'s block through the reflector", 20)
         w2, w3 = lab.state.workloads["h2-w1"], lab.state.workloads["h3-w1"]
         assert lab.ping(w2.netns, w3.ips[0], count=2)
+
+
+def test_equal_paths_from_two_peers_become_an_ecmp_route():
+    from pathlib import Path
+
+    from fabric.kernel import netns as ns_tools
+
+    with running_lab(pool="10.244.0.0/16") as lab:
+        lab.add_host("h1", agent_args=["--ecmp", "true"])
+        lab.wait_agent("h1")
+        store = lab.store()
+        try:
+            for index, asn in ((1, 65100), (2, 65200)):
+                address = f"10.99.0.{249 + index}"
+                ns = f"{lab.name}-spk{index}"
+                ns_tools.create(ns)
+                lab.plug(ns, f"p-spk{index}", address)
+                neighbors = [Neighbor("h1", lab.state.hosts["h1"].address, 64512)]
+                Bird(ns, Path(lab.dir) / f"spk{index}").start(
+                    bird_config(address, asn, neighbors, "tor") +
+                    "protocol static ecmp_routes { ipv4; route 10.244.50.0/26 via "
+                    f"{lab.router}; }}\n")
+                spec = PeerSpec(f"spk{index}", address, asn)
+                store.put(keys.bgp_peer(spec.name), spec.to_record())
+        finally:
+            store.close()
+        wait_until(lambda: kernel_routes(lab.state.hosts["h1"].netns).get("10.244.50.0/26")
+                   == "via 10.99.0.250 10.99.0.251", "an ECMP route over both peers", 30)
