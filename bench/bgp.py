@@ -82,6 +82,13 @@ def make_lab(name: str, hosts: int, agent_args: list[str], block_size: int = 26)
         lab.add_host(f"h{index}", agent_args=agent_args)
     for index in range(1, hosts + 1):
         lab.wait_agent(f"h{index}")
+    deadline = time.monotonic() + 30  # measure from established sessions, not set-up
+    while hosts > 1 and time.monotonic() < deadline:
+        peers = [p for i in range(1, hosts + 1)
+                 for p in lab.wait_agent(f"h{i}")["peers"]]
+        if peers and all(p["state"] == "Established" for p in peers):
+            break
+        time.sleep(0.1)
     return lab
 
 
