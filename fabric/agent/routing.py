@@ -203,9 +203,12 @@ class RoutingController:
         self._render_due.clear()
         return due
 
-    def exported_prefixes(self) -> set[str]:
+    def static_plan(self) -> dict[str, set[str]]:
+        """What each neighbor's static section holds (to withdraw what leaves it)."""
         with self._lock:
-            return set(self.exports)
+            reflected = self._reflected()
+            return {peer: set(self.exports) | {r.prefix for r in reflected.get(peer, ())}
+                    for peer in self.peers}
 
     # -- ExaBGP events -----------------------------------------------------------------
     def on_event(self, event: api.Event) -> None:

@@ -87,7 +87,7 @@ class Agent:
         self.routing.speaker = self.speaker
         self.routing.relay_command = self.speaker.relay_command
         first = self.routing.render()
-        self._static_plan = self._plan()
+        self._static_plan = self.routing.static_plan()
         self.speaker.start(first)
         self.reconciler.start()
         self.nat = OutgoingNat()
@@ -175,14 +175,6 @@ class Agent:
             self.log.warning("could not update the node record", error=str(exc))
 
     # -- loops -------------------------------------------------------------------------
-    def _plan(self) -> dict[str, set[str]]:
-        """What each neighbor's static section holds: to withdraw what leaves it."""
-        exports = self.routing.exported_prefixes()
-        with self.routing._lock:
-            reflected = self.routing._reflected()
-            peers = list(self.routing.peers)
-        return {peer: exports | {r.prefix for r in reflected.get(peer, ())} for peer in peers}
-
     def _render_loop(self) -> None:
         while not self.stopping.is_set():
             if not self.routing.take_render(1.0):
@@ -190,7 +182,7 @@ class Agent:
             time.sleep(0.01)  # coalesce a burst of etcd events into one reload
             try:
                 config = self.routing.render()
-                plan = self._plan()
+                plan = self.routing.static_plan()
                 withdrawals = []
                 for peer, old in self._static_plan.items():
                     gone = old - plan.get(peer, set())
