@@ -157,8 +157,9 @@ def _update(peer: str, body: dict[str, Any]) -> Update:
 
 
 # -- commands ----------------------------------------------------------------------------
-def withdraw(prefix: str) -> str:
-    return f"withdraw route {prefix}"
+def withdraw(prefix: str, peer: str | None = None) -> str:
+    """Withdraw one of our routes (from one neighbor only, when `peer` is given)."""
+    return f"neighbor {peer} withdraw route {prefix}" if peer else f"withdraw route {prefix}"
 
 
 def teardown(peer: str, subcode: int = 2) -> str:

@@ -163,16 +163,15 @@ class Speaker:
         tmp.write_text(config)
         os.replace(tmp, self.config_path)
 
-    def reconfigure(self, config: str, withdrawals: list[str] = ()) -> None:
-        """New peers or routes: rewrite the file, reload, withdraw what was removed."""
+    def reconfigure(self, config: str) -> None:
+        """New peers or routes: rewrite the file and reload. A reload announces what
+        was added but withdraws nothing; the caller withdraws through `send`."""
         if config != self._config:
             self._config = config
             self._write_config(config)
             if self.running:
                 assert self.process is not None
                 self.process.send_signal(signal.SIGUSR1)
-        for prefix in withdrawals:
-            self.send(api.withdraw(prefix))
 
     def send(self, command: str) -> bool:
         conn = self._conn

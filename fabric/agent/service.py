@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from bgp import api
 from bgp.peers import BgpConfig, PeerSpec
 from bgp.speaker import Speaker
 from cni.handler import CniHandler
@@ -66,8 +67,8 @@ class Agent:
         taken = self.reconciler.take_over()
         self.ipam = Ipam(self.store)
         self.registry = Registry(self.store)
-        bgp_config = BgpConfig.from_record(
-            (self.store.get(keys.BGP_CONFIG) or _Empty()).value)
+        entry = self.store.get(keys.BGP_CONFIG)
+        bgp_config = BgpConfig.from_record(entry.value if entry else None)
         node = Node(config.node_name, config.node_address, config.asn or bgp_config.asn,
                     dict(config.labels), config.rr_cluster_id, time.time(), __version__)
         self.registration = Registration(self.store, node, config.lease_ttl)
@@ -186,7 +187,7 @@ class Agent:
                 withdrawals = []
                 for peer, old in self._static_plan.items():
                     gone = old - plan.get(peer, set())
-                    withdrawals += [f"neighbor {peer} withdraw route {p}" for p in sorted(gone)]
+                    withdrawals += [api.withdraw(p, peer) for p in sorted(gone)]
                 self._static_plan = plan
                 self.speaker.reconfigure(config)
                 for command in withdrawals:
@@ -411,9 +412,6 @@ def _records(snap: Snapshot, parse: Callable[[dict[str, Any]], T]) -> tuple[T, .
             continue
     return tuple(found)
 
-
-class _Empty:
-    value: dict[str, Any] = {}
 
 
 def _count_kinds(routes: Any) -> dict[str, int]:

@@ -301,3 +301,7 @@ def test_borrowed_addresses_are_announced_and_routed():
             [next(c for c, o in blocks_of(small).items() if o == "h2"), f"{address}/32"])
         assert small.ping(first.netns, address, count=2)
         assert small.ping(borrowed.netns, first.ips[0], count=2)
+        # Released: h2 withdraws the /32 (a reload alone would not) and h1 forgets it.
+        small.remove_workload(borrowed.name)
+        wait_until(lambda: f"{address}/32" not in kernel_routes(h1.netns),
+                   "h2 withdrew the borrowed /32", 10)
