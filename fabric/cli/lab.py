@@ -212,12 +212,23 @@ def _summary(ctx: Context, lab: Lab, matrix: dict[str, dict[str, bool]]) -> int:
         table(["from \\ to", *names],
               [[a, *["-" if a == b else ("ok" if matrix[a].get(b) else "FAIL")
                      for b in names]] for a in names])
+    ctl = _prog()
+    lab_opt = "" if lab.name == DEFAULT_LAB else f"--lab {lab.name} "
     print(f"\n{'all workloads reach each other' if green else 'SOME PINGS FAILED'}. Next:"
-          f"\n  fabricctl --host h1 node status\n  fabricctl --host h1 bgp routes"
-          f"\n  fabricctl --host h1 routes\n  fabricctl --lab {lab.name} nodes"
-          f"\n  fabricctl lab exec h1-w1 -- ping -c1 h2-w1.fabric.internal"
-          f"\n  fabricctl lab down")
+          f"\n  {ctl} {lab_opt}--host h1 node status\n  {ctl} {lab_opt}--host h1 bgp routes"
+          f"\n  {ctl} {lab_opt}--host h1 routes\n  {ctl} --lab {lab.name} nodes"
+          f"\n  {ctl} {lab_opt}lab exec h1-w1 -- ping -c1 h2-w1.fabric.internal"
+          f"\n  {ctl} {lab_opt}lab down")
     return OK if green else PROBLEM
+
+
+def _prog() -> str:
+    """How the user can run fabricctl again: as invoked (relative to here if shorter)."""
+    invoked = sys.argv[0]
+    if os.path.basename(invoked) != "fabricctl" or not os.path.isabs(invoked):
+        return "fabricctl"
+    relative = os.path.relpath(invoked)
+    return relative if not relative.startswith("..") else invoked
 
 
 def _kernel_routes(ns: str) -> int:
