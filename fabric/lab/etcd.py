@@ -64,16 +64,26 @@ class EtcdServer:
     @classmethod
     def start(cls, workdir: Path, *, host: str = "127.0.0.1", port: int | None = None,
               peer_port: int | None = None, netns: str | None = None,
-              name: str = "l3fabric", timeout: float = 20.0) -> EtcdServer:
+              name: str = "l3fabric", timeout: float = 20.0,
+              tls: tuple[str, str, str] | None = None) -> EtcdServer:
+        """`tls` = (server certificate, its key, CA): clients must then present a
+        certificate from that CA (https only, no unix socket)."""
         workdir.mkdir(parents=True, exist_ok=True)
         data_dir = workdir / "etcd-data"
         log_path = workdir / "etcd.log"
         port = port or free_port()
         peer_port = peer_port or free_port()
+        if tls:
+            clients = f"https://{host}:{port}"
+            security = ["--cert-file", tls[0], "--key-file", tls[1], "--client-cert-auth",
+                        "--trusted-ca-file", tls[2]]
+        else:
+            clients = f"http://{host}:{port},unix://etcd:{UNIX_PORT}"
+            security = []
         argv = [
-            etcd_binary(), "--name", name, "--data-dir", str(data_dir),
-            "--listen-client-urls", f"http://{host}:{port},unix://etcd:{UNIX_PORT}",
-            "--advertise-client-urls", f"http://{host}:{port}",
+            etcd_binary(), "--name", name, "--data-dir", str(data_dir), *security,
+            "--listen-client-urls", clients,
+            "--advertise-client-urls", clients.split(",")[0],
             "--listen-peer-urls", f"http://{host}:{peer_port}",
             "--initial-advertise-peer-urls", f"http://{host}:{peer_port}",
             "--initial-cluster", f"{name}=http://{host}:{peer_port}",

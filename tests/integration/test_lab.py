@@ -116,6 +116,6 @@ def test_lab_down_after_a_crash_half_way(name):
     assert leftovers(name, pids) == []
 
 
-def test_inspection_commands_say_clearly_when_the_agent_is_unreachable(name):
+def test_inspection_commands_name_a_lab_that_is_not_up(name):
     result = ctl("--lab", name, "--host", "h1", "node", "status", expect=2)
     assert result.stderr.startswith("fabricctl: no lab named")
