@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from fabric.registry import Node
 
-Kind = Literal["mesh", "reflector", "rr-client", "global", "node"]
+Kind = Literal["mesh", "reflector", "rr-client", "global", "node-specific"]
 DEFAULT_AS = 64512
 _PEER_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
 
@@ -137,7 +137,8 @@ def peers_for(me: Node, nodes: Iterable[Node], specs: Iterable[PeerSpec],
     for spec in specs:
         if spec.address == me.address or not spec.applies_to(me):
             continue
-        kind = "node" if spec.node else ("reflector" if spec.route_reflector else "global")
+        kind: Kind = "node-specific" if spec.node else (
+            "reflector" if spec.route_reflector else "global")
         peers[spec.address] = Peer(spec.address, spec.asn, kind, spec.name, spec.password,
                                    spec.max_prefixes)
     return peers

@@ -21,6 +21,11 @@ DEFAULT_LAB = "l3lab"
 def register(sub: argparse._SubParsersAction) -> None:
     lab = sub.add_parser("lab", help="a multi-host fabric in network namespaces")
     lab_sub = lab.add_subparsers(dest="lab_cmd", required=True, metavar="COMMAND")
+    # Every lab command takes --name LAB (the same as fabricctl's global --lab).
+    named = argparse.ArgumentParser(add_help=False)
+    named.add_argument("--name", dest="lab_name", metavar="LAB",
+                       help=f"the lab (default {DEFAULT_LAB}, or the only one up)")
+    lab_sub = _WithName(lab_sub, named)
 
     up = lab_sub.add_parser("up", help="build the lab and show it working")
     up.add_argument("--hosts", type=int, default=3, help="hosts (default 3)")
@@ -60,12 +65,27 @@ def register(sub: argparse._SubParsersAction) -> None:
                        ).set_defaults(handler=env_cmd)
 
 
+class _WithName:
+    """add_parser() for lab subcommands, each inheriting the --name option."""
+
+    def __init__(self, sub: argparse._SubParsersAction, parent: argparse.ArgumentParser
+                 ) -> None:
+        self.sub, self.parent = sub, parent
+
+    def add_parser(self, name: str, **kwargs: object) -> argparse.ArgumentParser:
+        return self.sub.add_parser(name, parents=[self.parent], **kwargs)  # type: ignore[arg-type]
+
+
+def _lab_option(ctx: Context) -> str | None:
+    return getattr(ctx.args, "lab_name", None) or getattr(ctx.args, "lab", None)
+
+
 def _name(ctx: Context) -> str:
-    return getattr(ctx.args, "lab", None) or DEFAULT_LAB
+    return _lab_option(ctx) or DEFAULT_LAB
 
 
 def _existing(ctx: Context) -> Lab:
-    name = getattr(ctx.args, "lab", None)
+    name = _lab_option(ctx)
     if not name:
         labs = all_labs()
         name = labs[0] if len(labs) == 1 else DEFAULT_LAB
@@ -102,7 +122,7 @@ def up_cmd(ctx: Context) -> int:
     lab = Lab(_name(ctx))
     if lab.exists:
         raise CliError(f"a lab named {lab.name} is already up; use it, or remove it with "
-                       f"`fabricctl lab down --lab {lab.name}`")
+                       f"`fabricctl lab down --name {lab.name}`")
     peer = ctx.peer != "none"
     tor = peer and ctx.peer_role == "tor"
     steps = 3 + ctx.hosts + (1 if peer else 0) + (1 if ctx.containers_per_host else 0) + 1
@@ -131,7 +151,7 @@ def up_cmd(ctx: Context) -> int:
                                lambda: _wait_matrix(lab))
     except (LabError, OSError) as exc:
         raise CliError(f"lab up failed: {exc}\n(everything made so far stays for "
-                       f"inspection; `fabricctl lab down --lab {lab.name}` removes it)"
+                       f"inspection; `fabricctl lab down --name {lab.name}` removes it)"
                        ) from exc
     lab.state.complete = True
     lab.save()
@@ -315,7 +335,7 @@ def restart_cmd(ctx: Context) -> int:
 
 
 def down_cmd(ctx: Context) -> int:
-    names = [ctx.args.lab] if getattr(ctx.args, "lab", None) else (all_labs() or [DEFAULT_LAB])
+    names = [_lab_option(ctx)] if _lab_option(ctx) else (all_labs() or [DEFAULT_LAB])
     removed = []
     for name in names:
         removed += Lab(name).down()

@@ -47,7 +47,7 @@ def leftovers(name: str, pids: list[int]) -> list[str]:
 
 
 def test_lab_up_inspect_kill_down(name):
-    up = json.loads(ctl("-o", "json", "--lab", name, "lab", "up", "--hosts", "3").stdout)
+    up = json.loads(ctl("-o", "json", "lab", "up", "--name", name, "--hosts", "3").stdout)
     assert up["all_reachable"] is True
     assert len(up["matrix"]) == 6 and all(all(row.values()) for row in up["matrix"].values())
     assert [h["sessions_up"] for h in up["hosts"]] == [2, 2, 2]
@@ -101,9 +101,9 @@ def test_lab_up_inspect_kill_down(name):
                                             "routes").stdout)["routes"]}],
         "h3's routes are gone from h1", 15)
 
-    assert ctl("--lab", name, "lab", "down").returncode == 0
+    assert ctl("lab", "down", "--name", name).returncode == 0
     assert leftovers(name, pids) == []
-    assert "nothing" in ctl("--lab", name, "lab", "down").stdout  # twice is fine
+    assert "nothing" in ctl("lab", "down", "--name", name).stdout  # twice is fine
 
 
 def test_lab_down_after_a_crash_half_way(name):

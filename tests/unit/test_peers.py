@@ -37,7 +37,7 @@ def test_global_selector_and_node_peers_without_mesh():
     assert kinds(peers_for(A, [A, B, C], specs, config)) == {
         "192.0.2.254": "global", "192.0.2.251": "reflector"}
     assert kinds(peers_for(B, [A, B, C], specs, config)) == {
-        "192.0.2.253": "global", "192.0.2.250": "node", "192.0.2.251": "reflector"}
+        "192.0.2.253": "global", "192.0.2.250": "node-specific", "192.0.2.251": "reflector"}
 
 
 def test_explicit_peer_wins_over_mesh_entry():
