@@ -137,8 +137,8 @@ def peers_for(me: Node, nodes: Iterable[Node], specs: Iterable[PeerSpec],
     for spec in specs:
         if spec.address == me.address or not spec.applies_to(me):
             continue
-        kind: Kind = "node-specific" if spec.node else (
+        spec_kind: Kind = "node-specific" if spec.node else (
             "reflector" if spec.route_reflector else "global")
-        peers[spec.address] = Peer(spec.address, spec.asn, kind, spec.name, spec.password,
+        peers[spec.address] = Peer(spec.address, spec.asn, spec_kind, spec.name, spec.password,
                                    spec.max_prefixes)
     return peers

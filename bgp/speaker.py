@@ -219,4 +219,4 @@ class Speaker:
                     try:
                         self.on_event(event)
                     except Exception:
-                        self.log.exception("event handler failed", event=type(event).__name__)
+                        self.log.exception("event handler failed", event_type=type(event).__name__)

@@ -11,6 +11,7 @@ written by a newer layout instead of misreading it.
 
 from __future__ import annotations
 
+import builtins
 import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -151,6 +152,9 @@ def _prefix_end(prefix: str) -> bytes:
     return etcd3.utils.prefix_range_end(etcd3.utils.to_bytes(prefix))
 
 
+# The rows of several reads (the method `Datastore.list` shadows `list` in the class).
+Rows = builtins.list[builtins.list[Entry | CorruptValue]]
+
 _UNAVAILABLE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
@@ -222,7 +226,7 @@ class Datastore:
         response = self._call(self._client.get_prefix_response, prefix, keys_only=keys_only)
         return _listing(response.kvs, response.header.revision, keys_only)
 
-    def keys(self, prefix: str) -> list[str]:
+    def keys(self, prefix: str) -> builtins.list[str]:
         return [e.key for e in self.list(prefix, keys_only=True).entries]
 
     def put(self, key: str, record: dict[str, Any], lease: Any = None) -> None:
@@ -235,7 +239,7 @@ class Datastore:
         self._call(self._client.delete_prefix, prefix)
 
     def txn(self, compare: Iterable[Any], success: Iterable[Any],
-            failure: Iterable[Any] = ()) -> tuple[bool, list[list[Entry | CorruptValue]]]:
+            failure: Iterable[Any] = ()) -> tuple[bool, Rows]:
         """One transaction, built from etcd's protobufs.
 
         Reads (`Read`, which unlike etcd3's Get can ask for keys only) may appear in
@@ -255,7 +259,7 @@ class Datastore:
             _rows(op, r.response_range.kvs) if isinstance(op, Read) else []
             for op, r in zip(ops, response.responses, strict=True)]
 
-    def read_many(self, reads: Iterable[Read]) -> list[list[Entry | CorruptValue]]:
+    def read_many(self, reads: Iterable[Read]) -> Rows:
         """Several reads in one round trip: one read-only (linearizable) transaction."""
         return self.txn([], reads)[1]
 
@@ -291,7 +295,7 @@ class Datastore:
 
     # -- watches -----------------------------------------------------------------------
     def watch_prefix(self, prefix: str, start_revision: int | None = None
-                     ) -> tuple[Iterator[list[WatchEvent]], Callable[[], None]]:
+                     ) -> tuple[Iterator[builtins.list[WatchEvent]], Callable[[], None]]:
         """Batches of decoded events under `prefix`, and a function that cancels the watch.
 
         The iterator ends (or raises `Unavailable`) when the watch breaks; the caller

@@ -29,7 +29,7 @@ from bgp.peers import BgpConfig, Peer, PeerSpec, peers_for
 from bgp.rib import Path, Rib
 from fabric import keys, logs
 from fabric.kernel.reconciler import Reconciler
-from fabric.kernel.routes import Prefix, Route, blackhole, remote
+from fabric.kernel.routes import Kind, Prefix, Route, blackhole, remote
 from fabric.registry import Node
 from ipam.blocks import Block
 from ipam.pools import Pool
@@ -385,7 +385,7 @@ class RoutingController:
             if not hops:
                 changes[prefix] = None
             else:
-                kind = "borrowed" if prefix.length == prefix.bits else "remote"
+                kind: Kind = "borrowed" if prefix.length == prefix.bits else "remote"
                 changes[prefix] = remote(prefix, hops, kind)
         return changes
 
@@ -417,25 +417,10 @@ class RoutingController:
                     "exports": sorted(self.exports), "stale_released": self.stale_released}
 
     def routes(self, peer: str | None, which: str) -> list[dict[str, Any]]:
+        if which == "advertised":
+            return self._advertised(peer)
         with self._lock:
-            if which == "advertised":
-                reflected = self._reflected()
-                rows = []
-                targets = [peer] if peer else sorted(self.sessions)
-                for address in targets:
-                    session = self.sessions.get(address)
-                    if session is None or session.state != "Established":
-                        continue
-                    for prefix in sorted(self.exports):
-                        rows.append({"prefix": prefix, "peer": address,
-                                     "next_hop": self.me.address, "as_path": [],
-                                     "origin": "local"})
-                    for route in reflected.get(address, ()):
-                        rows.append({"prefix": route.prefix, "peer": address,
-                                     "next_hop": route.next_hop,
-                                     "as_path": list(route.as_path), "origin": "reflected"})
-                return rows
-            rows = []
+            rows: list[dict[str, Any]] = []
             for prefix, path in self.rib.received(peer):
                 if which == "rejected" and path.accepted:
                     continue
@@ -446,6 +431,21 @@ class RoutingController:
                              "next_hop": path.next_hop, "as_path": list(path.as_path),
                              "accepted": path.accepted, "reason": path.rejected,
                              "best": best, "stale": path.stale})
+            return rows
+
+    def _advertised(self, peer: str | None) -> list[dict[str, Any]]:
+        with self._lock:
+            reflected = self._reflected()
+            rows: list[dict[str, Any]] = []
+            for address in [peer] if peer else sorted(self.sessions):
+                session = self.sessions.get(address)
+                if session is None or session.state != "Established":
+                    continue
+                rows += [{"prefix": exported, "peer": address, "next_hop": self.me.address,
+                          "as_path": [], "origin": "local"} for exported in sorted(self.exports)]
+                rows += [{"prefix": route.prefix, "peer": address, "next_hop": route.next_hop,
+                          "as_path": list(route.as_path), "origin": "reflected"}
+                         for route in reflected.get(address, ())]
             return rows
 
 

@@ -269,8 +269,10 @@ class Agent:
             request = json.loads(raw)
             method = str(request["method"])
             params = dict(request.get("params") or {})
-            handler = {"status": self._status, "bgp_routes": self._bgp_routes,
-                       "routes": self._kernel_routes}.get(method)
+            handlers: dict[str, Callable[..., Any]] = {
+                "status": self._status, "bgp_routes": self._bgp_routes,
+                "routes": self._kernel_routes}
+            handler = handlers.get(method)
             if handler is None:
                 return json.dumps({"error": f"unknown method {method!r}"}).encode()
             return json.dumps({"result": handler(**params)}, default=str).encode()

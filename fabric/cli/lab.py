@@ -125,28 +125,39 @@ def up_cmd(ctx: Context) -> int:
                        f"`fabricctl lab down --name {lab.name}`")
     peer = ctx.peer != "none"
     tor = peer and ctx.peer_role == "tor"
-    steps = 3 + ctx.hosts + (1 if peer else 0) + (1 if ctx.containers_per_host else 0) + 1
-    progress = Progress(steps, ctx.json)
+
+    def underlay() -> None:
+        lab.create_underlay(ctx.underlay)
+        lab.start_etcd()
+
+    def host(index: int, rr: str | None) -> None:
+        lab.add_host(f"h{index}", asn=65000 + index if tor else None, rr_cluster_id=rr)
+        lab.wait_agent(f"h{index}")
+
+    def workloads() -> None:
+        for name in lab.state.hosts:
+            for _ in range(ctx.containers_per_host):
+                lab.add_workload(name)
+
+    steps: list[tuple[str, Callable[[], Any]]] = [
+        (f"underlay {ctx.underlay} and etcd", underlay),
+        (f"IP pool {ctx.pool}", lambda: _add_pool(lab, ctx.pool))]
+    if peer:
+        steps.append((f"{ctx.peer} as {'eBGP ToR' if tor else 'route reflector'}",
+                      lambda: lab.add_peer(ctx.peer, ctx.peer_role)))
+    for index in range(1, ctx.hosts + 1):
+        rr = f"10.255.0.{index}" if index <= ctx.route_reflectors else None
+        steps.append((f"host h{index} with fabric-agent and ExaBGP" +
+                      (" (route reflector)" if rr else ""),
+                      lambda i=index, r=rr: host(i, r)))  # type: ignore[misc]
+    steps.append(("BGP sessions established", lambda: _wait_sessions(lab)))
+    if ctx.containers_per_host:
+        steps.append((f"{ctx.containers_per_host} workload(s) per host through the CNI "
+                      "plugin", workloads))
+    progress = Progress(len(steps) + 1, ctx.json)
     try:
-        progress.step(f"underlay {ctx.underlay} and etcd", lambda: (
-            lab.create_underlay(ctx.underlay), lab.start_etcd()))
-        progress.step(f"IP pool {ctx.pool}", lambda: _add_pool(lab, ctx.pool))
-        if peer:
-            progress.step(f"{ctx.peer} as {'eBGP ToR' if tor else 'route reflector'}",
-                          lambda: lab.add_peer(ctx.peer, ctx.peer_role))
-        for index in range(1, ctx.hosts + 1):
-            rr = f"10.255.0.{index}" if index <= ctx.route_reflectors else None
-            progress.step(f"host h{index} with fabric-agent and ExaBGP" +
-                          (" (route reflector)" if rr else ""),
-                          lambda i=index, r=rr: (
-                              lab.add_host(f"h{i}", asn=65000 + i if tor else None,
-                                           rr_cluster_id=r),
-                              lab.wait_agent(f"h{i}")))
-        progress.step("BGP sessions established", lambda: _wait_sessions(lab))
-        if ctx.containers_per_host:
-            progress.step(f"{ctx.containers_per_host} workload(s) per host through the CNI "
-                          "plugin", lambda: [lab.add_workload(h) for h in lab.state.hosts
-                                             for _ in range(ctx.containers_per_host)])
+        for text, work in steps:
+            progress.step(text, work)
         matrix = progress.step("reachability between workloads (ping)",
                                lambda: _wait_matrix(lab))
     except (LabError, OSError) as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 
 from fabric import keys
 from fabric.cli.context import Context
@@ -93,7 +94,7 @@ def nodes(ctx: Context) -> int:
     registry = Registry(ctx.store)
     found = registry.nodes()
     blocks = Ipam(ctx.store).blocks()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for node in found:
         entry = ctx.store.get(keys.node(node.name))
         ttl = ctx.store.lease_remaining(entry.lease)[0] if entry and entry.lease else -1
