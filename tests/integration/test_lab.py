@@ -83,6 +83,13 @@ def test_lab_up_inspect_kill_down(name):
     workloads = json.loads(ctl("-o", "json", "--lab", name, "workloads", "h3-w2").stdout)
     assert workloads[0]["node"] == "h3" and workloads[0]["ips"][0] in by_name.stdout
 
+    added = json.loads(ctl("-o", "json", "lab", "add-host", "--name", name, "--containers",
+                           "1").stdout)
+    assert added["host"] == "h4" and added["workloads"] == ["h4-w1"]
+    wait_until(lambda: json.loads(ctl("-o", "json", "lab", "status", "--name", name,
+                                      expect=None).stdout)["all_reachable"],
+               "h4's workload reaches everyone (lab status)", 20)
+
     lab = Lab(name)
     pids = [h.agent_pid for h in lab.state.hosts.values() if h.agent_pid]
     pids.append(lab.state.etcd_pid)
