@@ -93,19 +93,29 @@ class Agent:
         self.reconciler.start()
         self.nat = OutgoingNat()
         self._apply_nat()
+        # DNS and metrics are conveniences: a port taken by another service must not
+        # keep the node out of the fabric, so their failure is logged, not fatal.
+        if config.dns_port:
+            try:
+                self.dns = DnsServer(config.node_address, config.dns_port,
+                                     config.dns_domain, self._lookup)
+                self.dns.start()
+            except OSError as exc:
+                self.log.error("workload DNS not served; change [dns] port or free it",
+                               port=config.dns_port, error=exc.strerror)
+        if config.metrics_port:
+            try:
+                self.metrics = metrics.MetricsServer("0.0.0.0", config.metrics_port,
+                                                     self._collect_metrics)
+                self.metrics.start()
+            except OSError as exc:
+                self.log.error("metrics not served; change [metrics] port or free it",
+                               port=config.metrics_port, error=exc.strerror)
         self.cni = CniHandler(config.node_name, self.ipam, self.registry, self.reconciler,
                               dns=self._dns_for_workloads())
         self._servers.append(sockets.serve(config.cni_socket, self._serve_cni, "cni"))
         self._servers.append(sockets.serve(config.control_socket, self._serve_control,
                                            "control"))
-        if config.dns_port:
-            self.dns = DnsServer(config.node_address, config.dns_port, config.dns_domain,
-                                 self._lookup)
-            self.dns.start()
-        if config.metrics_port:
-            self.metrics = metrics.MetricsServer("0.0.0.0", config.metrics_port,
-                                                 self._collect_metrics)
-            self.metrics.start()
         for target, name in ((self._render_loop, "render"), (self._timers, "timers")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -326,7 +336,7 @@ class Agent:
         return list(self._workload_names.get(name, ()))
 
     def _dns_for_workloads(self) -> dict[str, Any]:
-        if not self.config.dns_port:
+        if getattr(self, "dns", None) is None:
             return {}
         return {"nameservers": [self.config.node_address],
                 "search": [self.config.dns_domain]}

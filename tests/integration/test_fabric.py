@@ -303,3 +303,64 @@ def test_borrowed_addresses_are_announced_and_routed():
         small.remove_workload(borrowed.name)
         wait_until(lambda: f"{address}/32" not in kernel_routes(h1.netns),
                    "h2 withdrew the borrowed /32", 10)
+
+
+def test_etcd_outage_keeps_forwarding_and_defers_new_containers():
+    """etcd dies: traffic keeps flowing, a new container gets "try again later" and
+    leaves nothing behind; etcd comes back: the agents recover by themselves."""
+    from cni import invoke
+
+    with running_lab(pool="10.244.0.0/16") as outage:
+        for host in ("h1", "h2"):
+            outage.add_host(host, agent_args=["--lease-ttl", "30"])
+        for host in ("h1", "h2"):
+            outage.wait_agent(host)
+        a, b = outage.add_workload("h1"), outage.add_workload("h2")
+        wait_until(lambda: outage.ping(a.netns, b.ips[0]), "cross-host ping", 15)
+        from fabric.lab.topology import kill_pid
+
+        kill_pid(outage.state.etcd_pid)
+        assert outage.ping(a.netns, b.ips[0], count=3)
+        h1 = outage.state.hosts["h1"]
+        container = f"{outage.name}-late"
+        netns.create(container)
+        links_before = subprocess.run(["ip", "-n", h1.netns, "-o", "link"],
+                                      capture_output=True, text=True).stdout
+        late = invoke.run(str(outage.cni_bin / "l3fabric"), "ADD",
+                          invoke.network_config(outage.conflist()), container_id=container,
+                          netns=netns.path(container), host_netns=netns.path(h1.netns))
+        assert late.document["code"] == 11, late.stdout
+        assert "etcd is unreachable" in late.document["msg"]
+        assert subprocess.run(["ip", "-n", h1.netns, "-o", "link"], capture_output=True,
+                              text=True).stdout == links_before
+        outage.start_etcd()  # same data directory: the same fabric comes back
+        retried = wait_until(lambda: (r := invoke.run(
+            str(outage.cni_bin / "l3fabric"), "ADD", invoke.network_config(outage.conflist()),
+            container_id=container, netns=netns.path(container),
+            host_netns=netns.path(h1.netns))).ok and r, "ADD works again", 30)
+        address = retried.document["ips"][0]["address"].split("/")[0]
+        assert outage.ping(container, b.ips[0], count=2)
+        wait_until(lambda: status(outage, "h2")["registration"]["healthy"] and
+                   sessions_established(outage, "h2"), "h2 healthy again", 30)
+        assert address not in a.ips + b.ips
+
+
+def test_a_taken_dns_port_does_not_keep_the_node_out():
+    import socket
+
+    from fabric.kernel.netns import entered
+
+    with running_lab(pool="10.244.0.0/16") as busy:
+        host = busy.add_host("h1", start=False)
+        with entered(netns.path(host.netns)):
+            squatter = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            squatter.bind((host.address, 53))
+            busy.start_agent("h1")
+            assert busy.wait_agent("h1")["registration"]["healthy"]
+            workload = busy.add_workload("h1")
+            assert busy.ping(workload.netns, host.address)
+            log = (busy.dir / "h1" / "agent.log").read_text()
+            assert "workload DNS not served" in log
+        finally:
+            squatter.close()
