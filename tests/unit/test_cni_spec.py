@@ -27,6 +27,8 @@ def test_a_good_request():
     assert req.conf.pools == ("p",) and req.conf.families == (4, 6)
     assert req.workload_name is None  # "web_1" is not a DNS name
     assert request(env={"CNI_ARGS": "NAME=web-1"}).workload_name == "web-1"
+    assert request(env={"CNI_ARGS": ""}, conf={"runtimeConfig": {"name": "Cache"}}
+                   ).workload_name == "cache"
 
 
 @pytest.mark.parametrize("env, conf, code, text", [
