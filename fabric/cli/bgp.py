@@ -10,7 +10,7 @@ from bgp.peers import BgpConfig, PeerError, PeerSpec, parse_peer
 from fabric import keys
 from fabric.cli.context import Context
 from fabric.cli.output import OK, CliError, emit_json, table
-from fabric.datastore import absent, put
+from fabric.datastore import absent, put, unchanged
 from fabric.kernel.features import tcp_md5_supported
 
 
@@ -60,14 +60,22 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def config_cmd(ctx: Context) -> int:
-    entry = ctx.store.get(keys.BGP_CONFIG)
-    current = BgpConfig.from_record(entry.value if entry else None)
-    if ctx.asn is not None or ctx.mesh is not None:
-        if ctx.asn is not None and not 1 <= ctx.asn <= 4294967295:
-            raise CliError(f"AS {ctx.asn} is out of range (1 to 4294967295)")
+    if ctx.asn is not None and not 1 <= ctx.asn <= 4294967295:
+        raise CliError(f"AS {ctx.asn} is out of range (1 to 4294967295)")
+    for _ in range(20):  # compare-and-swap: two operators changing it at once both win
+        entry = ctx.store.get(keys.BGP_CONFIG)
+        current = BgpConfig.from_record(entry.value if entry else None)
+        if ctx.asn is None and ctx.mesh is None:
+            break
         current = BgpConfig(ctx.asn if ctx.asn is not None else current.asn,
                             current.node_mesh if ctx.mesh is None else ctx.mesh)
-        ctx.store.put(keys.BGP_CONFIG, current.to_record())
+        compare = [unchanged(entry.key, entry.mod_revision)] if entry else \
+            [absent(keys.BGP_CONFIG)]
+        ok, _ = ctx.store.txn(compare, [put(keys.BGP_CONFIG, current.to_record())])
+        if ok:
+            break
+    else:
+        raise CliError("the BGP settings kept changing under us; try again")
     if ctx.json:
         emit_json(current.to_record())
     else:

@@ -54,3 +54,18 @@ def test_errors_name_the_setting(tmp_path, argv, env, toml, message):
 def test_keepalive_matching_hold_time_is_fine(tmp_path):
     config = parse(["--node-address", "192.0.2.1", "--keepalive", "3"], {}, tmp_path, "")
     assert (config.hold_time, config.keepalive) == (9, 3)
+
+
+def test_fabric_agent_refuses_a_bad_setting_in_one_line():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "fabric.agent.main", "--config", "/dev/null",
+                             "--node-address", "192.0.2.1", "--hold-time", "1"],
+                            capture_output=True, text=True, timeout=60, env={})
+    assert result.returncode == 2
+    assert result.stderr == "fabric-agent: --hold-time: '1': must be from 3 to 65535\n"
+    checked = subprocess.run([sys.executable, "-m", "fabric.agent.main", "--config",
+                              "/dev/null", "--node-address", "192.0.2.1", "--check-config"],
+                             capture_output=True, text=True, timeout=60, env={})
+    assert checked.returncode == 0 and "hold_time = 9" in checked.stdout
