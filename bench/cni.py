@@ -46,24 +46,23 @@ def pct(values: list[float], q: float) -> float:
 def measure(binary: str, config: dict, host_ns: str, prefix: str, runs: int
             ) -> tuple[list[float], list[float]]:
     adds, dels = [], []
+
+    def timed(command: str, name: str) -> float:
+        started = time.perf_counter()
+        outcome = invoke.run(binary, command, config, container_id=name,
+                             netns=netns.path(name), host_netns=host_ns,
+                             cni_path=f"{Path(binary).parent}:{REF_DIR}")
+        elapsed = time.perf_counter() - started
+        if not outcome.ok:
+            raise SystemExit(f"{binary} {command} failed: {outcome.stdout} {outcome.stderr}")
+        return elapsed
+
     for i in range(runs):
         name = f"{prefix}{i}"
         netns.create(name)
         try:
-            t0 = time.perf_counter()
-            added = invoke.run(binary, "ADD", config, container_id=name,
-                               netns=netns.path(name), host_netns=host_ns,
-                               cni_path=f"{Path(binary).parent}:{REF_DIR}")
-            adds.append(time.perf_counter() - t0)
-            if not added.ok:
-                raise SystemExit(f"{binary} ADD failed: {added.stdout} {added.stderr}")
-            t0 = time.perf_counter()
-            deleted = invoke.run(binary, "DEL", config, container_id=name,
-                                 netns=netns.path(name), host_netns=host_ns,
-                                 cni_path=f"{Path(binary).parent}:{REF_DIR}")
-            dels.append(time.perf_counter() - t0)
-            if not deleted.ok:
-                raise SystemExit(f"{binary} DEL failed: {deleted.stdout} {deleted.stderr}")
+            adds.append(timed("ADD", name))
+            dels.append(timed("DEL", name))
         finally:
             netns.remove(name)
     return adds, dels
