@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from fabric.agent.sockets import CONTROL_SOCKET
 from fabric.kernel.routes import DEFAULT_PROTOCOL
 from fabric.settings import EtcdSettings, SettingsError, add_etcd_arguments, etcd_settings
 
@@ -183,7 +184,7 @@ class AgentConfig:
     metrics_port: int = 9473
     run_dir: str = "/run/l3fabric"
     cni_socket: str = "@l3fabric/cni"
-    control_socket: str = "@l3fabric/agent"
+    control_socket: str = CONTROL_SOCKET
     log_level: str = "info"
     etcd: EtcdSettings = field(default_factory=EtcdSettings)
 

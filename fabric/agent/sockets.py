@@ -25,6 +25,7 @@ from fabric import logs
 from fabric.kernel.netns import entered
 
 _UCRED = struct.Struct("=iII")
+CONTROL_SOCKET = "@l3fabric/agent"  # the agent's default control socket (fabricctl)
 
 
 class AgentUnreachable(ConnectionError):

@@ -12,7 +12,6 @@ from typing import Any
 from fabric.agent import sockets
 from fabric.cli.context import Context
 from fabric.cli.output import ERROR, OK, PROBLEM, CliError, emit_json, table
-from fabric.kernel import netns
 from fabric.lab.topology import DEFAULT_UNDERLAY, Lab, LabError, all_labs
 
 DEFAULT_LAB = "l3lab"
@@ -182,10 +181,9 @@ def _add_pool(lab: Lab, cidr: str) -> None:
 
 def _statuses(lab: Lab) -> dict[str, dict[str, Any] | None]:
     out: dict[str, dict[str, Any] | None] = {}
-    for name, host in lab.state.hosts.items():
+    for name in lab.state.hosts:
         try:
-            out[name] = sockets.call("@l3fabric/agent", "status",
-                                     netns=netns.path(host.netns))
+            out[name] = lab.call(name, "status")
         except (sockets.AgentUnreachable, sockets.AgentError, OSError):
             out[name] = None
     return out

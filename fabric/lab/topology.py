@@ -282,6 +282,13 @@ class Lab:
         host.agent_pid = None
         self.save()
 
+    def call(self, name: str, method: str, **params: Any) -> Any:
+        """One request to a host's agent, through the host's network namespace."""
+        from fabric.agent import sockets
+
+        return sockets.call(sockets.CONTROL_SOCKET, method,
+                            netns=netns.path(self.state.hosts[name].netns), **params)
+
     def wait_agent(self, name: str, timeout: float = 30.0) -> dict[str, Any]:
         """Wait until the host's agent answers on its control socket."""
         from fabric.agent import sockets
@@ -293,8 +300,7 @@ class Lab:
             if host.agent_pid and not os.path.exists(f"/proc/{host.agent_pid}"):
                 raise LabError(f"agent of {name} exited; see {host.run_dir}/agent.log")
             try:
-                return sockets.call("@l3fabric/agent", "status",
-                                    netns=netns.path(host.netns))
+                return self.call(name, "status")
             except (sockets.AgentUnreachable, sockets.AgentError) as exc:
                 last = exc
                 time.sleep(0.1)

@@ -8,7 +8,6 @@ from collections.abc import Callable
 from typing import Any
 
 from fabric.agent import sockets
-from fabric.kernel import netns
 from fabric.lab.topology import Lab
 
 
@@ -53,13 +52,11 @@ def wait_until(condition: Callable[[], Any], what: str, timeout: float = 15.0,
 
 
 def status(lab: Lab, host: str) -> dict[str, Any]:
-    return sockets.call("@l3fabric/agent", "status",
-                        netns=netns.path(lab.state.hosts[host].netns))
+    return lab.call(host, "status")
 
 
 def agent(lab: Lab, host: str, method: str, **params: Any) -> Any:
-    return sockets.call("@l3fabric/agent", method,
-                        netns=netns.path(lab.state.hosts[host].netns), **params)
+    return lab.call(host, method, **params)
 
 
 def blocks_of(lab: Lab) -> dict[str, str]:
