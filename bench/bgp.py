@@ -33,7 +33,6 @@ from fabric.kernel.routes import Prefix
 from fabric.lab.peers import Bird, Neighbor, bird_config
 from fabric.lab.topology import Lab
 from ipam.allocator import Ipam
-from ipam.pools import parse_pool
 
 POOL = "10.64.0.0/10"
 
@@ -72,12 +71,9 @@ def pct(values: list[float], q: float) -> float:
 def make_lab(name: str, hosts: int, agent_args: list[str], block_size: int = 26) -> Lab:
     lab = Lab(name)
     lab.down()
-    lab = Lab(name)
     lab.create_underlay()
     lab.start_etcd()
-    store = lab.store()
-    Ipam(store).add_pool(parse_pool("bench", POOL, block_size))
-    store.close()
+    lab.add_pool("bench", POOL, block_size)
     for index in range(1, hosts + 1):
         lab.add_host(f"h{index}", agent_args=agent_args)
     for index in range(1, hosts + 1):
@@ -119,7 +115,6 @@ def bulk_ours(count: int) -> float:
 def bulk_reference(count: int) -> float:
     lab = Lab("l3bref")
     lab.down()
-    lab = Lab("l3bref")
     try:
         lab.create_underlay()
         sender_ns, receiver_ns = f"{lab.name}-send", f"{lab.name}-recv"

@@ -28,12 +28,8 @@ import time
 from cni import invoke
 from cni.install import conflist
 from fabric import logs
-from fabric.datastore import Datastore
 from fabric.kernel import netns
 from fabric.lab.topology import Lab
-from fabric.settings import EtcdSettings, parse_endpoints
-from ipam.allocator import Ipam
-from ipam.pools import parse_pool
 
 REF_DIR = "/usr/lib/cni"
 
@@ -84,15 +80,11 @@ def main() -> int:
                          "containernetworking-plugins")
     lab = Lab("l3bench")
     lab.down()
-    lab = Lab("l3bench")
     data_dir = tempfile.mkdtemp(prefix="l3bench-host-local-")
     try:
         lab.create_underlay()
         lab.start_etcd()
-        store = Datastore.connect(EtcdSettings(endpoints=parse_endpoints(
-            lab.etcd_local_endpoint)))
-        Ipam(store).add_pool(parse_pool("bench", "10.244.0.0/16"))
-        store.close()
+        lab.add_pool("bench", "10.244.0.0/16")
         lab.add_host("h1")
         lab.wait_agent("h1")
         lab.install_cni()

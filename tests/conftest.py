@@ -20,8 +20,6 @@ from fabric.keys import ROOT
 from fabric.lab.etcd import EtcdServer
 from fabric.lab.topology import Lab
 from fabric.settings import EtcdSettings, parse_endpoints
-from ipam.allocator import Ipam
-from ipam.pools import parse_pool
 
 # Every namespace, link and process name a test makes starts with this, so leftovers
 # are attributable and a cleanup can find them.
@@ -101,26 +99,16 @@ def lab_name() -> str:
 
 
 @contextlib.contextmanager
-def running_lab(pool: str | None = "10.244.0.0/16", **pool_options: object
-                ) -> Iterator[Lab]:
+def running_lab(pool: str | None = "10.244.0.0/16", block_size: int | None = None,
+                **flags: bool) -> Iterator[Lab]:
     """An underlay with etcd (and optionally an IP pool); always torn down."""
     lab = Lab(lab_name())
     lab.down()
-    lab = Lab(lab.name)
     try:
         lab.create_underlay()
         lab.start_etcd()
         if pool:
-            store = Datastore.connect(EtcdSettings(
-                endpoints=parse_endpoints(lab.etcd_local_endpoint)))
-            try:
-                Ipam(store).add_pool(parse_pool("default", pool, **pool_options))
-            finally:
-                store.close()
+            lab.add_pool("default", pool, block_size, **flags)
         yield lab
     finally:
         lab.down()
-
-
-def lab_store(lab: Lab) -> Datastore:
-    return Datastore.connect(EtcdSettings(endpoints=parse_endpoints(lab.etcd_local_endpoint)))

@@ -140,7 +140,7 @@ def up_cmd(ctx: Context) -> int:
 
     steps: list[tuple[str, Callable[[], Any]]] = [
         (f"underlay {ctx.underlay} and etcd", underlay),
-        (f"IP pool {ctx.pool}", lambda: _add_pool(lab, ctx.pool))]
+        (f"IP pool {ctx.pool}", lambda: lab.add_pool("default", ctx.pool, nat_outgoing=True))]
     if peer:
         steps.append((f"{ctx.peer} as {'eBGP ToR' if tor else 'route reflector'}",
                       lambda: lab.add_peer(ctx.peer, ctx.peer_role)))
@@ -166,17 +166,6 @@ def up_cmd(ctx: Context) -> int:
     lab.state.complete = True
     lab.save()
     return _summary(ctx, lab, matrix)
-
-
-def _add_pool(lab: Lab, cidr: str) -> None:
-    from ipam.allocator import Ipam
-    from ipam.pools import parse_pool
-
-    store = lab.store()
-    try:
-        Ipam(store).add_pool(parse_pool("default", cidr, nat_outgoing=True))
-    finally:
-        store.close()
 
 
 def _statuses(lab: Lab) -> dict[str, dict[str, Any] | None]:

@@ -401,6 +401,18 @@ class Lab:
             commands.append("exit-address-family")
         frr.vtysh(*commands)
 
+    def add_pool(self, name: str, cidr: str, block_size: int | None = None,
+                 **flags: bool) -> None:
+        """An IP pool in the lab's etcd."""
+        from ipam.allocator import Ipam
+        from ipam.pools import parse_pool
+
+        store = self.store()
+        try:
+            Ipam(store).add_pool(parse_pool(name, cidr, block_size, **flags))
+        finally:
+            store.close()
+
     def store(self) -> Any:
         from fabric.datastore import Datastore
         from fabric.settings import EtcdSettings, parse_endpoints
@@ -518,6 +530,7 @@ class Lab:
         if self.dir.exists():
             shutil.rmtree(self.dir, ignore_errors=True)
             removed.append(str(self.dir))
+        self.state = LabState(self.name)
         return removed
 
 

@@ -19,7 +19,7 @@ from fabric import keys
 from fabric.kernel import links, netns
 from fabric.registry import Registry
 from ipam.allocator import Ipam
-from tests.conftest import lab_store, needs_root, running_lab
+from tests.conftest import needs_root, running_lab
 
 pytestmark = [needs_root, pytest.mark.root]
 
@@ -35,7 +35,7 @@ def lab():
 
 @pytest.fixture(scope="module")
 def store(lab):
-    store = lab_store(lab)
+    store = lab.store()
     yield store
     store.close()
 

@@ -18,7 +18,7 @@ import pytest
 from cni.install import install
 from fabric.kernel import netns
 from ipam.allocator import Ipam
-from tests.conftest import lab_store, needs_root, running_lab
+from tests.conftest import needs_root, running_lab
 
 pytestmark = [needs_root, pytest.mark.root, pytest.mark.slow]
 BUSYBOX = "/bin/busybox"
@@ -80,7 +80,7 @@ def podman(tmp_path):
 
 def test_podman_containers_ping_and_rm_releases(podman):
     lab, run = podman
-    store = lab_store(lab)
+    store = lab.store()
     try:
         ids = []
         for name in ("one", "two"):
