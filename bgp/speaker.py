@@ -28,6 +28,7 @@ from pathlib import Path
 from bgp import api
 from fabric import logs
 from fabric.agent.sockets import address
+from fabric.processes import stop
 
 PR_SET_PDEATHSIG = 1
 
@@ -91,14 +92,8 @@ class Speaker:
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM: ExaBGP closes every session with a Cease notification, then exits."""
         self._stop.set()
-        process = self.process
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        if self.process is not None:
+            stop(self.process, timeout)
         if self._listener is not None:
             with contextlib.suppress(OSError):
                 self._listener.shutdown(socket.SHUT_RDWR)

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from fabric.processes import stop
 
 ETCD_BINARY_CANDIDATES = ("/usr/bin/etcd", "/usr/local/bin/etcd")
 READY_MARKER = "ready to serve client requests"
@@ -111,18 +112,4 @@ class EtcdServer:
         raise EtcdError(f"etcd not ready after {timeout:.0f}s; see {self.log_path}")
 
     def stop(self, timeout: float = 10.0) -> None:
-        stop_pid(self.process, timeout)
-
-
-def stop_pid(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL after `timeout`, by the PID we started; reaps it."""
-    if process.poll() is not None:
-        return
-    try:
-        os.kill(process.pid, signal.SIGTERM)
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait()
-    except ProcessLookupError:
-        process.wait()
+        stop(self.process, timeout)

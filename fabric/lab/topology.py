@@ -35,6 +35,7 @@ from typing import Any
 from fabric import logs
 from fabric.kernel import netns
 from fabric.lab.etcd import EtcdServer
+from fabric.processes import is_running, kill_pid
 
 BASE_DIR = Path("/run/l3fabric-lab")
 DEFAULT_UNDERLAY = "10.99.0.0/24"
@@ -104,38 +105,6 @@ class LabState:
 def python_bin(name: str) -> str:
     """An executable installed beside the running interpreter (the project's venv)."""
     return str(Path(sys.executable).with_name(name))
-
-
-def kill_pid(pid: int, timeout: float = 10.0, sig: int = signal.SIGTERM) -> None:
-    """Stop a process we started, by PID: the signal, then SIGKILL after `timeout`."""
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(ChildProcessError):
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                return
-        if not os.path.exists(f"/proc/{pid}") or _zombie(pid):
-            return
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, 0)
-
-
-def is_running(pid: int) -> bool:
-    """True while the process exists and is not a zombie waiting to be reaped."""
-    return os.path.exists(f"/proc/{pid}") and not _zombie(pid)
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
-    except (OSError, IndexError):
-        return True
 
 
 def _ip(*argv: str) -> None:
@@ -297,7 +266,7 @@ class Lab:
         deadline = time.monotonic() + timeout
         last: Exception | None = None
         while time.monotonic() < deadline:
-            if host.agent_pid and not os.path.exists(f"/proc/{host.agent_pid}"):
+            if host.agent_pid and not is_running(host.agent_pid):
                 raise LabError(f"agent of {name} exited; see {host.run_dir}/agent.log")
             try:
                 return self.call(name, "status")

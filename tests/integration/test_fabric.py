@@ -317,7 +317,7 @@ def test_etcd_outage_keeps_forwarding_and_defers_new_containers():
             outage.wait_agent(host)
         a, b = outage.add_workload("h1"), outage.add_workload("h2")
         wait_until(lambda: outage.ping(a.netns, b.ips[0]), "cross-host ping", 15)
-        from fabric.lab.topology import kill_pid
+        from fabric.processes import kill_pid
 
         kill_pid(outage.state.etcd_pid)
         assert outage.ping(a.netns, b.ips[0], count=3)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from fabric.kernel import netns
-from fabric.lab.topology import BASE_DIR, Lab, is_running
+from fabric.lab.topology import BASE_DIR, Lab
+from fabric.processes import is_running
 from tests.conftest import lab_name, needs_root
 from tests.support.fabric import wait_until
 

@@ -24,7 +24,7 @@ from cni import invoke
 from fabric.agent.config import load
 from fabric.agent.main import build_parser
 from fabric.kernel import netns
-from fabric.lab.topology import kill_pid
+from fabric.processes import kill_pid
 from tests.conftest import needs_root, running_lab
 
 pytestmark = [needs_root, pytest.mark.root, pytest.mark.slow]
