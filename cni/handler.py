@@ -193,8 +193,7 @@ class CniHandler:
 
     def check(self, req: Request) -> None:
         with _store_errors("CHECK"):
-            registered = self.registry.workload(self.node, req.handle)
-            held = self.ipam.handle(req.handle)
+            registered, held = self._attachment(req.handle)
         if held is None:
             raise CniError(CHECK_FAILED, f"{req.handle} holds no addresses")
         if registered is None:

@@ -397,11 +397,12 @@ class RoutingController:
     # -- reading (control socket, metrics) --------------------------------------------
     def status(self) -> dict[str, Any]:
         with self._lock:
+            reflected = self._reflected()  # once, not per peer: it walks the whole RIB
             peers = []
             for address in sorted(self.sessions):
                 session = self.sessions[address]
                 counts = self.rib.counts(address)
-                advertised = len(self.exports) + len(self._reflected().get(address, ()))
+                advertised = len(self.exports) + len(reflected.get(address, ()))
                 peers.append({
                     "address": address, "name": session.peer.name, "kind": session.peer.kind,
                     "asn": session.peer.asn, "state": session.state, "since": session.since,
