@@ -120,10 +120,19 @@ class CniHandler:
                 record = self._allocate(req)
                 undo.push("release addresses", lambda: self.ipam.release(req.handle))
             addresses = [a.address for a in record.allocations]
-            host_if = None
+            host_if = links.host_ifname(req.handle) if req.plugin != IPAM_PLUGIN else None
+            # Registered before the wiring: the agent's periodic refresh rebuilds the
+            # workload routes from registrations, and must not see a wired but not yet
+            # registered interface (it would drop the route just installed).
+            with _store_errors("ADD"):
+                self.registry.register_workload(Workload(
+                    req.handle, self.node, req.container_id, req.ifname, req.netns,
+                    tuple(addresses), req.workload_name, host_if,
+                    network=req.conf.name))
+                undo.push("deregister",
+                          lambda: self.registry.deregister_workload(self.node, req.handle))
             attachment = None
-            if req.plugin != IPAM_PLUGIN:
-                host_if = links.host_ifname(req.handle)
+            if host_if is not None:
                 links.detach(host_if, None, req.ifname)  # a retried ADD starts clean
                 try:
                     attachment = links.attach(req.netns_path, req.ifname, host_if, addresses,
@@ -137,11 +146,6 @@ class CniHandler:
                 failures = self.routes.install_now("workloads", wanted)
                 if failures:
                     raise CniError(IO_FAILURE, f"host route: {failures[0]}")
-            with _store_errors("ADD"):
-                self.registry.register_workload(Workload(
-                    req.handle, self.node, req.container_id, req.ifname, req.netns,
-                    tuple(addresses), req.workload_name, host_if,
-                    network=req.conf.name))
         except BaseException:
             undo.run(log)
             raise
