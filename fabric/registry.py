@@ -10,11 +10,14 @@ concurrently, and a workload is never registered with an address already freed.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from fabric import keys, logs
 from fabric.datastore import Datastore, absent, delete, put, unchanged
+
+T = TypeVar("T")
 
 
 class RegistrationError(Exception):
@@ -82,17 +85,23 @@ class Registry:
         self.log = logs.get("registry")
 
     # -- nodes -------------------------------------------------------------------------
-    def nodes(self) -> list[Node]:
-        listing = self.store.list(keys.NODES)
+    def _read_all(self, prefix: str, parse: Callable[[dict[str, Any]], T], kind: str
+                  ) -> list[T]:
+        """Every readable record under `prefix`; unreadable ones are logged and skipped."""
+        listing = self.store.list(prefix)
         for bad in listing.corrupt:
-            self.log.error("node record unreadable", key=bad.key, reason=bad.reason)
-        nodes = []
+            self.log.error(f"{kind} record unreadable", key=bad.key, reason=bad.reason)
+        found = []
         for entry in listing.entries:
             try:
-                nodes.append(Node.from_record(entry.value))
+                found.append(parse(entry.value))
             except (KeyError, TypeError, ValueError) as exc:
-                self.log.error("node record unreadable", key=entry.key, reason=str(exc))
-        return sorted(nodes, key=lambda n: n.name)
+                self.log.error(f"{kind} record unreadable", key=entry.key, reason=str(exc))
+        return found
+
+    def nodes(self) -> list[Node]:
+        return sorted(self._read_all(keys.NODES, Node.from_record, "node"),
+                      key=lambda n: n.name)
 
     def node(self, name: str) -> Node | None:
         entry = self.store.get(keys.node(name))
@@ -127,16 +136,8 @@ class Registry:
     # -- workloads ---------------------------------------------------------------------
     def workloads(self, node: str | None = None) -> list[Workload]:
         prefix = keys.workloads_prefix(node) if node else keys.WORKLOADS
-        listing = self.store.list(prefix)
-        for bad in listing.corrupt:
-            self.log.error("workload record unreadable", key=bad.key, reason=bad.reason)
-        found = []
-        for entry in listing.entries:
-            try:
-                found.append(Workload.from_record(entry.value))
-            except (KeyError, TypeError, ValueError) as exc:
-                self.log.error("workload record unreadable", key=entry.key, reason=str(exc))
-        return sorted(found, key=lambda w: (w.node, w.handle))
+        return sorted(self._read_all(prefix, Workload.from_record, "workload"),
+                      key=lambda w: (w.node, w.handle))
 
     def workload(self, node: str, handle: str) -> Workload | None:
         entry = self.store.get(keys.workload(node, handle))

@@ -225,7 +225,7 @@ class RouteSocket:
         # The last message asks for an ACK: the kernel handles one socket's requests in
         # order, so when it is acknowledged every earlier reply has been queued.
         fence = self._next_seq()
-        buffer += encode_dump_fence(fence)
+        buffer += encode_fence(fence)
         self.sock.send(buffer)
         failures += self._drain(pending, block=True, fence=fence)
         return failures
@@ -298,7 +298,7 @@ class RouteSocket:
         return list(split(data))
 
 
-def encode_dump_fence(seq: int) -> bytes:
+def encode_fence(seq: int) -> bytes:
     """A harmless ACKed request: delete a /0 blackhole of a protocol nobody uses.
 
     Any request with NLM_F_ACK would do; this one never changes anything (it fails
