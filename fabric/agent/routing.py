@@ -470,16 +470,6 @@ def _notification_text(code: int, subcode: int) -> str:
     return text
 
 
-def block_records(snapshot: Mapping[str, Mapping[str, Any]]) -> tuple[Block, ...]:
-    out = []
-    for value in snapshot.values():
-        try:
-            out.append(Block.from_record(dict(value)))
-        except (KeyError, TypeError, ValueError):
-            continue
-    return tuple(out)
-
-
 def borrowed_records(snapshot: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
     """ipam/borrowed/<node>/<address> keys -> {address: node}."""
     out = {}

@@ -25,7 +25,7 @@ from fabric.agent import metrics, sockets
 from fabric.agent.config import AgentConfig
 from fabric.agent.dns import DnsServer
 from fabric.agent.registration import Registration
-from fabric.agent.routing import RoutingController, block_records, borrowed_records
+from fabric.agent.routing import RoutingController, borrowed_records
 from fabric.datastore import Datastore, DatastoreError, Unavailable
 from fabric.kernel import links
 from fabric.kernel.nat import NatError, OutgoingNat
@@ -35,6 +35,7 @@ from fabric.kernel.routes import Prefix, kind_of, workload
 from fabric.registry import Node, Registry
 from fabric.watch import Mirror, Snapshot
 from ipam.allocator import Ipam
+from ipam.blocks import Block
 from ipam.gc import LeakTracker, collect
 from ipam.pools import Pool
 
@@ -163,7 +164,8 @@ class Agent:
         watched = (
             (keys.POOLS, pools, "pools"),
             (keys.NODES, nodes, "nodes"),
-            (keys.BLOCKS, lambda s: self.routing.set_state(blocks=block_records(s)), "blocks"),
+            (keys.BLOCKS, lambda s: self.routing.set_state(
+                blocks=_records(s, Block.from_record)), "blocks"),
             (keys.BORROWED, lambda s: self.routing.set_state(borrowed=borrowed_records(s)),
              "borrowed"),
             (keys.BGP_CONFIG, lambda s: self.routing.set_state(
