@@ -29,9 +29,9 @@ import time
 from fabric import logs
 from fabric.kernel import netlink, netns
 from fabric.kernel.netns import entered
-from fabric.kernel.routes import Prefix
 from fabric.lab.peers import Bird, Neighbor, bird_config
 from fabric.lab.topology import Lab
+from fabric.model.prefix import Prefix
 from ipam.allocator import Ipam
 
 POOL = "10.64.0.0/10"
@@ -95,8 +95,8 @@ def bulk_ours(count: int) -> float:
         netns.create(sender_ns)
         lab.plug(sender_ns, "p-send", "10.99.0.250")
         store = lab.store()
-        from bgp.peers import PeerSpec
-        from fabric import keys
+        from fabric.model.peers import PeerSpec
+        from fabric.store import keys
 
         spec = PeerSpec("bulk", "10.99.0.250", 65100, max_prefixes=count * 2)
         store.put(keys.bgp_peer(spec.name), spec.to_record())

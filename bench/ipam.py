@@ -28,13 +28,13 @@ from collections import Counter
 from pathlib import Path
 
 from fabric import logs
-from fabric.datastore import Datastore, absent, put
-from fabric.keys import ROOT
 from fabric.lab.etcd import EtcdServer
+from fabric.model.pools import parse_pool
 from fabric.settings import EtcdSettings, parse_endpoints
+from fabric.store.datastore import Datastore, absent, put
+from fabric.store.keys import ROOT
 from ipam.allocator import Ipam
 from ipam.check import check
-from ipam.pools import parse_pool
 
 HOSTS, WORKERS = 3, 8
 

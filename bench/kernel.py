@@ -23,7 +23,8 @@ import time
 from fabric.kernel import netns
 from fabric.kernel.netlink import RouteSocket
 from fabric.kernel.netns import entered
-from fabric.kernel.routes import Prefix, remote
+from fabric.kernel.routes import remote
+from fabric.model.prefix import Prefix
 
 NS = "l3bench-kernel"
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from fabric.kernel.routes import Prefix, address_int
+from fabric.model.prefix import Prefix, address_int
 
 DEFAULT_ROUTE = "default-route"
 OUTSIDE_POOLS = "outside-pools"

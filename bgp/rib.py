@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from fabric.kernel.routes import Prefix
+from fabric.model.prefix import Prefix
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,8 @@ from pathlib import Path
 
 from bgp import api
 from fabric import logs
-from fabric.agent.sockets import address
 from fabric.processes import stop
+from fabric.sockets import address
 
 PR_SET_PDEATHSIG = 1
 

@@ -35,14 +35,18 @@ from cni.spec import (
     RouteConfig,
     version_document,
 )
-from fabric import keys, logs
-from fabric.datastore import DatastoreError, Entry, Unavailable, get_op
+from fabric import logs
 from fabric.kernel import links
 from fabric.kernel.reconciler import Reconciler
-from fabric.kernel.routes import Prefix, Route, workload
-from fabric.registry import RegistrationError, Registry, Workload
+from fabric.kernel.routes import Route, workload
+from fabric.model.handles import Exhausted, Handle, IpamError
+from fabric.model.nodes import Workload
+from fabric.model.prefix import Prefix
+from fabric.store import keys
+from fabric.store.datastore import Entry, get_op
+from fabric.store.errors import DatastoreError, Unavailable
+from fabric.store.registry import RegistrationError, Registry
 from ipam.allocator import Ipam
-from ipam.records import Exhausted, Handle, IpamError
 
 # Plugin-specific error codes (the spec leaves 100 and up to plugins).
 NO_ADDRESS = 100

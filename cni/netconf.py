@@ -12,13 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from cni.spec import (
-    DECODE_FAILURE,
-    INVALID_CONFIG,
-    INVALID_ENV,
-    CniError,
-    check_version,
-)
+from cni.spec import DECODE_FAILURE, INVALID_CONFIG, INVALID_ENV, CniError, check_version
 
 PLUGIN = "l3fabric"
 IPAM_PLUGIN = "l3fabric-ipam"

@@ -1,8 +1,10 @@
-"""l3fabric host side: the agent, kernel route handling, the operator CLI and the lab.
+"""l3fabric host side, one sub-package per job.
 
-The shared foundations every other package stands on live here too: etcd settings
-(`settings`), the datastore adapter (`datastore`), its key layout (`keys`) and logging
-(`logs`).
+`model` holds the shared records (pure); `store` talks to etcd; `kernel` to netlink
+(routes, links, namespaces); `agent` is the daemon on every host; `cli` is fabricctl;
+`lab` builds a fabric in network namespaces on one machine. Beside them: etcd
+settings (`settings`), logging (`logs`), local unix sockets (`sockets`) and stopping
+processes we started (`processes`).
 """
 
 __version__ = "0.1.0"

@@ -24,10 +24,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fabric import keys, logs
-from fabric.datastore import (
-    Conflict,
-    CorruptValue,
+from fabric import logs
+from fabric.model.blocks import Block
+from fabric.model.handles import Allocation, Exhausted, Handle, IpamError, check_handle
+from fabric.model.pools import Pool, PoolError, check_overlap, pool_of
+from fabric.store import keys
+from fabric.store.datastore import (
     Datastore,
     Entry,
     Read,
@@ -42,8 +44,8 @@ from fabric.datastore import (
     put,
     unchanged,
 )
+from fabric.store.errors import Conflict, CorruptValue
 from ipam.blocks import (
-    Block,
     BlockUsage,
     address_at,
     block_containing,
@@ -53,8 +55,6 @@ from ipam.blocks import (
     pick_block,
 )
 from ipam.check import IpOwner, Report, Snapshot
-from ipam.pools import Pool, PoolError, check_overlap, pool_of
-from ipam.records import Allocation, Exhausted, Handle, IpamError, check_handle
 
 # etcd refuses transactions with more than 128 operations by default.
 MAX_TXN_OPS = 128

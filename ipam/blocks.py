@@ -12,9 +12,9 @@ import ipaddress
 import random
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
-from typing import Any
 
-from ipam.pools import Pool
+from fabric.model.blocks import Block
+from fabric.model.pools import Pool
 
 
 def block_cidr(pool: Pool, index: int) -> str:
@@ -90,24 +90,6 @@ def choose_ordinal(size: int, used: Collection[int], rng: random.Random) -> int 
                 return pick
     free = [i for i in range(size) if i not in used]
     return rng.choice(free)
-
-
-@dataclass(frozen=True)
-class Block:
-    """A claimed block as stored in etcd."""
-
-    cidr: str
-    pool: str
-    affinity: str | None  # node name; None once released from a host
-
-    def to_record(self) -> dict[str, Any]:
-        return {"cidr": self.cidr, "pool": self.pool, "affinity": self.affinity}
-
-    @classmethod
-    def from_record(cls, value: dict[str, Any]) -> Block:
-        affinity = value.get("affinity")
-        return cls(str(value["cidr"]), str(value["pool"]),
-                   None if affinity is None else str(affinity))
 
 
 @dataclass(frozen=True)

@@ -14,13 +14,13 @@ What it finds:
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from fabric.datastore import CorruptValue
-from ipam.blocks import Block, capacity
-from ipam.pools import Pool
-from ipam.records import Handle
+from fabric.model.blocks import Block
+from fabric.model.handles import Handle
+from fabric.model.pools import Pool
+from fabric.store.errors import CorruptValue
+from ipam.blocks import capacity
 
 KINDS = ("leak", "orphan-ip", "dangling", "duplicate", "orphan-block", "corrupt")
 
@@ -176,6 +176,3 @@ def leaked_handles(report: Report, node: str | None = None) -> list[str]:
 def dead_nodes(report: Report) -> set[str]:
     return {f.node for f in report.of("orphan-block") if f.node}
 
-
-def addresses_of(findings: Iterable[Finding]) -> list[str]:
-    return [a for f in findings for a in f.addresses]

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 
 from fabric import logs
-from fabric.datastore import Datastore
 from fabric.kernel import netns
-from fabric.keys import ROOT
 from fabric.lab.etcd import EtcdServer
 from fabric.lab.topology import Lab
 from fabric.settings import EtcdSettings, parse_endpoints
+from fabric.store.datastore import Datastore
+from fabric.store.keys import ROOT
 
 # Every namespace, link and process name a test makes starts with this, so leftovers
 # are attributable and a cleanup can find them.

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from fabric.agent.sockets import CONTROL_SOCKET
 from fabric.kernel.routes import DEFAULT_PROTOCOL
 from fabric.settings import EtcdSettings, SettingsError, add_etcd_arguments, etcd_settings
+from fabric.sockets import CONTROL_SOCKET
 
 DEFAULT_CONFIG = "/etc/l3fabric/agent.toml"
 ENV_CONFIG = "FABRIC_CONFIG"

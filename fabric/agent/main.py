@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from fabric import logs
 from fabric.agent import config as agent_config
 from fabric.agent.service import Agent
-from fabric.datastore import DatastoreError
-from fabric.registry import RegistrationError
 from fabric.settings import SettingsError
+from fabric.store.errors import DatastoreError
+from fabric.store.registry import RegistrationError
 
 
 def build_parser() -> argparse.ArgumentParser:

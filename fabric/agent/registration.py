@@ -14,8 +14,10 @@ from collections.abc import Callable
 from typing import Any
 
 from fabric import logs
-from fabric.datastore import Datastore, DatastoreError
-from fabric.registry import Node, Registry
+from fabric.model.nodes import Node
+from fabric.store.datastore import Datastore
+from fabric.store.errors import DatastoreError
+from fabric.store.registry import Registry
 
 
 class Registration:

@@ -25,14 +25,17 @@ from typing import Any
 
 from bgp import api, policy
 from bgp.config import Reflected, SpeakerSettings, render
-from bgp.peers import BgpConfig, Peer, PeerSpec, peers_for
+from bgp.peers import Peer, peers_for
 from bgp.rib import Path, Rib
-from fabric import keys, logs
+from fabric import logs
 from fabric.kernel.reconciler import Reconciler
-from fabric.kernel.routes import Kind, Prefix, Route, blackhole, remote
-from fabric.registry import Node
-from ipam.blocks import Block
-from ipam.pools import Pool
+from fabric.kernel.routes import Kind, Route, blackhole, remote
+from fabric.model.blocks import Block
+from fabric.model.nodes import Node
+from fabric.model.peers import BgpConfig, PeerSpec
+from fabric.model.pools import Pool
+from fabric.model.prefix import Prefix
+from fabric.store import keys
 
 MAX_PREFIX_HOLD_DOWN = 60.0
 REJECTIONS_LOGGED = 10  # per peer and reason; beyond that they are counted only

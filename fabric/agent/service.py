@@ -16,28 +16,32 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from bgp import api
-from bgp.peers import BgpConfig, PeerSpec
 from bgp.speaker import Speaker
 from cni.handler import CniHandler
 from cni.shim import decode_request
-from fabric import __version__, keys, logs
-from fabric.agent import metrics, sockets
+from fabric import __version__, logs, sockets
+from fabric.agent import metrics
 from fabric.agent.config import AgentConfig
 from fabric.agent.dns import DnsServer
 from fabric.agent.registration import Registration
 from fabric.agent.routing import RoutingController, borrowed_records
-from fabric.datastore import Datastore, DatastoreError, Unavailable
 from fabric.kernel import links
 from fabric.kernel.nat import NatError, OutgoingNat
 from fabric.kernel.netlink import RouteSocket
 from fabric.kernel.reconciler import Reconciler
-from fabric.kernel.routes import Prefix, kind_of, workload
-from fabric.registry import Node, Registry
-from fabric.watch import Mirror, Snapshot
+from fabric.kernel.routes import kind_of, workload
+from fabric.model.blocks import Block
+from fabric.model.nodes import Node
+from fabric.model.peers import BgpConfig, PeerSpec
+from fabric.model.pools import Pool
+from fabric.model.prefix import Prefix
+from fabric.store import keys
+from fabric.store.datastore import Datastore
+from fabric.store.errors import DatastoreError, Unavailable
+from fabric.store.registry import Registry
+from fabric.store.watch import Mirror, Snapshot
 from ipam.allocator import Ipam
-from ipam.blocks import Block
 from ipam.gc import LeakTracker, collect
-from ipam.pools import Pool
 
 ETCD_WAIT = 120.0
 T = TypeVar("T")

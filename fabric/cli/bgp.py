@@ -6,12 +6,12 @@ from __future__ import annotations
 import argparse
 
 from bgp.config import password_ok
-from bgp.peers import BgpConfig, PeerError, PeerSpec, parse_peer
-from fabric import keys
 from fabric.cli.context import Context
 from fabric.cli.output import OK, CliError, emit_json, table
-from fabric.datastore import absent, put, unchanged
 from fabric.kernel.features import tcp_md5_supported
+from fabric.model.peers import BgpConfig, PeerError, PeerSpec, parse_peer
+from fabric.store import keys
+from fabric.store.datastore import absent, put, unchanged
 
 
 def register(sub: argparse._SubParsersAction) -> None:

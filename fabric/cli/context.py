@@ -11,13 +11,13 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Any
 
-from fabric.agent import sockets
-from fabric.agent.sockets import CONTROL_SOCKET
+from fabric import sockets
 from fabric.cli.output import CliError
-from fabric.datastore import Datastore
 from fabric.kernel import netns
 from fabric.lab.topology import Lab, all_labs
 from fabric.settings import EtcdSettings, etcd_settings, parse_endpoints
+from fabric.sockets import CONTROL_SOCKET
+from fabric.store.datastore import Datastore
 
 
 @dataclass

@@ -7,9 +7,9 @@ import ipaddress
 
 from fabric.cli.context import Context
 from fabric.cli.output import OK, PROBLEM, CliError, emit_json, kv, table
+from fabric.model.pools import parse_pool
 from ipam.allocator import Ipam
 from ipam.check import check, usage
-from ipam.pools import parse_pool
 
 
 def register(sub: argparse._SubParsersAction) -> None:

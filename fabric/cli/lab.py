@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from fabric.agent import sockets
+from fabric import sockets
 from fabric.cli.context import Context
 from fabric.cli.output import ERROR, OK, PROBLEM, CliError, emit_json, table
 from fabric.lab.topology import DEFAULT_UNDERLAY, Lab, LabError, all_labs

@@ -7,7 +7,6 @@ import sys
 from collections.abc import Sequence
 
 from fabric import logs
-from fabric.agent.sockets import AgentError, AgentUnreachable
 from fabric.cli import bgp as bgp_cmds
 from fabric.cli import cni as cni_cmds
 from fabric.cli import ipam as ipam_cmds
@@ -15,10 +14,11 @@ from fabric.cli import lab as lab_cmds
 from fabric.cli import node as node_cmds
 from fabric.cli.context import Context
 from fabric.cli.output import ERROR, CliError
-from fabric.datastore import CorruptValue, DatastoreError, Unavailable
+from fabric.model.handles import IpamError
+from fabric.model.pools import PoolError
 from fabric.settings import SettingsError, add_etcd_arguments
-from ipam.pools import PoolError
-from ipam.records import IpamError
+from fabric.sockets import AgentError, AgentUnreachable
+from fabric.store.errors import CorruptValue, DatastoreError, Unavailable
 
 
 def build_parser() -> argparse.ArgumentParser:

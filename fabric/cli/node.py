@@ -7,10 +7,10 @@ import argparse
 import time
 from typing import Any
 
-from fabric import keys
 from fabric.cli.context import Context
 from fabric.cli.output import OK, PROBLEM, CliError, emit_json, kv, table
-from fabric.registry import Registry
+from fabric.store import keys
+from fabric.store.registry import Registry
 from ipam.allocator import Ipam
 
 

@@ -84,12 +84,6 @@ def enable_forwarding() -> None:
         _sysctl("/proc/sys/net/ipv6/conf/all/forwarding", "1")
 
 
-def index_of(name: str) -> int | None:
-    with _ipr() as ipr:
-        found = ipr.link_lookup(ifname=name)
-    return found[0] if found else None
-
-
 def host_links(prefix: str = HOST_PREFIX) -> dict[str, int]:
     """Our host-side interfaces (name -> index) in this namespace."""
     with _ipr() as ipr:

@@ -41,10 +41,6 @@ class OutgoingNat:
         self._hooked = False
         self._last = ""
 
-    @property
-    def available(self) -> bool:
-        return self.binary is not None
-
     def apply(self, nat_pools: Iterable[str], all_pools: Iterable[str]) -> None:
         document = rules(nat_pools, all_pools)
         if document == self._last:

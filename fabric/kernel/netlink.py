@@ -21,7 +21,8 @@ import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from fabric.kernel.routes import Prefix, Route
+from fabric.kernel.routes import Route
+from fabric.model.prefix import Prefix
 
 # netlink / rtnetlink constants (linux/netlink.h, linux/rtnetlink.h)
 NLMSG_ERROR, NLMSG_DONE = 2, 3

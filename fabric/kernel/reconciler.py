@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from fabric import logs
 from fabric.kernel import netlink
 from fabric.kernel.netlink import Failure, RouteSocket
-from fabric.kernel.routes import Prefix, Route, diff
+from fabric.kernel.routes import Route, diff
+from fabric.model.prefix import Prefix
 
 # Higher wins when two sources want the same prefix: a local workload's /32 beats
 # anything learned, our own block's blackhole beats a learned copy of it.

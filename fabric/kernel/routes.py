@@ -7,85 +7,21 @@ kernel can tell us back (type, next hops, output interface), so "desired" and
 exists (remote block, local workload, blackhole, borrowed /32) and is shown to people,
 but it is not part of what the kernel is compared on.
 
-Prefixes are kept as `(family, network int, prefix length)` triples: the reconciler
-handles 100,000 routes, and `ipaddress` objects cost too much at that size.
+Prefixes are `fabric.model.prefix.Prefix` (integers, cheap at 100,000 routes).
 """
 
 from __future__ import annotations
 
-import socket
-import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
+
+from fabric.model.prefix import Prefix
 
 DEFAULT_PROTOCOL = 73  # l3fabric's route protocol number ("proto 73" in `ip route`)
 
 Kind = Literal["remote", "workload", "blackhole", "borrowed"]
 RouteType = Literal["unicast", "blackhole"]
-
-_V4 = struct.Struct("!I")
-
-
-@dataclass(frozen=True, order=True)
-class Prefix:
-    """A network as integers: cheap to hash, compare and encode for netlink."""
-
-    family: int  # 4 or 6
-    network: int
-    length: int
-
-    @classmethod
-    def parse(cls, text: str) -> Prefix:
-        """`10.0.0.0/26` or `fd00::/64`; a bare address is a host prefix.
-
-        Raises ValueError naming the text when it is not a network (or has host bits).
-        """
-        address, _, length_text = text.partition("/")
-        family = 6 if ":" in address else 4
-        try:
-            raw = socket.inet_pton(socket.AF_INET6 if family == 6 else socket.AF_INET, address)
-        except OSError as exc:
-            raise ValueError(f"{text!r} is not an IP prefix") from exc
-        bits = 128 if family == 6 else 32
-        try:
-            length = int(length_text) if length_text else bits
-        except ValueError as exc:
-            raise ValueError(f"{text!r} has a bad prefix length") from exc
-        if not 0 <= length <= bits:
-            raise ValueError(f"{text!r} has a bad prefix length")
-        network = int.from_bytes(raw, "big")
-        if network & ((1 << (bits - length)) - 1):
-            raise ValueError(f"{text!r} has host bits set")
-        return cls(family, network, length)
-
-    @property
-    def bits(self) -> int:
-        return 128 if self.family == 6 else 32
-
-    @property
-    def packed(self) -> bytes:
-        return self.network.to_bytes(16 if self.family == 6 else 4, "big")
-
-    def contains(self, other: Prefix) -> bool:
-        if other.family != self.family or other.length < self.length:
-            return False
-        shift = self.bits - self.length
-        return (other.network >> shift) == (self.network >> shift)
-
-    def overlaps(self, other: Prefix) -> bool:
-        return self.contains(other) or other.contains(self)
-
-    def __str__(self) -> str:
-        af = socket.AF_INET6 if self.family == 6 else socket.AF_INET
-        return f"{socket.inet_ntop(af, self.packed)}/{self.length}"
-
-
-def address_int(text: str) -> tuple[int, int]:
-    """(family, integer) of an IP address, fast."""
-    if ":" in text:
-        return 6, int.from_bytes(socket.inet_pton(socket.AF_INET6, text), "big")
-    return 4, _V4.unpack(socket.inet_aton(text))[0]
 
 
 @dataclass(frozen=True)

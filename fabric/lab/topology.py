@@ -253,14 +253,14 @@ class Lab:
 
     def call(self, name: str, method: str, **params: Any) -> Any:
         """One request to a host's agent, through the host's network namespace."""
-        from fabric.agent import sockets
+        from fabric import sockets
 
         return sockets.call(sockets.CONTROL_SOCKET, method,
                             netns=netns.path(self.state.hosts[name].netns), **params)
 
     def wait_agent(self, name: str, timeout: float = 30.0) -> dict[str, Any]:
         """Wait until the host's agent answers on its control socket."""
-        from fabric.agent import sockets
+        from fabric import sockets
 
         host = self.state.hosts[name]
         deadline = time.monotonic() + timeout
@@ -306,8 +306,8 @@ class Lab:
         `rr`: route reflector in the fabric's AS, node mesh off. `tor`: eBGP ToR in
         its own AS (hosts should have their own AS each), node mesh off.
         """
-        from bgp.peers import BgpConfig, PeerSpec
-        from fabric import keys as fabric_keys
+        from fabric.model.peers import BgpConfig, PeerSpec
+        from fabric.store import keys as fabric_keys
 
         if kind not in ("bird", "frr") or role not in ("rr", "tor"):
             raise LabError(f"peer {kind!r} as {role!r}: use bird|frr and rr|tor")
@@ -373,8 +373,8 @@ class Lab:
     def add_pool(self, name: str, cidr: str, block_size: int | None = None,
                  **flags: bool) -> None:
         """An IP pool in the lab's etcd."""
+        from fabric.model.pools import parse_pool
         from ipam.allocator import Ipam
-        from ipam.pools import parse_pool
 
         store = self.store()
         try:
@@ -383,8 +383,8 @@ class Lab:
             store.close()
 
     def store(self) -> Any:
-        from fabric.datastore import Datastore
         from fabric.settings import EtcdSettings, parse_endpoints
+        from fabric.store.datastore import Datastore
 
         return Datastore.connect(EtcdSettings(endpoints=parse_endpoints(
             self.etcd_local_endpoint)))

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from fabric.registry import Registry, Workload
+from fabric.model.nodes import Workload
+from fabric.store.registry import Registry
 from ipam.allocator import Ipam
 
 

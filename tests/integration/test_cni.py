@@ -15,9 +15,9 @@ import pytest
 
 from cni import invoke
 from cni.install import conflist
-from fabric import keys
 from fabric.kernel import links, netns
-from fabric.registry import Registry
+from fabric.store import keys
+from fabric.store.registry import Registry
 from ipam.allocator import Ipam
 from tests.conftest import needs_root, running_lab
 
@@ -377,7 +377,7 @@ def test_chained_portmap_and_bandwidth(lab, containers):
 
 
 def test_mtu_and_dual_stack(lab, store, containers):
-    from ipam.pools import parse_pool
+    from fabric.model.pools import parse_pool
 
     if "v6" not in {p.name for p in Ipam(store).pools()}:
         Ipam(store).add_pool(parse_pool("v6", "fd00:244::/64"))

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from fabric.datastore import Datastore, Unavailable
 from fabric.lab.etcd import EtcdServer
 from fabric.settings import EtcdSettings, SettingsError, parse_endpoints
+from fabric.store.datastore import Datastore
+from fabric.store.errors import Unavailable
 
 
 def openssl(*argv: str, cwd: Path) -> None:

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from fabric.kernel import netns
-from fabric.kernel.routes import Prefix
+from fabric.model.prefix import Prefix
 from ipam.allocator import Ipam
 from tests.conftest import needs_root, running_lab
 from tests.support.fabric import (

@@ -6,11 +6,11 @@ import ipaddress
 
 import pytest
 
-from fabric import keys
-from fabric.datastore import CorruptValue
+from fabric.model.handles import Exhausted, IpamError
+from fabric.model.pools import PoolError, parse_pool
+from fabric.store import keys
+from fabric.store.errors import CorruptValue
 from ipam.allocator import Ipam
-from ipam.pools import PoolError, parse_pool
-from ipam.records import Exhausted, IpamError
 
 
 @pytest.fixture

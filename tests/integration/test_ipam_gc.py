@@ -3,10 +3,11 @@ registered workloads and departed nodes."""
 
 from __future__ import annotations
 
-from fabric.registry import Node, Registry, Workload
+from fabric.model.nodes import Node, Workload
+from fabric.model.pools import parse_pool
+from fabric.store.registry import Registry
 from ipam.allocator import Ipam
 from ipam.gc import LeakTracker, collect
-from ipam.pools import parse_pool
 
 
 def test_gc_frees_a_leak_only_after_grace_and_never_a_live_one(store):

@@ -9,12 +9,12 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from fabric.datastore import Datastore
-from fabric.keys import ROOT
+from fabric.model.handles import Exhausted
+from fabric.model.pools import parse_pool
+from fabric.store.datastore import Datastore
+from fabric.store.keys import ROOT
 from ipam.allocator import Ipam
 from ipam.check import check
-from ipam.pools import parse_pool
-from ipam.records import Exhausted
 
 HANDLES = st.sampled_from([f"h{i}.eth0" for i in range(12)])
 NODES = st.sampled_from(["n1", "n2", "n3"])

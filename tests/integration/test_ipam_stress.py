@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from fabric.registry import Node, Registry
+from fabric.model.nodes import Node
+from fabric.model.pools import parse_pool
+from fabric.store.registry import Registry
 from ipam.allocator import Ipam
 from ipam.check import check
-from ipam.pools import parse_pool
 
 HOSTS = ("host-a", "host-b", "host-c")
 WORKERS = 8

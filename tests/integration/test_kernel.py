@@ -9,7 +9,8 @@ import pytest
 from fabric.kernel import netns
 from fabric.kernel.netns import entered
 from fabric.kernel.reconciler import Reconciler
-from fabric.kernel.routes import Prefix, blackhole, remote
+from fabric.kernel.routes import blackhole, remote
+from fabric.model.prefix import Prefix
 from tests.conftest import needs_root
 from tests.support.fabric import kernel_routes, wait_until
 

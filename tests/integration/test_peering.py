@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from bgp.peers import PeerSpec
-from fabric import keys
 from fabric.lab.peers import Bird, Frr, Neighbor, bird_config
+from fabric.model.peers import PeerSpec
+from fabric.store import keys
 from tests.conftest import needs_root, running_lab
 from tests.support.fabric import (
     agent,

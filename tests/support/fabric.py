@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from fabric.agent import sockets
+from fabric import sockets
 from fabric.lab.topology import Lab
 
 

@@ -14,11 +14,12 @@ import signal
 import sys
 import time
 
-from fabric.datastore import Datastore
-from fabric.registry import Registry, Workload
+from fabric.model.handles import Exhausted
+from fabric.model.nodes import Workload
 from fabric.settings import EtcdSettings, parse_endpoints
+from fabric.store.datastore import Datastore
+from fabric.store.registry import Registry
 from ipam.allocator import Ipam
-from ipam.records import Exhausted
 
 
 def main() -> None:

@@ -3,8 +3,9 @@ import random
 from hypothesis import given
 from hypothesis import strategies as st
 
+from fabric.model.blocks import Block
+from fabric.model.pools import parse_pool
 from ipam.blocks import (
-    Block,
     BlockUsage,
     address_at,
     block_cidr,
@@ -16,7 +17,6 @@ from ipam.blocks import (
     ordinal_of,
     pick_block,
 )
-from ipam.pools import parse_pool
 
 POOL = parse_pool("p", "10.244.0.0/24", 26)
 

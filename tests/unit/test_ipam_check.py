@@ -1,8 +1,8 @@
-from ipam.blocks import Block
+from fabric.model.blocks import Block
+from fabric.model.handles import Allocation, Handle
+from fabric.model.pools import parse_pool
 from ipam.check import IpOwner, Snapshot, check, usage
 from ipam.gc import LeakTracker
-from ipam.pools import parse_pool
-from ipam.records import Allocation, Handle
 
 POOL = parse_pool("p", "10.0.0.0/24", 26)
 BLOCK = "10.0.0.0/26"

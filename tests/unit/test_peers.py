@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from bgp.peers import BgpConfig, PeerError, PeerSpec, parse_peer, peers_for
-from fabric.registry import Node
+from bgp.peers import peers_for
+from fabric.model.nodes import Node
+from fabric.model.peers import BgpConfig, PeerError, PeerSpec, parse_peer
 
 A = Node("a", "192.0.2.1", 64512, {"rack": "r1"})
 B = Node("b", "192.0.2.2", 64512, {"rack": "r2"})

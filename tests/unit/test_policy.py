@@ -6,7 +6,7 @@ import pytest
 
 from bgp import policy
 from bgp.policy import Origin, PolicyContext, evaluate
-from fabric.kernel.routes import Prefix
+from fabric.model.prefix import Prefix
 
 NODE_B = Origin("b", "192.0.2.2", 64512)
 NODE_R = Origin("r", "192.0.2.3", 65003)

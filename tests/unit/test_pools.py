@@ -1,6 +1,6 @@
 import pytest
 
-from ipam.pools import Pool, PoolError, check_overlap, parse_pool, pool_of
+from fabric.model.pools import Pool, PoolError, check_overlap, parse_pool, pool_of
 
 
 def test_defaults_per_family():

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bgp.rib import Path, Rib
-from fabric.kernel.routes import Prefix
+from fabric.model.prefix import Prefix
 
 P = Prefix.parse("10.244.1.0/26")
 

@@ -9,7 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fabric.kernel import netlink
-from fabric.kernel.routes import Prefix, Route, blackhole, diff, kind_of, remote, workload
+from fabric.kernel.routes import Route, blackhole, diff, kind_of, remote, workload
+from fabric.model.prefix import Prefix
 
 
 def test_prefix_parse_and_print():

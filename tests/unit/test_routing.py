@@ -9,13 +9,14 @@ from __future__ import annotations
 import pytest
 
 from bgp import api
-from bgp.peers import BgpConfig, PeerSpec
 from fabric.agent.routing import RoutingController
 from fabric.kernel.reconciler import Reconciler
-from fabric.kernel.routes import Prefix, blackhole
-from fabric.registry import Node
-from ipam.blocks import Block
-from ipam.pools import parse_pool
+from fabric.kernel.routes import blackhole
+from fabric.model.blocks import Block
+from fabric.model.nodes import Node
+from fabric.model.peers import BgpConfig, PeerSpec
+from fabric.model.pools import parse_pool
+from fabric.model.prefix import Prefix
 
 A = Node("a", "192.0.2.1", 64512)
 B = Node("b", "192.0.2.2", 64512)

@@ -25,29 +25,9 @@ import grpc
 from etcd3 import etcdrpc
 
 from fabric.settings import EtcdSettings
+from fabric.store.errors import CorruptValue, DatastoreError, Unavailable
 
 SCHEMA_VERSION = 1
-
-
-class DatastoreError(Exception):
-    """Base of every datastore failure."""
-
-
-class Unavailable(DatastoreError):
-    """etcd could not be reached or did not answer in time."""
-
-
-class CorruptValue(DatastoreError):
-    """A stored value is not a record we can read; names the key."""
-
-    def __init__(self, key: str, reason: str) -> None:
-        super().__init__(f"corrupt value at {key}: {reason}")
-        self.key = key
-        self.reason = reason
-
-
-class Conflict(DatastoreError):
-    """A read-modify-write kept losing races and gave up."""
 
 
 def encode(record: dict[str, Any]) -> bytes:

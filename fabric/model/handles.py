@@ -25,11 +25,6 @@ def check_handle(handle: str) -> str:
     return handle
 
 
-def handle_for(container_id: str, ifname: str) -> str:
-    """The handle of one container interface: ADD retried by a runtime maps to it again."""
-    return check_handle(f"{container_id}.{ifname}")
-
-
 @dataclass(frozen=True)
 class Allocation:
     address: str

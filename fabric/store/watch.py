@@ -14,7 +14,8 @@ from collections.abc import Callable
 from typing import Any
 
 from fabric import logs
-from fabric.datastore import Datastore, DatastoreError
+from fabric.store.datastore import Datastore
+from fabric.store.errors import DatastoreError
 
 Snapshot = dict[str, dict[str, Any]]
 

@@ -1,0 +1,86 @@
+"""The fabric's BGP settings and configured peers, as stored in etcd."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fabric.model.nodes import Node
+
+DEFAULT_AS = 64512
+_PEER_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
+
+
+class PeerError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class BgpConfig:
+    """Fabric-wide settings, `bgp/config` in etcd."""
+
+    asn: int = DEFAULT_AS
+    node_mesh: bool = True
+
+    @classmethod
+    def from_record(cls, value: Mapping[str, Any] | None) -> BgpConfig:
+        if not value:
+            return cls()
+        return cls(int(value.get("asn", DEFAULT_AS)), bool(value.get("node_mesh", True)))
+
+    def to_record(self) -> dict[str, Any]:
+        return {"asn": self.asn, "node_mesh": self.node_mesh}
+
+
+@dataclass(frozen=True)
+class PeerSpec:
+    """A configured peer, `bgp/peers/<name>` in etcd."""
+
+    name: str
+    address: str
+    asn: int
+    node: str | None = None  # only this node peers with it
+    node_selector: dict[str, str] = field(default_factory=dict)  # only matching nodes
+    password: str | None = None
+    max_prefixes: int | None = None
+    route_reflector: bool = False  # informational: shown as kind "reflector"
+
+    def to_record(self) -> dict[str, Any]:
+        return {"name": self.name, "address": self.address, "asn": self.asn,
+                "node": self.node, "node_selector": dict(self.node_selector),
+                "password": self.password, "max_prefixes": self.max_prefixes,
+                "route_reflector": self.route_reflector}
+
+    @classmethod
+    def from_record(cls, value: Mapping[str, Any]) -> PeerSpec:
+        return cls(str(value["name"]), str(value["address"]), int(value["asn"]),
+                   value.get("node"), {str(k): str(v) for k, v in
+                                       (value.get("node_selector") or {}).items()},
+                   value.get("password"), value.get("max_prefixes"),
+                   bool(value.get("route_reflector", False)))
+
+    def applies_to(self, node: Node) -> bool:
+        if self.node is not None:
+            return self.node == node.name
+        return all(node.labels.get(k) == v for k, v in self.node_selector.items())
+
+
+def parse_peer(name: str, address: str, asn: int, **extra: Any) -> PeerSpec:
+    if not _PEER_NAME.match(name):
+        raise PeerError(f"peer name {name!r}: use lower-case letters, digits, '-' and '.'")
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError as exc:
+        raise PeerError(f"peer address {address!r} is not an IP address") from exc
+    if not 1 <= asn <= 4294967295:
+        raise PeerError(f"AS {asn} is out of range (1 to 4294967295)")
+    password = extra.get("password")
+    if password is not None and not 1 <= len(password) <= 80:
+        raise PeerError("password must be 1 to 80 characters (TCP MD5 limit)")
+    limit = extra.get("max_prefixes")
+    if limit is not None and limit < 1:
+        raise PeerError("max-prefixes must be at least 1")
+    return PeerSpec(name, str(parsed), asn, **extra)
