@@ -13,11 +13,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cni.spec import DECODE_FAILURE, INVALID_CONFIG, INVALID_ENV, CniError, check_version
+from fabric.model.handles import MAX_HANDLE, IpamError, check_handle
 
 PLUGIN = "l3fabric"
 IPAM_PLUGIN = "l3fabric-ipam"
 DEFAULT_MTU = 1500
 MTU_RANGE = (576, 65535)
+MAX_IFNAME = 15  # IFNAMSIZ - 1
+# The IPAM handle is `<container id>.<ifname>` and becomes an etcd key segment of at
+# most MAX_HANDLE characters, so the id may use what the longest ifname leaves.
+MAX_CONTAINER_ID = MAX_HANDLE - 1 - MAX_IFNAME
+# Real configurations nest a few levels (prevResult, runtimeConfig, args); the bound
+# keeps every later walk over the document (copies, json.dumps of the result's dns)
+# far from Python's recursion limit.
+MAX_DEPTH = 64
 
 _NETWORK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _CONTAINER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -71,7 +80,7 @@ class Request:
         if not raw:
             return None
         name = str(raw).lower()
-        return name if _DNS_NAME.match(name) else None
+        return name if _DNS_NAME.fullmatch(name) else None
 
 
 def parse_args(text: str) -> dict[str, str]:
@@ -85,23 +94,79 @@ def parse_args(text: str) -> dict[str, str]:
     return args
 
 
-def parse_conf(raw: bytes, verb: str, plugin: str) -> NetConf:
+def network_name_problem(name: object) -> str | None:
+    """Why `name` cannot name a CNI network, or None when it can.
+
+    The one rule for both sides: the plugin refuses a configuration whose name breaks
+    it, and `fabricctl cni install` refuses to write such a conflist (whose file name
+    the network name also becomes, so '/' and newlines must never pass).
+    """
+    if not isinstance(name, str) or not name:
+        return f"network name {name!r} is missing or not a string"
+    if not _NETWORK_NAME.fullmatch(name):
+        return (f"network name {name!r} is invalid: start with a letter or digit and use "
+                "only letters, digits, '_', '.' and '-'")
+    return None
+
+
+def _kind(value: object) -> str:
+    """The JSON type of a decoded value, for messages."""
+    if isinstance(value, bool):
+        return "a boolean"
+    return {dict: "an object", list: "a list", str: "a string", int: "a number",
+            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _object(doc: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """An optional object field: absent or null is empty, anything else but an object
+    is refused. (`doc.get(key) or {}` let `"ipam": []` or `"dns": ""` pass unnoticed.)"""
+    value = doc.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise CniError(INVALID_CONFIG, f"{key} must be a JSON object, not {_kind(value)}")
+    return value
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    """Whether containers nest more than `limit` levels; iterative, so it cannot recurse."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        if depth > limit:
+            return True
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return False
+
+
+def _decode(raw: bytes) -> dict[str, Any]:
     try:
         doc = json.loads(raw or b"null")
     except (ValueError, UnicodeDecodeError) as exc:
         raise CniError(DECODE_FAILURE, f"network configuration is not JSON: {exc}") from exc
+    except RecursionError as exc:  # the C decoder recurses once per nesting level
+        raise CniError(DECODE_FAILURE, "network configuration nests too deeply to decode "
+                                       f"(at most {MAX_DEPTH} levels)") from exc
     if not isinstance(doc, dict):
         raise CniError(DECODE_FAILURE, "network configuration must be a JSON object")
+    if _too_deep(doc, MAX_DEPTH):
+        raise CniError(DECODE_FAILURE, f"network configuration nests more than {MAX_DEPTH} "
+                                       "levels deep")
+    return doc
+
+
+def parse_conf(raw: bytes, verb: str, plugin: str) -> NetConf:
+    doc = _decode(raw)
     version = doc.get("cniVersion")
     if not isinstance(version, str):
         raise CniError(INVALID_CONFIG, "network configuration has no cniVersion")
     check_version(version, verb)
     name = doc.get("name")
-    if not isinstance(name, str) or not _NETWORK_NAME.match(name):
-        raise CniError(INVALID_CONFIG, f"network name {name!r} is missing or invalid")
-    ipam = doc.get("ipam") or {}
-    if not isinstance(ipam, dict):
-        raise CniError(INVALID_CONFIG, "ipam must be an object")
+    problem = network_name_problem(name)
+    if problem:
+        raise CniError(INVALID_CONFIG, problem)
+    ipam = _object(doc, "ipam")
     if plugin == PLUGIN and ipam.get("type", IPAM_PLUGIN) != IPAM_PLUGIN:
         raise CniError(INVALID_CONFIG, f"ipam type {ipam.get('type')!r} is not supported by "
                                        f"{PLUGIN}; use {IPAM_PLUGIN} or leave ipam out")
@@ -115,23 +180,26 @@ def parse_conf(raw: bytes, verb: str, plugin: str) -> NetConf:
                               not all(isinstance(p, str) and p for p in pools)):
         raise CniError(INVALID_CONFIG, "ipam.pools must be a list of pool names")
     families = ipam.get("families", [4])
+    # type() rather than isinstance: true is an int to Python, and 4.0 == 4 in a set.
     if not isinstance(families, list) or not families or \
-            not set(families) <= {4, 6} or len(set(families)) != len(families):
+            any(type(f) is not int or f not in (4, 6) for f in families) or \
+            len(set(families)) != len(families):
         raise CniError(INVALID_CONFIG, f"ipam.families {families!r} must be [4], [6] or [4, 6]")
     socket_path = doc.get("agent_socket")
     if socket_path is not None and (not isinstance(socket_path, str) or not socket_path):
         raise CniError(INVALID_CONFIG, "agent_socket must be a path or @abstract-name")
-    dns = doc.get("dns") or {}
+    dns = _object(doc, "dns")
     prev = doc.get("prevResult")
-    if not isinstance(dns, dict) or (prev is not None and not isinstance(prev, dict)):
-        raise CniError(INVALID_CONFIG, "dns and prevResult must be objects")
-    runtime = doc.get("runtimeConfig") or {}
-    if not isinstance(runtime, dict):
-        raise CniError(INVALID_CONFIG, "runtimeConfig must be an object")
-    routes = ipam.get("routes") or []
+    if prev is not None and not isinstance(prev, dict):
+        raise CniError(INVALID_CONFIG, f"prevResult must be a JSON object, not {_kind(prev)}")
+    runtime = _object(doc, "runtimeConfig")
+    routes = ipam.get("routes")
+    routes = [] if routes is None else routes
     if not isinstance(routes, list) or not all(
-            isinstance(r, dict) and isinstance(r.get("dst"), str) for r in routes):
-        raise CniError(INVALID_CONFIG, "ipam.routes must be a list of {\"dst\": CIDR}")
+            isinstance(r, dict) and isinstance(r.get("dst"), str)
+            and isinstance(r.get("gw"), str | None) for r in routes):
+        raise CniError(INVALID_CONFIG, "ipam.routes must be a list of "
+                                       "{\"dst\": CIDR, \"gw\": address (optional)}")
     valid = None
     if verb == "GC":
         valid = _valid_attachments(doc.get("cni.dev/valid-attachments"))
@@ -168,12 +236,26 @@ def parse_request(env: Mapping[str, str], stdin: bytes, plugin: str = PLUGIN) ->
     if missing:
         raise CniError(INVALID_ENV, f"{command} needs {', '.join(missing)} set")
     container_id = env.get("CNI_CONTAINERID", "")
-    if container_id and not _CONTAINER_ID.match(container_id):
+    if len(container_id) > MAX_CONTAINER_ID:
+        raise CniError(INVALID_ENV, f"CNI_CONTAINERID is {len(container_id)} characters long; "
+                                    f"at most {MAX_CONTAINER_ID} are allowed (the IPAM handle "
+                                    "<CNI_CONTAINERID>.<CNI_IFNAME> is an etcd key segment of "
+                                    f"at most {MAX_HANDLE} characters)")
+    if container_id and not _CONTAINER_ID.fullmatch(container_id):
         raise CniError(INVALID_ENV, f"CNI_CONTAINERID {container_id!r} has characters "
                                     "other than letters, digits, '_', '.', '-'")
     ifname = env.get("CNI_IFNAME", "")
-    if ifname and (len(ifname) > 15 or _IFNAME_BAD.search(ifname) or ifname in (".", "..")):
-        raise CniError(INVALID_ENV, f"CNI_IFNAME {ifname!r} is not a valid interface name")
+    if ifname and (len(ifname) > MAX_IFNAME or _IFNAME_BAD.search(ifname)
+                   or ifname in (".", "..")):
+        raise CniError(INVALID_ENV, f"CNI_IFNAME {ifname!r} is not a valid interface name "
+                                    f"(at most {MAX_IFNAME} characters, no '/', ':' or space)")
+    if container_id and ifname:
+        try:
+            check_handle(f"{container_id}.{ifname}")
+        except IpamError as exc:
+            raise CniError(INVALID_ENV, f"CNI_IFNAME {ifname!r}: l3fabric names the attachment "
+                                        "<CNI_CONTAINERID>.<CNI_IFNAME>, which allows only "
+                                        "letters, digits and _.:@-") from exc
     netns = env.get("CNI_NETNS", "")
     if netns and not netns.startswith("/"):
         raise CniError(INVALID_ENV, f"CNI_NETNS {netns!r} must be an absolute path")

@@ -6,7 +6,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-_HANDLE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,252}$")
+# Handles are etcd key segments (`ipam/handles/<handle>`, `workloads/<node>/<handle>`):
+# no '/', and short enough that every key built from one stays readable.
+MAX_HANDLE = 253
+_HANDLE = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9_.:@-]{{0,{MAX_HANDLE - 1}}}$")
 
 
 class IpamError(Exception):
@@ -19,9 +22,9 @@ class Exhausted(IpamError):
 
 def check_handle(handle: str) -> str:
     """Handles become etcd key segments, so they may not contain '/' or be empty."""
-    if not isinstance(handle, str) or not _HANDLE.match(handle):
+    if not isinstance(handle, str) or not _HANDLE.fullmatch(handle):
         raise IpamError(f"invalid handle {handle!r}: use letters, digits and _.:@- "
-                        "(no '/'), at most 253 characters")
+                        f"(no '/'), at most {MAX_HANDLE} characters")
     return handle
 
 

@@ -69,7 +69,7 @@ class PeerSpec:
 
 
 def parse_peer(name: str, address: str, asn: int, **extra: Any) -> PeerSpec:
-    if not _PEER_NAME.match(name):
+    if not _PEER_NAME.fullmatch(name):
         raise PeerError(f"peer name {name!r}: use lower-case letters, digits, '-' and '.'")
     try:
         parsed = ipaddress.ip_address(address)

@@ -71,7 +71,7 @@ def parse_pool(name: str, cidr: str, block_size: int | None = None, *,
                nat_outgoing: bool = False, disabled: bool = False,
                strict_affinity: bool = False) -> Pool:
     """Validate user input and build a Pool, or raise PoolError naming the problem."""
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise PoolError(f"pool name {name!r}: use lower-case letters, digits, '-' and '.' "
                         "(at most 63 characters)")
     try:
