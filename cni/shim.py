@@ -13,6 +13,11 @@ counterpart `decode_request` from here, so both sides share one definition):
   response: b"<exit status>\n" then the bytes to print on stdout.
   For ADD, CHECK and DEL the network namespace also travels as an open descriptor
   (SCM_RIGHTS with the first bytes of the request).
+
+Sizes are bounded on both sides: the shim refuses more than MAX_STDIN bytes of
+configuration before it connects, and the agent's server (`fabric.sockets.serve`)
+stops reading a request past MAX_REQUEST, so no client can make the agent buffer
+without limit.
 """
 
 import os
@@ -24,6 +29,14 @@ FIELDS = ("plugin", "CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME",
 DEFAULT_SOCKET = "@l3fabric/cni"  # abstract: one per network namespace, i.e. per host
 VERSIONS = b'["0.3.0","0.3.1","0.4.0","1.0.0","1.1.0"]'
 TIMEOUT = 120.0
+# A network configuration is a few KiB, with prevResult and runtimeConfig tens of KiB.
+MAX_STDIN = 4 << 20
+# The request adds six environment values to stdin; the kernel caps each at 128 KiB
+# (MAX_ARG_STRLEN), so 1 MiB covers them and the framing.
+MAX_REQUEST = MAX_STDIN + (1 << 20)
+DECODE_FAILURE = 6
+INVALID_CONFIG = 7
+_SUPPORTED = (b"0.3.0", b"0.3.1", b"0.4.0", b"1.0.0", b"1.1.0")
 
 
 def encode_request(values):
@@ -36,17 +49,22 @@ def encode_request(values):
 
 
 def decode_request(data):
-    """dict of FIELDS from a request; ValueError when it is malformed."""
+    """dict of FIELDS from a request; ValueError when it is malformed.
+
+    The messages never quote the request's bytes: callers put them in error documents.
+    """
     if not data.startswith(MAGIC):
         raise ValueError("not an l3fabric CNI request")
     pos, values = len(MAGIC), []
-    for _ in FIELDS:
-        colon = data.index(b":", pos)
-        length = int(data[pos:colon])
+    for field in FIELDS:
+        colon = data.find(b":", pos, pos + 21)
+        digits = data[pos:colon]
+        if colon < 0 or not digits.isdigit():
+            raise ValueError(f"bad length of field {field}")
         start = colon + 1
-        end = start + length
+        end = start + int(digits)
         if data[end:end + 1] != b",":
-            raise ValueError("bad field framing")
+            raise ValueError(f"bad framing of field {field}")
         values.append(data[start:end])
         pos = end + 1
     return dict(zip(FIELDS, values, strict=True))
@@ -58,52 +76,73 @@ def socket_address(name):
 
 
 def _version_of(stdin):
-    """The request's cniVersion, found without a JSON parser (for our own errors)."""
+    """The request's cniVersion, found without a JSON parser (for our own errors);
+    one we do not support, or none, gives the latest."""
     at = stdin.find(b'"cniVersion"')
     if at >= 0:
         start = stdin.find(b'"', stdin.find(b":", at) + 1) + 1
         end = stdin.find(b'"', start)
-        if 0 < start <= end and end - start < 16:
+        if 0 < start <= end and stdin[start:end] in _SUPPORTED:
             return stdin[start:end]
     return b"1.1.0"
 
 
 def _error(stdin, code, msg):
-    sys.stdout.buffer.write(b'{"cniVersion":"%s","code":%d,"msg":"%s"}\n'
-                            % (_version_of(stdin), code, msg.encode()))
+    """Print the spec's error document. Built by the JSON encoder, never by formatting:
+    messages carry socket names and OS errors, which may hold quotes, backslashes or
+    newlines. Imported here, so only failures pay for it."""
+    import json
+
+    doc = {"cniVersion": _version_of(stdin).decode(), "code": code, "msg": msg}
+    sys.stdout.buffer.write(json.dumps(doc).encode() + b"\n")
     return 1
 
 
 def _agent_socket(stdin):
+    """(socket name, None), or (None, (code, message)) when the configuration names a
+    socket but cannot be decoded, or names one no socket can have."""
     if b'"agent_socket"' in stdin:  # rare: only then pay for a JSON parser
         import json
         try:
-            name = json.loads(stdin).get("agent_socket")
-        except (ValueError, AttributeError):
-            name = None
+            doc = json.loads(stdin)
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
+            return None, (DECODE_FAILURE, f"network configuration is not JSON: {exc}")
+        name = doc.get("agent_socket") if isinstance(doc, dict) else None
         if isinstance(name, str) and name:
-            return name
-    return DEFAULT_SOCKET
+            try:
+                usable = "\0" not in name and len(os.fsencode(socket_address(name))) <= 107
+            except UnicodeEncodeError:  # a lone surrogate from a JSON escape
+                usable = False
+            if not usable:
+                return None, (INVALID_CONFIG, f"agent_socket {name!r} is not a socket path "
+                                              "or @name (at most 107 bytes, no NUL)")
+            return name, None
+    return DEFAULT_SOCKET, None
 
 
 def main():
     import _socket  # the C module: `socket` would pull in enum, selectors and more
 
-    env = os.environ
-    command = env.get("CNI_COMMAND", "")
-    stdin = sys.stdin.buffer.read() if command != "VERSION" else b""
-    if command == "VERSION":
+    env = os.environb  # bytes: a value that is not UTF-8 travels as it is
+    command = env.get(b"CNI_COMMAND", b"")
+    if command == b"VERSION":
         sys.stdout.buffer.write(b'{"cniVersion":"1.1.0","supportedVersions":%s}\n' % VERSIONS)
         return 0
-    plugin = os.path.basename(sys.argv[0]).encode()
-    values = [plugin] + [env.get(k, "").encode() for k in FIELDS[1:-1]] + [stdin]
-    name = _agent_socket(stdin)
+    stdin = sys.stdin.buffer.read(MAX_STDIN + 1)
+    if len(stdin) > MAX_STDIN:
+        return _error(stdin, DECODE_FAILURE, f"network configuration is larger than "
+                                             f"{MAX_STDIN} bytes; refused unread")
+    plugin = os.fsencode(os.path.basename(sys.argv[0]))
+    values = [plugin] + [env.get(k.encode(), b"") for k in FIELDS[1:-1]] + [stdin]
+    name, problem = _agent_socket(stdin)
+    if problem:
+        return _error(stdin, *problem)
     # The namespace travels as an open file descriptor, not only as a path: the agent
     # may live in another mount namespace, where the runtime's netns mount is invisible.
     netns_fd = -1
-    if command in ("ADD", "CHECK", "DEL") and env.get("CNI_NETNS"):
+    if command in (b"ADD", b"CHECK", b"DEL") and env.get(b"CNI_NETNS"):
         try:
-            netns_fd = os.open(env["CNI_NETNS"], os.O_RDONLY)
+            netns_fd = os.open(env[b"CNI_NETNS"], os.O_RDONLY)
         except OSError:
             netns_fd = -1
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
@@ -112,7 +151,7 @@ def main():
         sock.connect(socket_address(name))
     except OSError:
         sock.close()
-        if command == "STATUS":
+        if command == b"STATUS":
             return _error(stdin, 50, f"l3fabric agent is not running on this host ({name})")
         return _error(stdin, 11, f"l3fabric agent is not running on this host ({name}); "
                                  "start fabric-agent and try again")
@@ -133,8 +172,7 @@ def main():
                 break
             chunks.append(chunk)
     except OSError as exc:
-        detail = str(exc).replace('"', "'")
-        return _error(stdin, 11, f"l3fabric agent did not answer ({name}): {detail}")
+        return _error(stdin, 11, f"l3fabric agent did not answer ({name}): {exc}")
     finally:
         sock.close()
     reply = b"".join(chunks)
