@@ -7,6 +7,10 @@ namespace reaches that host's agent. Other names are filesystem paths.
 
 Only root may talk to the agent: abstract sockets have no file permissions, so each
 connection's peer credentials are checked.
+
+A server thread never waits or buffers without bound: a request larger than the
+server's limit, or one that does not arrive in full within its read timeout (a
+client that connected and went quiet), closes the connection unanswered.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import socket
 import socketserver
 import struct
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from fabric import logs
@@ -26,6 +32,11 @@ from fabric.kernel.netns import entered
 
 _UCRED = struct.Struct("=iII")
 CONTROL_SOCKET = "@l3fabric/agent"  # the agent's default control socket (fabricctl)
+# Defaults for serve(): enough for the largest CNI request the shim sends
+# (cni.shim.MAX_REQUEST, a test keeps them in step), and far more time than a local
+# client needs to write it. Callers with smaller requests pass smaller limits.
+MAX_REQUEST = 8 << 20
+READ_TIMEOUT = 10.0
 
 
 class AgentUnreachable(ConnectionError):
@@ -46,10 +57,60 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     allow_reuse_address = False
 
 
-def serve(name: str, handle: Callable[[bytes, list[int]], bytes], label: str) -> _Server:
+@dataclass(frozen=True)
+class Received:
+    """What `read_request` got from one client."""
+
+    data: bytes
+    fds: list[int]
+    refused: str | None = None  # why the request was dropped, None when complete
+
+
+def read_request(sock: socket.socket, max_bytes: int, timeout: float) -> Received:
+    """Everything the client sends until it shuts down its write side, with the
+    descriptors passed along (SCM_RIGHTS).
+
+    Gives up, with `refused` saying why, past `max_bytes` or when the whole request
+    has not arrived `timeout` seconds after the first read: a deadline for the whole
+    request rather than per read, so a client trickling a byte at a time cannot hold
+    the thread either.
+    """
+    deadline = time.monotonic() + timeout
+    chunks: list[bytes] = []
+    fds: list[int] = []
+    size = 0
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return Received(b"", fds, f"no complete request within {timeout:g}s")
+        sock.settimeout(remaining)
+        try:
+            chunk, ancillary, _, _ = sock.recvmsg(65536, socket.CMSG_SPACE(4 * 4))
+        except TimeoutError:
+            return Received(b"", fds, f"no complete request within {timeout:g}s")
+        except OSError as exc:  # the client reset the connection
+            return Received(b"", fds, f"connection failed: {exc.strerror or exc}")
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                usable = len(data) - len(data) % 4
+                fds += list(struct.unpack(f"={usable // 4}i", data[:usable]))
+        if not chunk:
+            return Received(b"".join(chunks), fds)
+        size += len(chunk)
+        if size > max_bytes:
+            return Received(b"", fds, f"request larger than {max_bytes} bytes")
+        chunks.append(chunk)
+
+
+def serve(name: str, handle: Callable[[bytes, list[int]], bytes], label: str, *,
+          max_request: int = MAX_REQUEST, read_timeout: float = READ_TIMEOUT) -> _Server:
     """Serve `handle(request bytes, descriptors) -> response bytes` on `name`, one thread
     per client. A request is everything the client sends until it shuts down its write
     side; descriptors passed with it (SCM_RIGHTS) are closed after `handle` returns.
+
+    A request over `max_request` bytes, or not complete within `read_timeout` seconds,
+    is dropped: the connection is closed without an answer and `handle` never sees it.
+    The same timeout bounds sending the answer to a client that stopped reading.
     """
     log = logs.get("socket", socket=name, server=label)
 
@@ -59,25 +120,21 @@ def serve(name: str, handle: Callable[[bytes, list[int]], bytes], label: str) ->
             if peer_uid(sock) != 0:
                 sock.sendall(b"")
                 return
-            chunks, fds = [], []
-            while True:
-                chunk, ancillary, _, _ = sock.recvmsg(65536, socket.CMSG_SPACE(4 * 4))
-                for level, kind, data in ancillary:
-                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                        usable = len(data) - len(data) % 4
-                        fds += list(struct.unpack(f"={usable // 4}i", data[:usable]))
-                if not chunk:
-                    break
-                chunks.append(chunk)
+            got = read_request(sock, max_request, read_timeout)
             try:
-                reply = handle(b"".join(chunks), fds)
-            except Exception:
-                log.exception("request handler failed")
-                return
+                if got.refused is not None:
+                    log.warning("request dropped", reason=got.refused)
+                    return
+                try:
+                    reply = handle(got.data, got.fds)
+                except Exception:
+                    log.exception("request handler failed")
+                    return
             finally:
-                for fd in fds:
+                for fd in got.fds:
                     with contextlib.suppress(OSError):
                         os.close(fd)
+            sock.settimeout(read_timeout)
             with contextlib.suppress(OSError):
                 sock.sendall(reply)
 
