@@ -69,3 +69,15 @@ def test_cni_install(tmp_path):
     bad = subprocess.run([*FABRICCTL, "cni", "install", "--bin-dir", str(tmp_path),
                           "--mtu", "9"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--mtu 9" in bad.stderr
+
+
+@pytest.mark.parametrize("network", ["bad name", "../escape", "prod\n"])
+def test_cni_install_refuses_a_network_name_the_plugin_would_refuse(tmp_path, network):
+    result = subprocess.run([*FABRICCTL, "cni", "install", "--bin-dir", str(tmp_path / "bin"),
+                             "--conf-dir", str(tmp_path / "net.d"), "--network", network],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("fabricctl: the plugin would refuse this configuration: "
+                                    f"network name {network!r} is invalid")
+    assert not (tmp_path / "net.d").exists() and not (tmp_path / "bin").exists()
