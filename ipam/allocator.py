@@ -20,18 +20,21 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from fabric import logs
 from fabric.model.blocks import Block
 from fabric.model.handles import Allocation, Exhausted, Handle, IpamError, check_handle
-from fabric.model.pools import Pool, PoolError, check_overlap, pool_of
+from fabric.model.nodes import Node
+from fabric.model.peers import PeerSpec
+from fabric.model.pools import Pool, PoolError, check_overlap, check_underlay, pool_of
 from fabric.store import keys
 from fabric.store.datastore import (
     Datastore,
     Entry,
+    Listing,
     Read,
     absent,
     delete,
@@ -58,6 +61,8 @@ from ipam.check import IpOwner, Report, Snapshot
 
 # etcd refuses transactions with more than 128 operations by default.
 MAX_TXN_OPS = 128
+
+T = TypeVar("T")
 
 
 
@@ -110,17 +115,29 @@ class Ipam:
         return sorted(((_pool(e), e) for e in listing.entries), key=lambda pe: pe[0].name)
 
     def add_pool(self, pool: Pool) -> None:
+        """Add `pool` unless it overlaps another pool or swallows an underlay address.
+
+        The pools, the registered nodes and the configured BGP peers are each listed,
+        and the write compares each prefix unchanged since its listing: a node that
+        registers, or a peer added, between the check and the write makes it retry.
+        """
         for _ in range(self.max_attempts):
             listing = self.store.list(keys.POOLS)
+            nodes = self.store.list(keys.NODES)
+            peers = self.store.list(keys.BGP_PEERS)
             existing = [_pool(e) for e in listing.entries]
             check_overlap(pool, existing)
             for bad in listing.corrupt:  # a corrupt record still reserves its name
                 if keys.last_segment(bad.key) == pool.name:
                     raise PoolError(f"a pool named {pool.name!r} exists but is unreadable "
                                     f"({bad.key})")
+            check_underlay(pool, readable(nodes, Node.from_record, "node", self.log),
+                           readable(peers, PeerSpec.from_record, "BGP peer", self.log))
             key = keys.pool(pool.name)
             ok, _ = self.store.txn(
-                [prefix_unchanged_since(keys.POOLS, listing.revision), absent(key)],
+                [prefix_unchanged_since(keys.POOLS, listing.revision),
+                 prefix_unchanged_since(keys.NODES, nodes.revision),
+                 prefix_unchanged_since(keys.BGP_PEERS, peers.revision), absent(key)],
                 [put(key, pool.to_record())])
             if ok:
                 self.log.info("pool added", pool=pool.name, cidr=pool.cidr)
@@ -602,6 +619,24 @@ class Ipam:
                 address = address_at(block.cidr, int(keys.last_segment(key)))
                 used[address] = row.value.get("handle") if isinstance(row, Entry) else None
         return used
+
+
+def readable(listing: Listing, parse: Callable[[dict[str, Any]], T], kind: str,
+             log: Any) -> list[T]:
+    """The records of a listing that parse; the others are logged and left out.
+
+    For checks against other records (a new pool against the nodes): an unreadable
+    record cannot be checked against, and must not block an unrelated change.
+    """
+    found = []
+    for bad in listing.corrupt:
+        log.warning(f"{kind} record unreadable", key=bad.key, reason=bad.reason)
+    for entry in listing.entries:
+        try:
+            found.append(parse(entry.value))
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning(f"{kind} record unreadable", key=entry.key, reason=str(exc))
+    return found
 
 
 def _pool(entry: Entry) -> Pool:

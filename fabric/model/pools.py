@@ -13,6 +13,9 @@ from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Any
 
+from fabric.model.nodes import Node
+from fabric.model.peers import PeerSpec
+
 DEFAULT_BLOCK_SIZE = {4: 26, 6: 122}
 # Smallest and largest block prefix length per family: a block must hold at least
 # one address and at most 4096, so a host's block list stays short.
@@ -101,6 +104,38 @@ def check_overlap(pool: Pool, existing: Iterable[Pool]) -> None:
             raise PoolError(f"a pool named {pool.name!r} already exists ({other.cidr})")
         if other.family == pool.family and other.network.overlaps(pool.network):
             raise PoolError(f"pool {pool.cidr} overlaps pool {other.name!r} ({other.cidr})")
+
+
+def underlay_conflicts(pool: Pool, nodes: Iterable[Node], peers: Iterable[PeerSpec]
+                       ) -> list[str]:
+    """What in the underlay `pool` would swallow: each node or BGP peer whose own
+    address lies inside it, as a phrase naming it ("node h1 (10.99.0.11)").
+
+    A host routes every block it owns to a blackhole (so unallocated addresses go
+    nowhere) and other hosts route the block to that host: a block covering an
+    underlay address cuts the hosts off from it, BGP sessions included. Addresses that
+    do not parse are left out: they reach no one either.
+    """
+    found = []
+    named = [(f"node {n.name}", n.address) for n in nodes]
+    named += [(f"BGP peer {p.name}", p.address) for p in peers]
+    for what, address in named:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            continue
+        if ip.version == pool.family and ip in pool.network:
+            found.append(f"{what} ({address})")
+    return found
+
+
+def check_underlay(pool: Pool, nodes: Iterable[Node], peers: Iterable[PeerSpec]) -> None:
+    """Refuse a pool that contains a node's or a configured BGP peer's address."""
+    conflicts = underlay_conflicts(pool, nodes, peers)
+    if conflicts:
+        raise PoolError(f"pool {pool.cidr} contains the address of {', '.join(conflicts)}: "
+                        "hosts would route it into the pool's blocks and lose it; choose a "
+                        "range outside the underlay")
 
 
 def pool_of(address: str, pools: Iterable[Pool]) -> Pool | None:

@@ -46,3 +46,27 @@ def test_pool_of():
     assert pool_of("10.1.0.7", pools).name == "a"
     assert pool_of("fd00::5", pools).name == "b"
     assert pool_of("10.2.0.1", pools) is None
+
+
+def test_underlay_conflicts_name_nodes_and_peers():
+    from fabric.model.nodes import Node
+    from fabric.model.peers import PeerSpec
+    from fabric.model.pools import check_underlay, underlay_conflicts
+
+    nodes = [Node("h1", "10.99.0.11", 64512), Node("h2", "10.98.0.12", 64512),
+             Node("v6", "fd00:99::1", 64512), Node("broken", "not-an-ip", 64512)]
+    peers = [PeerSpec("tor1", "10.99.0.254", 65000), PeerSpec("far", "192.0.2.1", 65000)]
+    pool = parse_pool("underlay", "10.99.0.0/24")
+    assert underlay_conflicts(pool, nodes, peers) == ["node h1 (10.99.0.11)",
+                                                      "BGP peer tor1 (10.99.0.254)"]
+    with pytest.raises(PoolError, match=r"contains the address of node h1 \(10.99.0.11\), "
+                                        r"BGP peer tor1 \(10.99.0.254\)"):
+        check_underlay(pool, nodes, peers)
+    check_underlay(parse_pool("ok", "10.244.0.0/16"), nodes, peers)
+    assert underlay_conflicts(parse_pool("six", "fd00:99::/64"), nodes, peers) == [
+        "node v6 (fd00:99::1)"]
+
+
+def test_names_with_a_trailing_newline_are_refused():
+    with pytest.raises(PoolError, match="pool name"):
+        parse_pool("p\n", "10.0.0.0/24")
