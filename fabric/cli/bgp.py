@@ -6,12 +6,24 @@ from __future__ import annotations
 import argparse
 
 from bgp.config import password_ok
+from fabric import logs
 from fabric.cli.context import Context
 from fabric.cli.output import OK, CliError, emit_json, table
 from fabric.kernel.features import tcp_md5_supported
-from fabric.model.peers import BgpConfig, PeerError, PeerSpec, parse_peer
+from fabric.model.nodes import Node
+from fabric.model.peers import BgpConfig, PeerError, PeerSpec, check_not_a_node, parse_peer
+from fabric.model.pools import Pool, pool_of
 from fabric.store import keys
-from fabric.store.datastore import absent, put, unchanged
+from fabric.store.datastore import (
+    Datastore,
+    absent,
+    get_op,
+    prefix_unchanged_since,
+    put,
+    unchanged,
+)
+from fabric.store.errors import Conflict
+from ipam.allocator import readable
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -107,10 +119,10 @@ def peer_add(ctx: Context) -> int:
         if not tcp_md5_supported():
             raise CliError("--password: this kernel does not support TCP MD5 signatures "
                            "(CONFIG_TCP_MD5SIG); BGP passwords cannot work here")
-    ok, _ = ctx.store.txn([absent(keys.bgp_peer(spec.name))],
-                          [put(keys.bgp_peer(spec.name), spec.to_record())])
-    if not ok:
-        raise CliError(f"a peer named {spec.name} exists; remove it first")
+    try:
+        add_peer(ctx.store, spec)
+    except PeerError as exc:
+        raise CliError(str(exc)) from exc
     if ctx.json:
         emit_json(_public(spec))
     else:
@@ -119,6 +131,34 @@ def peer_add(ctx: Context) -> int:
             if spec.node_selector else "every node")
         print(f"peer {spec.name} added: {spec.address} AS {spec.asn}, for {where}")
     return OK
+
+
+def add_peer(store: Datastore, spec: PeerSpec, attempts: int = 20) -> None:
+    """Write `spec` unless its name is taken, its address is a node's, or an IP pool
+    contains its address (a host owning that block would blackhole the peer).
+
+    The write compares the nodes and pools prefixes unchanged since they were listed,
+    so a node registering at that address, or a pool added around it, between the
+    check and the write makes it check again.
+    """
+    log = logs.get("cli.bgp")
+    key = keys.bgp_peer(spec.name)
+    for _ in range(attempts):
+        nodes = store.list(keys.NODES)
+        pools = store.list(keys.POOLS)
+        check_not_a_node(spec, readable(nodes, Node.from_record, "node", log))
+        pool = pool_of(spec.address, readable(pools, Pool.from_record, "pool", log))
+        if pool is not None:
+            raise PeerError(f"{spec.address} is inside IP pool {pool.name} ({pool.cidr}): "
+                            "hosts would route it into the pool's blocks")
+        ok, rows = store.txn([absent(key), prefix_unchanged_since(keys.NODES, nodes.revision),
+                              prefix_unchanged_since(keys.POOLS, pools.revision)],
+                             [put(key, spec.to_record())], [get_op(key)])
+        if ok:
+            return
+        if rows[0]:
+            raise PeerError(f"a peer named {spec.name} exists; remove it first")
+    raise Conflict(f"could not add peer {spec.name}: nodes or pools kept changing")
 
 
 def peer_rm(ctx: Context) -> int:

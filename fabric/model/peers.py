@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +66,27 @@ class PeerSpec:
         if self.node is not None:
             return self.node == node.name
         return all(node.labels.get(k) == v for k, v in self.node_selector.items())
+
+
+def check_not_a_node(spec: PeerSpec, nodes: Iterable[Node]) -> None:
+    """Refuse a configured peer at a node's own address.
+
+    Every node already peers with every other in the mesh; a configured peer wins over
+    the mesh session for the same address, so the other nodes would replace their
+    working session to that node with one it never answers (wrong AS, or no
+    matching configuration on its side).
+    """
+    for node in nodes:
+        if _same_address(node.address, spec.address):
+            raise PeerError(f"{spec.address} is the address of node {node.name}: nodes "
+                            "peer with each other through the mesh already")
+
+
+def _same_address(a: str, b: str) -> bool:
+    try:
+        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
+    except ValueError:
+        return False
 
 
 def parse_peer(name: str, address: str, asn: int, **extra: Any) -> PeerSpec:
