@@ -94,7 +94,7 @@ def _error(stdin, code, msg):
     import json
 
     doc = {"cniVersion": _version_of(stdin).decode(), "code": code, "msg": msg}
-    sys.stdout.buffer.write(json.dumps(doc).encode() + b"\n")
+    sys.stdout.buffer.write(json.dumps(doc, separators=(",", ":")).encode() + b"\n")
     return 1
 
 
