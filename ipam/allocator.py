@@ -26,8 +26,15 @@ from typing import Any, TypeVar
 
 from fabric import logs
 from fabric.model.blocks import Block
-from fabric.model.handles import Allocation, Exhausted, Handle, IpamError, check_handle
-from fabric.model.nodes import Node
+from fabric.model.handles import (
+    Allocation,
+    Exhausted,
+    Handle,
+    InUse,
+    IpamError,
+    check_handle,
+)
+from fabric.model.nodes import Node, Workload
 from fabric.model.peers import PeerSpec
 from fabric.model.pools import Pool, PoolError, check_overlap, check_underlay, pool_of
 from fabric.store import keys
@@ -181,7 +188,7 @@ class Ipam:
         released = 0
         if force:
             for address, owner in self._used_addresses(blocks).items():
-                if self.release_address(address) is not None or owner is None:
+                if self.release_address(address, force=True) is not None or owner is None:
                     released += 1
         for block in blocks:
             self._free_block(block, require_empty=not force)
@@ -435,8 +442,14 @@ class Ipam:
             self._backoff(attempt)
         raise Conflict(f"could not release {handle}: lost {self.max_attempts} races")
 
-    def release_address(self, address: str) -> str | None:
-        """Free one address whoever holds it; returns the handle that held it, if any."""
+    def release_address(self, address: str, *, force: bool = False) -> str | None:
+        """Free one address whoever holds it; returns the handle that held it, if any.
+
+        Refused with InUse while the holding handle has a workload registration, unless
+        `force`: the next ADD would get the address while that container still uses
+        it. The transaction compares the registration still absent, so a workload
+        registering meanwhile is caught as well.
+        """
         pool = pool_of(address, self.pools())
         if pool is None:
             raise IpamError(f"{address} is not inside any IP pool")
@@ -456,17 +469,26 @@ class Ipam:
             compare = [unchanged(key, ip_row.mod_revision)]
             success = [delete(key)]
             handle_entry = self.store.get(keys.handle(owner)) if owner else None
+            nodes = {node} - {""}
             if handle_entry is not None:
                 record = Handle.from_record(handle_entry.value)
+                nodes.add(record.node)
                 compare.append(unchanged(handle_entry.key, handle_entry.mod_revision))
                 rest = record.without(address)
                 success.append(put(handle_entry.key, rest.to_record()) if rest.allocations
                                else delete(handle_entry.key))
+            if owner and not force:
+                registered = [keys.workload(n, owner) for n in sorted(nodes)]
+                for reg_key, found in zip(registered, self.store.read_many(
+                        [get_op(k) for k in registered]), strict=True):
+                    if found:
+                        raise InUse(_in_use(address, owner, reg_key, found[0]))
+                compare += [absent(k) for k in registered]
             if node:
                 success.append(delete(keys.borrowed(node, address)))
             ok, _ = self.store.txn(compare, success)
             if ok:
-                self.log.info("released address", address=address, handle=owner)
+                self.log.info("released address", address=address, handle=owner, forced=force)
                 return owner or None
             self._backoff(attempt)
         raise Conflict(f"could not release {address}: lost {self.max_attempts} races")
@@ -513,10 +535,15 @@ class Ipam:
             record = _decoded(_handle, entry, corrupt)
             if record:
                 handles[record.handle] = record
-        workloads = set()
-        for entry in good(workloads_r):
-            node, _, handle = entry.key[len(keys.WORKLOADS):].partition("/")
-            workloads.add((node, handle))
+        # A registration counts even when unreadable (its handle is not a leak); its
+        # addresses are then unknown, and the record is reported as corrupt.
+        workloads: dict[tuple[str, str], tuple[str, ...]] = {}
+        for row in workloads_r:
+            node, _, handle = row.key[len(keys.WORKLOADS):].partition("/")
+            registered = _decoded(_workload, row, corrupt) if isinstance(row, Entry) else None
+            if isinstance(row, CorruptValue):
+                corrupt.append(row)
+            workloads[node, handle] = registered.ips if registered else ()
         nodes = {keys.last_segment(e.key) for e in good(nodes_r)}
         return Snapshot(pools, blocks, ips, handles, workloads, nodes, corrupt)
 
@@ -524,8 +551,10 @@ class Ipam:
             "leak", "orphan-ip", "dangling", "orphan-block")) -> dict[str, int]:
         """Free what `check` found, each with the compares that keep it safe.
 
-        Leaks are released only while their workload is still unregistered; blocks of
-        dead nodes only when empty. Duplicates are never touched: they need a person.
+        Leaks are released only while their workload is still unregistered, orphan
+        addresses only while no registered workload uses them; blocks of dead nodes
+        only when empty. What needs a person (check.NEEDS_A_PERSON: duplicates,
+        workload findings, corrupt records) is never touched.
         """
         wanted = set(kinds)
         done = {kind: 0 for kind in wanted}
@@ -536,8 +565,7 @@ class Ipam:
                 freed = self.release(finding.subject, only_if_unregistered=True)
                 done["leak"] += bool(freed) or not finding.addresses
             elif finding.kind == "orphan-ip":
-                self._release_orphan_ip(finding.subject)
-                done["orphan-ip"] += 1
+                done["orphan-ip"] += self._release_orphan_ip(finding.subject)
             elif finding.kind == "dangling":
                 for address in finding.addresses:
                     self.drop_from_handle(finding.subject, address)
@@ -546,25 +574,46 @@ class Ipam:
                 done["orphan-block"] += len(self.release_empty_blocks(finding.node))
         return done
 
-    def _release_orphan_ip(self, address: str) -> None:
+    def _release_orphan_ip(self, address: str) -> bool:
+        """Delete an address key its handle does not list; whether it was deleted.
+
+        Kept while the handle's workload registration lists the address: the handle
+        record lost it, but the container uses it, and freeing the key would hand it
+        to the next ADD. The delete compares that registration unchanged.
+        """
         pool = pool_of(address, self.pools())
         if pool is None:
-            return
+            return False
         cidr = block_containing(pool, address)
         key = keys.ip(cidr, ordinal_of(cidr, address))
         (rows,) = self.store.read_many([get_op(key)])
         if not rows:
-            return
+            return False
         row = rows[0]
-        handle = row.value.get("handle") if isinstance(row, Entry) else None
+        handle = str(row.value.get("handle") or "") if isinstance(row, Entry) else ""
+        node = str(row.value.get("node") or "") if isinstance(row, Entry) else ""
+        compare = [unchanged(key, row.mod_revision)] if isinstance(row, Entry) else []
         if handle:
-            entry = self.store.get(keys.handle(str(handle)))
+            entry = self.store.get(keys.handle(handle))
             if entry and address in {a.address for a in Handle.from_record(entry.value)
                                      .allocations}:
-                return  # no longer an orphan: its handle lists it now
-        compare = [unchanged(key, row.mod_revision)] if isinstance(row, Entry) else []
-        self.store.txn(compare, [delete(key)])
-        self.log.info("released orphan address", address=address)
+                return False  # no longer an orphan: its handle lists it now
+        if handle and node:
+            registration_key = keys.workload(node, handle)
+            (registered,) = self.store.read_many([get_op(registration_key)])
+            if registered:
+                current = registered[0]
+                if isinstance(current, CorruptValue) or _lists(current, address):
+                    self.log.warning("orphan address kept: its workload uses it",
+                                     address=address, handle=handle, node=node)
+                    return False
+                compare.append(unchanged(registration_key, current.mod_revision))
+            else:
+                compare.append(absent(registration_key))
+        ok, _ = self.store.txn(compare, [delete(key)])
+        if ok:
+            self.log.info("released orphan address", address=address)
+        return ok
 
     # -- blocks ------------------------------------------------------------------------
     def _blocks(self) -> list[Block]:
@@ -621,6 +670,17 @@ class Ipam:
         return used
 
 
+def _in_use(address: str, handle: str, key: str, row: Entry | CorruptValue) -> str:
+    """The refusal naming the workload that uses `address`."""
+    node = key[len(keys.WORKLOADS):].partition("/")[0]
+    container = "?"
+    if isinstance(row, Entry):
+        container = str(row.value.get("container_id") or "?")
+    return (f"{address} is in use by container {container} (handle {handle}) on node "
+            f"{node}: the next ADD could get it while that container still uses it; "
+            "use --force only if the container is gone")
+
+
 def readable(listing: Listing, parse: Callable[[dict[str, Any]], T], kind: str,
              log: Any) -> list[T]:
     """The records of a listing that parse; the others are logged and left out.
@@ -658,6 +718,21 @@ def _handle(entry: Entry) -> Handle:
         return Handle.from_record(entry.value)
     except (KeyError, TypeError, ValueError) as exc:
         raise CorruptValue(entry.key, f"not a handle record ({exc})") from exc
+
+
+def _workload(entry: Entry) -> Workload:
+    try:
+        return Workload.from_record(entry.value)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptValue(entry.key, f"not a workload record ({exc})") from exc
+
+
+def _lists(registration: Entry, address: str) -> bool:
+    """Whether a workload registration lists `address`; an unreadable one might."""
+    try:
+        return address in _workload(registration).ips
+    except CorruptValue:
+        return True
 
 
 def _decoded(parse: Any, entry: Entry, corrupt: list[CorruptValue]) -> Any:

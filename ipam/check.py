@@ -8,7 +8,15 @@ What it finds:
 * duplicate: an address listed by two handles, or held by another handle than the
   one listing it; must never happen, never auto-repaired;
 * orphan-block: a block affine to a node that is not registered;
+* workload-unreserved: a registered workload uses an address that no handle holds
+  (no address key): the allocator can hand it to the next ADD while the container
+  still uses it;
+* workload-conflict: a registered workload uses an address that another handle
+  holds: two containers may be using one address;
 * corrupt: a record that cannot be read.
+
+Duplicates, workload findings and corrupt records need a person (NEEDS_A_PERSON):
+`ipam release --leaked` never touches them.
 """
 
 from __future__ import annotations
@@ -22,7 +30,9 @@ from fabric.model.pools import Pool
 from fabric.store.errors import CorruptValue
 from ipam.blocks import capacity
 
-KINDS = ("leak", "orphan-ip", "dangling", "duplicate", "orphan-block", "corrupt")
+KINDS = ("leak", "orphan-ip", "dangling", "duplicate", "orphan-block", "workload-unreserved",
+         "workload-conflict", "corrupt")
+NEEDS_A_PERSON = ("duplicate", "workload-unreserved", "workload-conflict", "corrupt")
 
 
 @dataclass(frozen=True)
@@ -41,7 +51,7 @@ class Snapshot:
     blocks: list[Block]
     ips: list[IpOwner]
     handles: dict[str, Handle]
-    workloads: set[tuple[str, str]]  # (node, handle)
+    workloads: dict[tuple[str, str], tuple[str, ...]]  # (node, handle) -> its ips
     nodes: set[str]
     corrupt: list[CorruptValue] = field(default_factory=list)
     revision: int = 0
@@ -108,12 +118,28 @@ def check(snap: Snapshot) -> Report:
                                     f"listed by {len(holders)} handles: {', '.join(holders)}",
                                     None, (address,)))
 
+    for (node, handle_id), addresses in sorted(snap.workloads.items()):
+        for address in addresses:
+            owner = holder_of.get(address)
+            if owner is None:
+                findings.append(Finding(
+                    "workload-unreserved", handle_id,
+                    f"registered on {node} with {address}, which no handle holds: the next "
+                    "ADD can get it while this container uses it", node, (address,)))
+            elif owner.handle != handle_id:
+                findings.append(Finding(
+                    "workload-conflict", handle_id,
+                    f"registered on {node} with {address}, which handle {owner.handle} "
+                    "holds: two containers may use one address", node, (address,)))
+
     for ip in sorted(snap.ips, key=lambda i: i.address):
         handle = snap.handles.get(ip.handle)
         if handle is None or ip.address not in {a.address for a in handle.allocations}:
-            findings.append(Finding("orphan-ip", ip.address,
-                                    f"reserved for {ip.handle or '?'}, which does not list it",
-                                    ip.node or None, (ip.address,)))
+            detail = f"reserved for {ip.handle or '?'}, which does not list it"
+            if ip.address in snap.workloads.get((ip.node, ip.handle), ()):
+                detail += "; its registered workload uses it, so release --leaked keeps it"
+            findings.append(Finding("orphan-ip", ip.address, detail, ip.node or None,
+                                    (ip.address,)))
 
     used_per_block = Counter(ip.block for ip in snap.ips)
     for block in snap.blocks:

@@ -9,7 +9,7 @@ from fabric.cli.context import Context
 from fabric.cli.output import OK, PROBLEM, CliError, emit_json, kv, table
 from fabric.model.pools import parse_pool
 from ipam.allocator import Ipam
-from ipam.check import check, usage
+from ipam.check import NEEDS_A_PERSON, check, usage
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -50,6 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     target.add_argument("--leaked", action="store_true",
                         help="release everything `ipam check` reports as leaked")
     target.add_argument("address", nargs="?", help="one address to release")
+    release.add_argument("--force", action="store_true",
+                         help="release ADDRESS even though a registered workload uses it")
     release.set_defaults(handler=release_cmd)
 
 
@@ -138,19 +140,21 @@ def check_cmd(ctx: Context) -> int:
 def release_cmd(ctx: Context) -> int:
     ipam = Ipam(ctx.store)
     if ctx.leaked:
+        if ctx.force:
+            raise CliError("--force applies to one ADDRESS, not to --leaked")
         report = check(ipam.snapshot())
         done = ipam.release_found(report)
-        untouched = len(report.of("duplicate")) + len(report.of("corrupt"))
+        untouched = sum(len(report.of(kind)) for kind in NEEDS_A_PERSON)
         if ctx.json:
             emit_json({"released": done, "needs_attention": untouched})
         else:
             print("released: " + ", ".join(f"{v} {k}" for k, v in sorted(done.items())))
             if untouched:
-                print(f"{untouched} finding(s) need a person (duplicates, corrupt records)")
+                print(f"{untouched} finding(s) need a person ({', '.join(NEEDS_A_PERSON)})")
         return PROBLEM if untouched else OK
     if not ctx.address:
         raise CliError("give an ADDRESS or --leaked")
-    holder = ipam.release_address(ctx.address)
+    holder = ipam.release_address(ctx.address, force=ctx.force)
     if ctx.json:
         emit_json({"address": ctx.address, "handle": holder})
     else:

@@ -20,6 +20,10 @@ class Exhausted(IpamError):
     """No free address is left where this node may allocate."""
 
 
+class InUse(IpamError):
+    """An address a registered workload still uses; the message names the workload."""
+
+
 def check_handle(handle: str) -> str:
     """Handles become etcd key segments, so they may not contain '/' or be empty."""
     if not isinstance(handle, str) or not _HANDLE.fullmatch(handle):

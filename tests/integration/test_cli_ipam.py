@@ -69,7 +69,8 @@ def test_show_check_release(ctl, store):
     ctl("ipam", "release", "--leaked")
     assert json.loads(ctl("-o", "json", "ipam", "check").stdout)["ok"] is True
     assert "already free" in ctl("ipam", "release", leaked).stdout
-    assert "was held by kept.eth0" in ctl("ipam", "release", kept).stdout
+    assert "in use by container kept" in ctl("ipam", "release", kept, expect=2).stderr
+    assert "was held by kept.eth0" in ctl("ipam", "release", kept, "--force").stdout
     assert "not inside any IP pool" in ctl("ipam", "release", "192.0.2.9", expect=2).stderr
 
 

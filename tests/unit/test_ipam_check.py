@@ -13,9 +13,12 @@ def handle(name, *addresses, node="n1"):
 
 
 def snapshot(handles, ips, workloads, nodes=("n1",), blocks=None):
+    """`workloads`: (node, handle) pairs registered without addresses, or a dict of
+    (node, handle) -> the addresses the registration lists."""
     blocks = blocks or [Block(BLOCK, "p", "n1")]
+    registered = workloads if isinstance(workloads, dict) else dict.fromkeys(workloads, ())
     return Snapshot([POOL], list(blocks), ips, {h.handle: h for h in handles},
-                    set(workloads), set(nodes))
+                    registered, set(nodes))
 
 
 def test_clean_state_has_no_findings():
@@ -42,6 +45,32 @@ def test_each_kind_is_found():
     assert [f.subject for f in report.of("orphan-ip")] == ["10.0.0.9"]
     assert [f.subject for f in report.of("orphan-block")] == [BLOCK]
     assert not report.ok
+
+
+def test_workload_addresses_are_compared_with_what_ipam_holds():
+    snap = snapshot(
+        [handle("ok", "10.0.0.1"), handle("freed", "10.0.0.2"), handle("thief", "10.0.0.3")],
+        [IpOwner("10.0.0.1", BLOCK, "ok", "n1"), IpOwner("10.0.0.3", BLOCK, "thief", "n1")],
+        {("n1", "ok"): ("10.0.0.1",), ("n1", "freed"): ("10.0.0.2",),
+         ("n1", "victim"): ("10.0.0.3",), ("n1", "thief"): ("10.0.0.3",)})
+    report = check(snap)
+    unreserved, = report.of("workload-unreserved")
+    assert (unreserved.subject, unreserved.node, unreserved.addresses) == (
+        "freed", "n1", ("10.0.0.2",))
+    assert "no handle holds" in unreserved.detail
+    conflict, = report.of("workload-conflict")
+    assert (conflict.subject, conflict.addresses) == ("victim", ("10.0.0.3",))
+    assert "handle thief holds" in conflict.detail
+    assert report.counts["workload-unreserved"] == 1 and report.counts["workload-conflict"] == 1
+    assert not report.ok
+    assert report.to_dict()["findings"]  # what --json prints
+
+
+def test_orphan_ip_used_by_its_workload_says_it_is_kept():
+    snap = snapshot([], [IpOwner("10.0.0.1", BLOCK, "lost", "n1")],
+                    {("n1", "lost"): ("10.0.0.1",)})
+    orphan, = check(snap).of("orphan-ip")
+    assert "release --leaked keeps it" in orphan.detail
 
 
 def test_usage_per_pool_and_host():
