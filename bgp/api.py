@@ -10,7 +10,7 @@ lines.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,11 +157,57 @@ def _update(peer: str, body: dict[str, Any]) -> Update:
 
 
 # -- commands ----------------------------------------------------------------------------
+# One command a line; ExaBGP answers each with `done` or `error`. Our own routes go to
+# every neighbor with next hop self; batches keep the command count (ExaBGP parses each
+# line in Python) low: 100,000 prefixes are 100 lines, not 100,000.
+BATCH = 1000
+
+
+@dataclass(frozen=True)
+class Reflected:
+    """A route reflected to a client: the original next hop and path, plus RR marks."""
+
+    prefix: str
+    next_hop: str
+    as_path: tuple[int, ...]
+    originator_id: str
+    cluster_id: str
+
+
+def _target(peer: str | None) -> str:
+    return f"neighbor {peer} " if peer else ""
+
+
+def announce_self(prefixes: Iterable[str], peer: str | None = None) -> list[str]:
+    """Announce our own routes (to every neighbor, or to one)."""
+    return [f"{_target(peer)}announce attributes next-hop self nlri {' '.join(chunk)}"
+            for chunk in _chunks(sorted(prefixes))]
+
+
+def withdraw_self(prefixes: Iterable[str], peer: str | None = None) -> list[str]:
+    return [f"{_target(peer)}withdraw attributes next-hop self nlri {' '.join(chunk)}"
+            for chunk in _chunks(sorted(prefixes))]
+
+
+def announce_reflected(peer: str, route: Reflected) -> str:
+    path = f" as-path [ {' '.join(map(str, route.as_path))} ]" if route.as_path else ""
+    return (f"neighbor {peer} announce route {route.prefix} next-hop {route.next_hop}{path} "
+            f"originator-id {route.originator_id} cluster-list [ {route.cluster_id} ]")
+
+
 def withdraw(prefix: str, peer: str | None = None) -> str:
-    """Withdraw one of our routes (from one neighbor only, when `peer` is given)."""
-    return f"neighbor {peer} withdraw route {prefix}" if peer else f"withdraw route {prefix}"
+    """Withdraw one route (from one neighbor only, when `peer` is given)."""
+    return f"{_target(peer)}withdraw route {prefix}"
 
 
 def teardown(peer: str, subcode: int = 2) -> str:
     """Close one session with a Cease notification (2: administrative shutdown)."""
     return f"neighbor {peer} teardown {subcode}"
+
+
+RELOAD = "reload"  # re-read the configuration file (only sent once the API is up)
+
+
+def _chunks(items: list[str]) -> Iterator[list[str]]:
+    for start in range(0, len(items), BATCH):
+        yield items[start:start + BATCH]

@@ -1,16 +1,19 @@
 """ExaBGP's configuration and environment, rendered from the peer set. Pure.
 
-What we announce lives in the configuration itself, as static routes in every
-neighbor block, not only behind the API: ExaBGP keeps no RIB across a restart and
-sends End-of-RIB right after a session comes up (Exa-Networks/exabgp#328), so routes
-announced later through the API would be flushed by peers doing graceful restart.
-Static routes are sent before End-of-RIB. A change is a new file plus SIGUSR1:
-ExaBGP then announces what was added without touching sessions that did not change;
-it does not withdraw what was removed, so the speaker withdraws that through the API.
+Our own routes (blocks, borrowed addresses) live in the configuration itself, as
+static routes in every neighbor block, not only behind the API: ExaBGP keeps no RIB
+across a restart and sends End-of-RIB right after a session comes up
+(Exa-Networks/exabgp#328), so routes announced later through the API would be flushed
+by peers doing graceful restart. Static routes are sent before End-of-RIB.
 
-A node that is a route reflector also lists, in each client's block, the routes it
-reflects to that client, with ORIGINATOR_ID and CLUSTER_LIST (RFC 4456), for the
-same reason.
+The file is rewritten whenever the neighbors or our routes change, but ExaBGP is told
+to reload it only when the neighbors change: a change of our routes is announced or
+withdrawn through the API at once (`bgp.api` commands), and the file is what the next
+start, or the next reload, reads. A reload diffs the file against the one it last
+loaded, so routes already announced through the API are not sent twice.
+
+Routes a route reflector passes on are API announcements only (they change with every
+client's routes; re-rendering the file for each would not scale).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 from bgp.peers import Peer
 
 API_PROCESS = "fabric-agent"
-_SAFE_PASSWORD = re.compile(r"^[!#-:<-z|~]{1,80}$")  # no space, quote, ';', '{', '}'
+_SAFE_PASSWORD = re.compile(r"[!#-:<-z|~]{1,80}")  # no space, quote, ';', '{', '}'
 
 
 @dataclass(frozen=True)
@@ -34,36 +37,17 @@ class SpeakerSettings:
     relay_command: Sequence[str] = ()
 
 
-@dataclass(frozen=True)
-class Reflected:
-    """A route reflected to clients: the original next hop and path, plus RR marks."""
-
-    prefix: str
-    next_hop: str
-    as_path: tuple[int, ...]
-    originator_id: str
-    cluster_id: str
-
-
 def password_ok(password: str) -> bool:
-    return bool(_SAFE_PASSWORD.match(password))
+    return bool(_SAFE_PASSWORD.fullmatch(password))
 
 
 def _route(prefix: str) -> str:
     return f"route {prefix} next-hop self;"
 
 
-def _reflected(route: Reflected) -> str:
-    path = f" as-path [ {' '.join(map(str, route.as_path))} ]" if route.as_path else ""
-    return (f"route {route.prefix} next-hop {route.next_hop}{path} "
-            f"originator-id {route.originator_id} cluster-list [ {route.cluster_id} ];")
-
-
-def render(settings: SpeakerSettings, peers: Mapping[str, Peer], exports: Iterable[str],
-           reflected: Mapping[str, Sequence[Reflected]] | None = None) -> str:
+def render(settings: SpeakerSettings, peers: Mapping[str, Peer], exports: Iterable[str]) -> str:
     """The whole configuration file, deterministic for the same inputs."""
     exports = sorted(exports)
-    reflected = reflected or {}
     command = " ".join(settings.relay_command)
     lines = [
         "# Written by fabric-agent; changes are overwritten.",
@@ -101,8 +85,6 @@ def render(settings: SpeakerSettings, peers: Mapping[str, Peer], exports: Iterab
             "receive { parsed; update; open; notification; } }",
         ]
         routes = [_route(p) for p in exports if ":" not in p]
-        routes += [_reflected(r) for r in sorted(reflected.get(address, ()),
-                                                  key=lambda r: r.prefix)]
         if routes:
             lines.append("    static {")
             lines += [f"        {r}" for r in routes]
@@ -111,13 +93,15 @@ def render(settings: SpeakerSettings, peers: Mapping[str, Peer], exports: Iterab
     return "\n".join(lines)
 
 
-def environment(router_id: str, pid_file: str) -> dict[str, str]:
+def environment(router_id: str) -> dict[str, str]:
     """ExaBGP's settings, passed as environment variables."""
     return {
         "exabgp.daemon.user": "root",
         "exabgp.daemon.drop": "false",
         "exabgp.daemon.daemonize": "false",
-        "exabgp.daemon.pid": pid_file,
+        # No pid file: the agent holds ExaBGP's pid itself, and a file naming a dead
+        # (unreaped) ExaBGP made the next start refuse to run.
+        "exabgp.daemon.pid": "",
         "exabgp.api.cli": "false",  # no FIFOs in /run: the agent is the only API user
         "exabgp.api.ack": "true",
         # When the API process dies the agent is gone or restarting: ExaBGP must not

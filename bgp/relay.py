@@ -4,6 +4,10 @@ ExaBGP starts its API processes itself, so the agent cannot hand it a pipe; this
 relay connects to the agent's local socket and copies bytes both ways until either
 side closes. When it exits ExaBGP exits too (`exabgp.api.terminate`), and the agent
 starts a new one. Standard library only, no parsing.
+
+Both directions are buffered and written only when the other side can take them: a
+relay that blocked writing one way while the other side blocked writing back would
+deadlock ExaBGP and the agent together.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import os
 import selectors
 import socket
 import sys
+from collections.abc import Callable
 
 
 def main() -> int:
@@ -24,23 +29,51 @@ def main() -> int:
         print(f"relay: cannot reach the agent on {name}: {exc}", file=sys.stderr)
         return 1
     stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
+    for fd in (stdin, stdout, sock.fileno()):
+        os.set_blocking(fd, False)
+    to_agent, to_exabgp = bytearray(), bytearray()
     selector = selectors.DefaultSelector()
     selector.register(stdin, selectors.EVENT_READ)
     selector.register(sock, selectors.EVENT_READ)
+    writing_stdout = False
     while True:
         for key, _ in selector.select():
-            if key.fileobj == stdin:
-                data = os.read(stdin, 1 << 20)
-                if not data:
+            if key.fd == stdin:
+                data = _read(lambda: os.read(stdin, 1 << 20))
+                if data == b"":
                     return 0
-                sock.sendall(data)
+                to_agent += data or b""
+            elif key.fd == sock.fileno():
+                data = _read(lambda: sock.recv(1 << 20))
+                if data == b"":
+                    return 0
+                to_exabgp += data or b""
+        # Write what each side can take now; ask to be woken for the rest.
+        _write(sock.send, to_agent)
+        _write(lambda data: os.write(stdout, data), to_exabgp)
+        selector.modify(sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if to_agent else 0))
+        if bool(to_exabgp) != writing_stdout:
+            if to_exabgp:
+                selector.register(stdout, selectors.EVENT_WRITE)
             else:
-                data = sock.recv(1 << 20)
-                if not data:
-                    return 0
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(stdout, view):]
+                selector.unregister(stdout)
+            writing_stdout = bool(to_exabgp)
+
+
+def _read(call: Callable[[], bytes]) -> bytes | None:
+    """The bytes, b"" at end of stream, None when nothing is there after all."""
+    try:
+        return call()
+    except BlockingIOError:
+        return None
+
+
+def _write(send: Callable[[bytearray], int], pending: bytearray) -> None:
+    while pending:
+        try:
+            del pending[:send(pending)]
+        except BlockingIOError:
+            return
 
 
 if __name__ == "__main__":

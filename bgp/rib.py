@@ -20,7 +20,7 @@ from __future__ import annotations
 import ipaddress
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fabric.model.prefix import Prefix
 
@@ -78,16 +78,20 @@ class Rib:
                 changed.add(prefix)
         return changed
 
-    def mark_stale(self, peer: str) -> int:
-        """Graceful restart began: keep the peer's paths, but as stale."""
-        count = 0
+    def mark_stale(self, peer: str) -> set[Prefix]:
+        """Graceful restart began: keep the peer's paths, but as stale.
+
+        Returns the prefixes whose selection now holds a stale path (same next hops,
+        so the kernel does not change; but what is shown as best must be the stale one).
+        """
+        changed = set()
         for prefix in self.by_peer.get(peer, ()):
             path = self.paths[prefix][peer]
             if not path.stale:
-                self.paths[prefix][peer] = Path(path.peer, path.next_hop, path.as_path,
-                                                path.rejected, True)
-                count += 1
-        return count
+                self.paths[prefix][peer] = replace(path, stale=True)
+                if self._select(prefix):
+                    changed.add(prefix)
+        return changed
 
     def sweep_stale(self, peer: str) -> set[Prefix]:
         """End-of-RIB (or the restart timer): drop what the peer did not send again."""
@@ -108,8 +112,7 @@ class Rib:
             for peer, path in list(by_prefix.items()):
                 verdict = judge(prefix, path)
                 if verdict != path.rejected:
-                    by_prefix[peer] = Path(path.peer, path.next_hop, path.as_path, verdict,
-                                           path.stale)
+                    by_prefix[peer] = replace(path, rejected=verdict)
             if self._select(prefix):
                 changed.add(prefix)
         return changed

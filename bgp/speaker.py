@@ -1,14 +1,23 @@
-"""The ExaBGP adapter: runs one ExaBGP process and talks to it over the API.
+"""The ExaBGP adapter: runs one ExaBGP process and talks to it over its API.
 
-The agent owns ExaBGP's life: it starts it with a rendered configuration, restarts it
-when it dies (and tells the agent, which treats the sessions as gracefully
-restarting), reloads it with SIGUSR1 when peers or routes change, and stops it on
-shutdown. ExaBGP is started with PR_SET_PDEATHSIG=SIGKILL, so if the agent itself is
-killed ExaBGP dies with it: it never outlives the agent unnoticed, and because it dies
+One thread does all of it, around one selector: the relay's connection (ExaBGP's API
+process, `bgp.relay`, connects back to our socket), ExaBGP's log output, the process
+itself (a pidfd: readable when it exits), and a wake-up socket for requests from the
+agent's owner loop (`configure`, `send`). Nothing here blocks on ExaBGP: what we send
+is buffered and written when the connection can take it, so ExaBGP, blocked writing
+updates to us, can never wait on us while we wait on it.
+
+What it reports (to `report`, the owner loop's inbox): the process started, its API
+connected, it exited (it is started again after a back-off; the agent treats its
+sessions as gracefully restarting); each API event parsed by `bgp.api`; the outcome
+of each reload. Reloads go through `bgp.reload.ReloadGate` (why: see there).
+
+ExaBGP is started with PR_SET_PDEATHSIG=SIGKILL, so if the agent itself is killed
+ExaBGP dies with it: it never outlives the agent unnoticed, and because it dies
 without a NOTIFICATION, peers that do graceful restart keep our routes meanwhile.
-
-The API process ExaBGP runs is `bgp.relay`, which connects back to the socket served
-here; events are parsed by `bgp.api` and handed to `on_event` on the reader thread.
+Commands sent while the API is not connected wait for the next connection, except
+across a restart: a new ExaBGP starts from the configuration file, which already
+holds everything, and the owner loop re-sends the rest when sessions come up.
 """
 
 from __future__ import annotations
@@ -16,105 +25,280 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import selectors
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bgp import api
+from bgp.reload import ReloadGate
 from fabric import logs
-from fabric.processes import stop
+from fabric.processes import is_running, stop
 from fabric.sockets import address
 
 PR_SET_PDEATHSIG = 1
+RESTART_BACKOFF = (0.5, 10.0)  # first and longest delay before starting ExaBGP again
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+@dataclass(frozen=True)
+class Started:
+    generation: int
+    pid: int
+
+
+@dataclass(frozen=True)
+class Connected:
+    generation: int
+
+
+@dataclass(frozen=True)
+class Exited:
+    generation: int
+    code: int | None
+
+
+@dataclass(frozen=True)
+class Event:
+    generation: int
+    event: api.Event
+
+
+@dataclass(frozen=True)
+class Reloaded:
+    ok: bool
+    line: str
+
+
+Report = Callable[[object], None]
+
+
+@dataclass(frozen=True)
+class _Configure:
+    config: str
+    reload: bool
+
+
+@dataclass(frozen=True)
+class _Send:
+    commands: tuple[str, ...]
+
+
 class Speaker:
     def __init__(self, exabgp: str, run_dir: Path, env: dict[str, str], relay_socket: str,
-                 on_event: Callable[[api.Event], None],
-                 on_exit: Callable[[int | None], None]) -> None:
+                 report: Report) -> None:
         self.exabgp = exabgp
         self.run_dir = run_dir
         self.env = env
         self.relay_socket = relay_socket
-        self.on_event = on_event
-        self.on_exit = on_exit
+        self.report = report
         self.config_path = run_dir / "exabgp.conf"
         self.log_path = run_dir / "exabgp.log"
-        self.pid_path = run_dir / "exabgp.pid"
+        self.pid_path = run_dir / "exabgp.pid"  # written by us, not by ExaBGP
         self.log = logs.get("bgp.speaker")
-        self.process: subprocess.Popen[bytes] | None = None
-        self.started_at = 0.0
-        self.restarts = 0
-        self.errors = 0
-        self._config = ""
+        # Everything below belongs to the speaker thread once it runs.
+        self._process: subprocess.Popen[bytes] | None = None
+        self._pidfd = -1
+        self._generation = 0
         self._conn: socket.socket | None = None
-        self._send_lock = threading.Lock()
-        self._stop = threading.Event()
+        self._inbuf = b""
+        self._outbuf = bytearray()
+        self._waiting: list[bytes] = []  # commands for the next connection
+        self._log_fd = -1
+        self._logbuf = b""
+        self._logfile: Any = None
+        self._started_at = 0.0
+        self._gate = ReloadGate()
+        self._respawn_at: float | None = None
+        self._backoff = RESTART_BACKOFF[0]
+        self._config = ""
+        # Requests from other threads: appended under the lock, taken by the thread.
+        self._lock = threading.Lock()
+        self._requests: list[_Configure | _Send] = []
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
         self._listener: socket.socket | None = None
-        self._threads: list[threading.Thread] = []
+        self._selector = selectors.DefaultSelector()
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
 
     @property
     def relay_command(self) -> list[str]:
         return [sys.executable, "-m", "bgp.relay", self.relay_socket]
 
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+    # -- requests (any thread) ---------------------------------------------------------
+    def configure(self, config: str, reload: bool) -> None:
+        """Write the configuration; reload ExaBGP when `reload` (see bgp.reload)."""
+        self._request(_Configure(config, reload))
 
-    @property
-    def connected(self) -> bool:
-        return self._conn is not None
+    def send(self, commands: Iterable[str]) -> None:
+        self._request(_Send(tuple(commands)))
+
+    def _request(self, request: _Configure | _Send) -> None:
+        with self._lock:
+            self._requests.append(request)
+        with contextlib.suppress(BlockingIOError):
+            self._wake_w.send(b"x")
 
     # -- lifecycle ---------------------------------------------------------------------
-    def start(self, config: str) -> None:
+    def start(self, config: str) -> threading.Thread:
+        """Listen for the relay, write the configuration, start ExaBGP and the thread."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._kill_leftover()
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(address(self.relay_socket))
         self._listener.listen(4)
+        self._listener.setblocking(False)
+        self._selector.register(self._listener, selectors.EVENT_READ, "listener")
+        self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._logfile = open(self.log_path, "ab")  # noqa: SIM115 - lives with the thread
         self._config = config
         self._write_config(config)
         self._spawn()
-        for target, name in ((self._accept, "bgp-api"), (self._supervise, "bgp-supervisor")):
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        self._thread = threading.Thread(target=self._run, name="bgp-speaker", daemon=True)
+        self._thread.start()
+        return self._thread
 
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM: ExaBGP closes every session with a Cease notification, then exits."""
-        self._stop.set()
-        if self.process is not None:
-            stop(self.process, timeout)
-        if self._listener is not None:
-            with contextlib.suppress(OSError):
-                self._listener.shutdown(socket.SHUT_RDWR)
-            self._listener.close()
-        if self._conn is not None:
-            with contextlib.suppress(OSError):
-                self._conn.close()
-        for thread in self._threads:
-            thread.join(timeout=5)
+        """Stop ExaBGP (SIGTERM), and the thread.
 
+        ExaBGP closes its sessions without a NOTIFICATION when graceful restart was
+        negotiated (as it is with every fabric peer; ExaBGP does the same for an API
+        `teardown`): peers keep our routes, marked stale, for our restart time, and a
+        restarted agent confirms them. A node that leaves for good is removed from etcd
+        (`fabricctl node rm`); its peers then drop the session and its routes at once.
+        """
+        self._stopping.set()
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+        if self._thread is not None:
+            self._thread.join(timeout=timeout + 5)
+        process = self._process
+        if process is not None:
+            stop(process, timeout)
+        for sock in (self._listener, self._conn, self._wake_r, self._wake_w):
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.close()
+        if self._pidfd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._pidfd)
+        if self._logfile is not None:
+            self._logfile.close()
+        with contextlib.suppress(OSError):
+            self.pid_path.unlink()
+
+    # -- the thread --------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            now = time.monotonic()
+            deadlines = [d for d in (self._gate.deadline(), self._respawn_at) if d is not None]
+            timeout = max(0.0, min(deadlines) - now) if deadlines else 1.0
+            for key, mask in self._selector.select(min(timeout, 1.0)):
+                self._ready(key.data, mask)
+            now = time.monotonic()
+            if self._gate.poll(now):
+                self.log.info("reload not confirmed by ExaBGP; asking again")
+                self._write(api.RELOAD)
+            if self._respawn_at is not None and now >= self._respawn_at and \
+                    not self._stopping.is_set():
+                self._respawn_at = None
+                self._write_config(self._config)
+                self._spawn()
+        self._stop_process()
+
+    def _ready(self, what: str, mask: int) -> None:
+        if what == "wake":
+            with contextlib.suppress(BlockingIOError):
+                self._wake_r.recv(4096)
+            self._take_requests()
+        elif what == "listener":
+            self._accept()
+        elif what == "conn":
+            if mask & selectors.EVENT_READ:
+                self._read_api()
+            if mask & selectors.EVENT_WRITE and self._conn is not None:
+                self._flush()
+        elif what == "log":
+            self._drain_log()
+        elif what == "exit":
+            self._exited()
+
+    def _take_requests(self) -> None:
+        with self._lock:
+            requests, self._requests = self._requests, []
+        for request in requests:
+            if isinstance(request, _Configure):
+                if request.config != self._config:
+                    self._config = request.config
+                    self._write_config(request.config)
+                if request.reload and self._gate.request(time.monotonic()):
+                    self._write(api.RELOAD)
+            else:
+                for command in request.commands:
+                    self._write(command)
+
+    # -- the process -------------------------------------------------------------------
     def _spawn(self) -> None:
-        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        read_end, write_end = os.pipe()
         try:
-            self.process = subprocess.Popen(
+            self._process = subprocess.Popen(
                 [self.exabgp, "server", str(self.config_path)],
-                env={**os.environ, **self.env}, stdin=subprocess.DEVNULL, stdout=log,
+                env={**os.environ, **self.env}, stdin=subprocess.DEVNULL, stdout=write_end,
                 stderr=subprocess.STDOUT, preexec_fn=_die_with_parent, cwd=self.run_dir)
         finally:
-            log.close()
-        self.started_at = time.time()
-        self.log.info("exabgp started", pid=self.process.pid)
+            os.close(write_end)
+        self._generation += 1
+        self._gate.spawned()
+        self._waiting.clear()  # a new process starts from the file; see the docstring
+        os.set_blocking(read_end, False)
+        self._close_log()
+        self._log_fd = read_end
+        self._selector.register(read_end, selectors.EVENT_READ, "log")
+        self._started_at = time.monotonic()
+        self._pidfd = os.pidfd_open(self._process.pid)
+        self._selector.register(self._pidfd, selectors.EVENT_READ, "exit")
+        self.pid_path.write_text(f"{self._process.pid}\n")
+        self.log.info("exabgp started", pid=self._process.pid, generation=self._generation)
+        self.report(Started(self._generation, self._process.pid))
+
+    def _exited(self) -> None:
+        process = self._process
+        assert process is not None
+        code = process.wait()
+        self._selector.unregister(self._pidfd)
+        os.close(self._pidfd)
+        self._pidfd = -1
+        self._drain_log()
+        self._close_log()  # its API process may hold the pipe a little longer
+        self._drop_connection()
+        if self._stopping.is_set():
+            return
+        # Back off while it keeps dying young; a long-lived one starts over quickly.
+        if time.monotonic() - self._started_at > 30:
+            self._backoff = RESTART_BACKOFF[0]
+        self.log.error("exabgp exited; restarting", code=code, log=str(self.log_path),
+                       delay=self._backoff)
+        self.report(Exited(self._generation, code))
+        self._respawn_at = time.monotonic() + self._backoff
+        self._backoff = min(self._backoff * 2, RESTART_BACKOFF[1])
+
+    def _stop_process(self) -> None:
+        process = self._process
+        if process is not None and process.poll() is None:
+            stop(process)
+        self._drain_log()
 
     def _kill_leftover(self) -> None:
         """An ExaBGP of ours still running from an earlier agent: stop it by its PID."""
@@ -123,95 +307,126 @@ class Speaker:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except (OSError, ValueError, IndexError):
             return
-        if str(self.config_path).encode() in cmdline:
-            self.log.warning("stopping exabgp left by an earlier agent", pid=pid)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            for _ in range(50):
-                if not Path(f"/proc/{pid}").exists():
-                    break
-                time.sleep(0.05)
+        if str(self.config_path).encode() not in cmdline or not is_running(pid):
+            return
+        self.log.warning("stopping exabgp left by an earlier agent", pid=pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        for _ in range(100):
+            if not is_running(pid):
+                return
+            time.sleep(0.05)
 
-    def _supervise(self) -> None:
-        backoff = 0.5
-        while not self._stop.is_set():
-            process = self.process
-            if process is None:
-                return
-            code = process.wait()
-            if self._stop.is_set():
-                return
-            self.restarts += 1
-            self.log.error("exabgp exited; restarting", code=code, restarts=self.restarts,
-                           log=str(self.log_path))
-            with contextlib.suppress(Exception):
-                self.on_exit(code)
-            if self._stop.wait(backoff):
-                return
-            backoff = min(backoff * 2, 10.0) if time.time() - self.started_at < 30 else 0.5
-            self._write_config(self._config)
-            self._spawn()
-
-    # -- configuration -----------------------------------------------------------------
+    # -- the configuration -------------------------------------------------------------
     def _write_config(self, config: str) -> None:
         tmp = self.config_path.with_suffix(".tmp")
         tmp.write_text(config)
         os.replace(tmp, self.config_path)
 
-    def reconfigure(self, config: str) -> None:
-        """New peers or routes: rewrite the file and reload. A reload announces what
-        was added but withdraws nothing; the caller withdraws through `send`."""
-        if config != self._config:
-            self._config = config
-            self._write_config(config)
-            if self.running:
-                assert self.process is not None
-                self.process.send_signal(signal.SIGUSR1)
-
-    def send(self, command: str) -> bool:
-        conn = self._conn
-        if conn is None:
-            return False
-        with self._send_lock:
+    # -- ExaBGP's log: kept in a file, watched for reload outcomes ---------------------
+    def _drain_log(self) -> None:
+        while self._log_fd >= 0:
             try:
-                conn.sendall(command.encode() + b"\n")
-                return True
-            except OSError:
-                return False
+                chunk = os.read(self._log_fd, 1 << 16)
+            except BlockingIOError:
+                break
+            if not chunk:
+                self._close_log()
+                break
+            self._logfile.write(chunk)
+            *lines, self._logbuf = (self._logbuf + chunk).split(b"\n")
+            for line in lines:
+                self._log_line(line.decode(errors="replace"))
+        self._logfile.flush()
 
-    # -- API events --------------------------------------------------------------------
+    def _close_log(self) -> None:
+        if self._log_fd >= 0:
+            self._selector.unregister(self._log_fd)
+            os.close(self._log_fd)
+            self._log_fd = -1
+            self._logbuf = b""
+
+    def _log_line(self, line: str) -> None:
+        outcome, again = self._gate.log_line(line, time.monotonic())
+        if outcome is not None:
+            if not outcome:
+                self.log.error("exabgp refused the new configuration", line=line.strip(),
+                               config=str(self.config_path))
+            self.report(Reloaded(outcome, line.strip()))
+        if again:
+            self._write(api.RELOAD)
+
+    # -- the API connection ------------------------------------------------------------
     def _accept(self) -> None:
         assert self._listener is not None
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return
-            old, self._conn = self._conn, conn
-            if old is not None:
-                with contextlib.suppress(OSError):
-                    old.close()
-            self._read(conn)
-            if self._conn is conn:
-                self._conn = None
+        try:
+            conn, _ = self._listener.accept()
+        except BlockingIOError:
+            return
+        self._drop_connection()
+        conn.setblocking(False)
+        self._conn = conn
+        self._inbuf = b""
+        self._selector.register(conn, selectors.EVENT_READ, "conn")
+        self.log.info("exabgp api connected", generation=self._generation)
+        self.report(Connected(self._generation))
+        waiting, self._waiting = self._waiting, []
+        if self._gate.api_connected(time.monotonic()):
+            self._write(api.RELOAD)
+        for line in waiting:
+            self._outbuf += line
+        self._flush()
 
-    def _read(self, conn: socket.socket) -> None:
-        pending = b""
-        while True:
+    def _drop_connection(self) -> None:
+        if self._conn is None:
+            return
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(self._conn)
+        with contextlib.suppress(OSError):
+            self._conn.close()
+        self._conn = None
+        self._outbuf.clear()
+        self._gate.api_lost()
+
+    def _write(self, command: str) -> None:
+        line = command.encode() + b"\n"
+        if self._conn is None:
+            self._waiting.append(line)
+            return
+        self._outbuf += line
+        self._flush()
+
+    def _flush(self) -> None:
+        conn = self._conn
+        assert conn is not None
+        while self._outbuf:
             try:
-                data = conn.recv(1 << 20)
+                sent = conn.send(self._outbuf[:1 << 20])
+            except BlockingIOError:
+                break
             except OSError:
+                self._drop_connection()
                 return
-            if not data:
-                return
-            pending += data
-            lines = pending.split(b"\n")
-            pending = lines.pop()
-            for line in lines:
-                for event in api.parse_line(line):
-                    if isinstance(event, api.Ack) and not event.ok:
-                        self.errors += 1
-                    try:
-                        self.on_event(event)
-                    except Exception:
-                        self.log.exception("event handler failed", event_type=type(event).__name__)
+            del self._outbuf[:sent]
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self._outbuf else 0)
+        self._selector.modify(conn, events, "conn")
+
+    def _read_api(self) -> None:
+        conn = self._conn
+        assert conn is not None
+        try:
+            data = conn.recv(1 << 20)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop_connection()
+            return
+        *lines, self._inbuf = (self._inbuf + data).split(b"\n")
+        generation = self._generation
+        for line in lines:
+            for event in api.parse_line(line):
+                if isinstance(event, api.Ack) and event.ok:
+                    continue  # one per command: only refusals are worth a message
+                self.report(Event(generation, event))

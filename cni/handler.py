@@ -2,10 +2,15 @@
 
 ADD, DEL, CHECK, GC and STATUS side by side, as the reference plugins read. The kernel
 work is in `fabric.kernel.links`; addresses come from `ipam`; workloads are registered
-in etcd so check, GC and DNS can see them.
+in etcd so check, GC and DNS can see them; host routes are asked of the agent's owner
+loop (`WorkloadRoutes`), which alone writes the kernel's routes.
 
-A failed ADD leaves nothing behind: every step that made something registers its
-undo, and the undo runs in reverse order before the error is returned.
+Requests for one handle (one container interface) run one at a time; requests for
+different handles run side by side. A repeated ADD of an attachment that is intact
+gets the same result and changes nothing. A failed ADD leaves nothing behind that it
+made, and nothing that an earlier ADD of the same handle made: every step that
+created something registers its undo, and the undo runs in reverse order before the
+error is returned.
 """
 
 from __future__ import annotations
@@ -14,10 +19,11 @@ import contextlib
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from cni.netconf import IPAM_PLUGIN, Request, parse_request
 from cni.shim import FIELDS
@@ -37,11 +43,9 @@ from cni.spec import (
 )
 from fabric import logs
 from fabric.kernel import links
-from fabric.kernel.reconciler import Reconciler
-from fabric.kernel.routes import Route, workload
+from fabric.kernel.routes import Failure
 from fabric.model.handles import Exhausted, Handle, IpamError
 from fabric.model.nodes import Workload
-from fabric.model.prefix import Prefix
 from fabric.store import keys
 from fabric.store.datastore import Entry, get_op
 from fabric.store.errors import DatastoreError, Unavailable
@@ -71,8 +75,51 @@ class Undo:
                 log.error("rollback step failed", step=what, error=str(exc))
 
 
+class WorkloadRoutes(Protocol):
+    """Host routes to workloads, kept by the agent's owner loop (it alone writes routes).
+
+    Each call returns once the kernel has the change, with what the kernel refused."""
+
+    def attach(self, handle: str, ips: Sequence[str], host_ifname: str,
+               index: int) -> list[Failure]: ...
+
+    def detach(self, handle: str, ips: Sequence[str],
+               host_ifname: str | None) -> list[Failure]: ...
+
+    def missing(self, ips: Sequence[str]) -> list[str]:
+        """Addresses that have no host route."""
+
+
+class HandleLocks:
+    """One lock per handle while anybody uses it: requests for one container interface
+    run one after another, requests for different ones never wait for each other. An
+    entry lives only while somebody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, tuple[threading.Lock, list[int]]] = {}
+
+    @contextlib.contextmanager
+    def held(self, handle: str) -> Iterator[None]:
+        with self._guard:
+            lock, users = self._locks.setdefault(handle, (threading.Lock(), [0]))
+            users[0] += 1
+        try:
+            with lock:
+                yield
+        finally:
+            with self._guard:
+                users[0] -= 1
+                if not users[0]:
+                    del self._locks[handle]
+
+    def __len__(self) -> int:
+        with self._guard:
+            return len(self._locks)
+
+
 class CniHandler:
-    def __init__(self, node: str, ipam: Ipam, registry: Registry, routes: Reconciler,
+    def __init__(self, node: str, ipam: Ipam, registry: Registry, routes: WorkloadRoutes,
                  dns: Mapping[str, Any] | None = None) -> None:
         self.node = node
         self.ipam = ipam
@@ -80,8 +127,8 @@ class CniHandler:
         self.routes = routes
         self.dns = dict(dns or {})
         self.log = logs.get("cni", node=node)
-        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cni-unwire")
-        self._pending: dict[str, Future[None]] = {}
+        self.locks = HandleLocks()
+        self._unwire = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cni-unwire")
 
     # -- entry point -------------------------------------------------------------------
     def handle(self, fields: Mapping[str, bytes],
@@ -98,7 +145,9 @@ class CniHandler:
             verbs = {"ADD": self.add, "DEL": self.delete, "CHECK": self.check,
                      "GC": self.gc, "STATUS": self.status,
                      "VERSION": lambda _: version_document()}
-            result = verbs[request.command](request)
+            per_handle = request.command in ("ADD", "DEL", "CHECK")
+            with self.locks.held(request.handle) if per_handle else contextlib.nullcontext():
+                result = verbs[request.command](request)
             return 0, (json.dumps(result).encode() + b"\n") if result is not None else b""
         except CniError as exc:
             if exc.code != TRY_AGAIN_LATER:
@@ -116,52 +165,82 @@ class CniHandler:
     def add(self, req: Request) -> dict[str, Any]:
         if not os.path.exists(req.netns_path):
             raise CniError(INVALID_ENV, f"CNI_NETNS {req.netns} does not exist")
+        if links.same_namespace(req.netns_path):
+            raise CniError(INVALID_ENV, f"CNI_NETNS {req.netns} is the host's own network "
+                                        "namespace, not a container's")
         log = self.log.bind(handle=req.handle)
-        self.wait_pending(req.handle)  # a DEL of this handle may still be deleting its veth
+        with _store_errors("ADD"):
+            registered, held = self._attachment(req.handle)
+        host_if = links.host_ifname(req.handle) if req.plugin != IPAM_PLUGIN else None
+        repeated = self._repeated(req, registered, held, host_if)
+        if repeated is not None:
+            log.info("ADD repeated for an intact attachment; same result")
+            return repeated
         undo = Undo()
         try:
             with _store_errors("ADD"):
                 record = self._allocate(req)
+            if held is None:  # only what this ADD allocated is ours to give back
                 undo.push("release addresses", lambda: self.ipam.release(req.handle))
             addresses = [a.address for a in record.allocations]
-            host_if = links.host_ifname(req.handle) if req.plugin != IPAM_PLUGIN else None
-            # Registered before the wiring: the agent's periodic refresh rebuilds the
-            # workload routes from registrations, and must not see a wired but not yet
-            # registered interface (it would drop the route just installed).
+            # Registered before the wiring, so that no moment exists where the kernel
+            # has a workload etcd does not know (the agent's GC and inventory look there).
             with _store_errors("ADD"):
                 self.registry.register_workload(Workload(
                     req.handle, self.node, req.container_id, req.ifname, req.netns,
                     tuple(addresses), req.workload_name, host_if,
                     network=req.conf.name))
+            if registered is None:
                 undo.push("deregister",
                           lambda: self.registry.deregister_workload(self.node, req.handle))
             attachment = None
             if host_if is not None:
-                links.detach(host_if, None, req.ifname)  # a retried ADD starts clean
-                try:
-                    attachment = links.attach(req.netns_path, req.ifname, host_if, addresses,
-                                              req.conf.mtu)
-                except links.LinkError as exc:
-                    raise CniError(IO_FAILURE, f"wiring {req.ifname}: {exc}") from exc
-                undo.push("remove veth", lambda: links.detach(host_if, req.netns_path, req.ifname))
-                wanted = self._workload_routes(addresses, attachment.host_index)
-                undo.push("remove host routes",
-                          lambda: self.routes.install_now("workloads", dict.fromkeys(wanted)))
-                failures = self.routes.install_now("workloads", wanted)
-                if failures:
-                    raise CniError(IO_FAILURE, f"host route: {failures[0]}")
+                attachment = self._wire(req, host_if, addresses, undo)
         except BaseException:
             undo.run(log)
             raise
         log.info("attached", addresses=addresses, host_if=host_if, name=req.workload_name)
         return self._result(req, record, attachment).document(req.conf.version)
 
+    def _wire(self, req: Request, host_if: str, addresses: list[str],
+              undo: Undo) -> links.Attachment:
+        try:
+            links.detach(host_if, None, req.ifname)  # a retried ADD starts clean
+            attachment = links.attach(req.netns_path, req.ifname, host_if, addresses,
+                                      req.conf.mtu)
+        except links.LinkError as exc:
+            raise CniError(IO_FAILURE, f"wiring {req.ifname}: {exc}") from exc
+        undo.push("remove veth", lambda: links.detach(host_if, req.netns_path, req.ifname))
+        undo.push("remove host routes",
+                  lambda: self.routes.detach(req.handle, addresses, host_if))
+        failures = self.routes.attach(req.handle, addresses, host_if, attachment.host_index)
+        if failures:
+            raise CniError(IO_FAILURE, f"host route: {failures[0]}")
+        return attachment
+
+    def _repeated(self, req: Request, registered: Workload | None, held: Handle | None,
+                  host_if: str | None) -> dict[str, Any] | None:
+        """The result of an earlier ADD of this very attachment, if it is all intact."""
+        if registered is None or held is None or host_if is None:
+            return None
+        if (registered.container_id, registered.netns, registered.ifname) != \
+                (req.container_id, req.netns, req.ifname):
+            return None
+        if not set(req.conf.families) <= held.families():
+            return None
+        addresses = list(held.addresses())
+        attachment = links.attachment_of(host_if, req.netns_path, req.ifname, addresses)
+        if attachment is None or self.routes.missing(addresses):
+            return None
+        return self._result(req, held, attachment).document(req.conf.version)
+
     def delete(self, req: Request) -> None:
         """Tear down whatever exists; everything already gone is fine.
 
         Deleting a veth makes the kernel wait an RCU grace period (about 20 ms), so DEL
-        sets the host end down (traffic stops, its route goes) and deletes the pair in
-        the background; an ADD for the same handle waits for that deletion first.
+        takes the routes away, sets the host end down (traffic stops) and deletes the
+        pair in the background. An ADD for the same handle meanwhile removes the old
+        pair itself; the background deletion then finds a different link and leaves it.
         """
         with _store_errors("DEL"):
             registered, held = self._attachment(req.handle)
@@ -170,23 +249,31 @@ class CniHandler:
         addresses += [a for a in (registered.ips if registered else ()) if a not in addresses]
         if req.plugin != IPAM_PLUGIN:
             host_if = links.host_ifname(req.handle)
-            index = links.disable(host_if)
-            self.routes.install_now("workloads", dict.fromkeys(
-                Prefix.parse(a) for a in addresses))
-            if index is None:  # no host end: remove a half-made container end, if any
-                links.detach(host_if, netns, req.ifname)
-            else:
-                self._pending[req.handle] = self._pool.submit(links.remove, host_if, index)
+            self.routes.detach(req.handle, addresses, host_if)
+            try:
+                index = links.disable(host_if)
+                if index is None:  # no host end: remove a half-made container end, if any
+                    links.detach(host_if, netns, req.ifname)
+                else:
+                    self._unwire.submit(self._remove_later, req.handle, host_if, index)
+            except links.LinkError as exc:
+                raise CniError(IO_FAILURE, f"DEL: {exc}") from exc
         with _store_errors("DEL"):
             self.ipam.release(req.handle, also_delete=[keys.workload(self.node, req.handle)])
         self.log.info("detached", handle=req.handle, addresses=addresses)
 
-    def wait_pending(self, handle: str | None = None) -> None:
-        """Finish background deletions (of one handle, or all)."""
-        for key in [handle] if handle else list(self._pending):
-            future = self._pending.pop(key, None) if key else None
-            if future is not None:
-                future.result()
+    def _remove_later(self, handle: str, host_if: str, index: int) -> None:
+        with self.locks.held(handle):
+            try:
+                links.remove(host_if, index)
+            except links.LinkError as exc:
+                self.log.error("could not delete a detached veth", link=host_if,
+                               error=str(exc))
+
+    def drain(self) -> None:
+        """Finish background deletions (tests, shutdown)."""
+        self._unwire.shutdown(wait=True)
+        self._unwire = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cni-unwire")
 
     def _attachment(self, handle: str) -> tuple[Workload | None, Handle | None]:
         """The registration and the IPAM record of a handle, in one round trip."""
@@ -217,9 +304,7 @@ class CniHandler:
             return
         problems = links.inspect(links.host_ifname(req.handle), req.netns_path, req.ifname,
                                  addresses)
-        desired = self.routes.source("workloads")
-        problems += [f"no host route for {a}" for a in addresses
-                     if Prefix.parse(a) not in desired]
+        problems += [f"no host route for {a}" for a in self.routes.missing(addresses)]
         if problems:
             raise CniError(CHECK_FAILED, "; ".join(problems))
 
@@ -236,15 +321,16 @@ class CniHandler:
         for handle in stale:
             workload_ = registered.get(handle)
             try:
-                if workload_ and workload_.host_ifname:
-                    links.detach(workload_.host_ifname, None, workload_.ifname)
                 addresses = set(workload_.ips if workload_ else ())
                 if handle in held:
                     addresses |= set(held[handle].addresses())
-                self.routes.install_now("workloads", dict.fromkeys(
-                    Prefix.parse(a) for a in addresses))
-                self.registry.deregister_workload(self.node, handle)
-                self.ipam.release(handle)
+                host_if = workload_.host_ifname if workload_ else None
+                with self.locks.held(handle):
+                    self.routes.detach(handle, sorted(addresses), host_if)
+                    if host_if:
+                        links.detach(host_if, None, workload_.ifname if workload_ else "")
+                    self.registry.deregister_workload(self.node, handle)
+                    self.ipam.release(handle)
             except Exception as exc:  # GC keeps going and reports at the end
                 failed.append(f"{handle}: {exc}")
         if stale:
@@ -278,10 +364,6 @@ class CniHandler:
             raise CniError(NO_ADDRESS, str(exc)) from exc
         except IpamError as exc:
             raise CniError(NO_ADDRESS, f"cannot allocate: {exc}") from exc
-
-    @staticmethod
-    def _workload_routes(addresses: list[str], index: int) -> dict[Prefix, Route]:
-        return {Prefix.parse(a): workload(Prefix.parse(a), index) for a in addresses}
 
     def _result(self, req: Request, record: Handle,
                 attachment: links.Attachment | None) -> Result:

@@ -97,8 +97,9 @@ class DnsServer:
         self.queries = 0
         self._thread = threading.Thread(target=self._run, name="dns", daemon=True)
 
-    def start(self) -> None:
+    def start(self) -> threading.Thread:
         self._thread.start()
+        return self._thread
 
     def stop(self) -> None:
         self.sock.close()

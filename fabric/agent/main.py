@@ -10,10 +10,12 @@ from collections.abc import Sequence
 
 from fabric import logs
 from fabric.agent import config as agent_config
-from fabric.agent.service import Agent
+from fabric.agent.service import Agent, AgentAlreadyRunning
 from fabric.settings import SettingsError
 from fabric.store.errors import DatastoreError
 from fabric.store.registry import RegistrationError
+
+HEALTH_INTERVAL = 2.0  # seconds between health checks
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,14 +45,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: done.set())
     agent = Agent(config)
+    log = logs.get("agent", node=config.node_name)
     try:
         agent.start()
+    except AgentAlreadyRunning as exc:  # touch nothing of the running agent's
+        log.error("agent could not start", error=str(exc))
+        print(f"fabric-agent: {exc}", file=sys.stderr)
+        return 1
     except (RegistrationError, DatastoreError, OSError) as exc:
-        logs.get("agent").error("agent could not start", error=str(exc))
+        log.error("agent could not start", error=str(exc))
         print(f"fabric-agent: {exc}", file=sys.stderr)
         agent.stop()
         return 1
-    done.wait()
+    # A thread that died or a stuck owner loop is a failed health check: exit non-zero,
+    # and the supervisor (systemd's Restart=, the lab's) starts a fresh agent.
+    while not done.wait(HEALTH_INTERVAL):
+        problems = agent.problems()
+        if problems:
+            log.critical("agent unhealthy; exiting so that it is restarted", problems=problems)
+            agent.stop()
+            return 3
     agent.stop()
     return 0
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import http.server
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,52 @@ def render(families: Iterable[Family]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def families(status: Mapping[str, Any], counters: Mapping[str, int]) -> list[Family]:
+    """The metric families, from `node status`'s document and the agent's counters."""
+    peers = status["peers"]
+    states: dict[str, int] = {}
+    for peer in peers:
+        states[peer["state"]] = states.get(peer["state"], 0) + 1
+    per_peer = [Family(f"bgp_routes_{what}", "gauge", f"routes {what} per peer",
+                       tuple(Sample(f"bgp_routes_{what}", p[what], {"peer": p["address"]})
+                             for p in peers))
+                for what in ("received", "accepted", "rejected", "advertised")]
+    reasons = tuple(Sample("bgp_routes_rejected_total", count,
+                           {"peer": p["address"], "reason": reason})
+                    for p in peers for reason, count in p["rejected_by_reason"].items())
+    kernel = status["kernel"]
+    health = status.get("health", {})
+    return [
+        Family("bgp_sessions", "gauge", "BGP sessions by state",
+               tuple(Sample("bgp_sessions", n, {"state": s}) for s, n in sorted(states.items()))),
+        *per_peer,
+        Family("bgp_routes_rejected_total", "counter",
+               "routes rejected by import policy, by reason", reasons),
+        Family("kernel_routes", "gauge", "routes the agent wants in the kernel",
+               tuple(Sample("kernel_routes", n, {"kind": k})
+                     for k, n in sorted(status.get("route_kinds", {}).items()))),
+        Family("kernel_route_failures_total", "counter", "route changes the kernel refused",
+               (Sample("kernel_route_failures_total", kernel["failures"]),)),
+        Family("kernel_drift_repaired_total", "counter",
+               "routes repaired after a resync found them changed",
+               (Sample("kernel_drift_repaired_total", kernel["repaired"]),)),
+        Family("reconcile_seconds", "gauge",
+               "duration of the last kernel resync and the last incremental apply",
+               (Sample("reconcile_seconds", kernel["last_resync_seconds"], {"phase": "resync"}),
+                Sample("reconcile_seconds", kernel["last_apply_seconds"], {"phase": "apply"}))),
+        Family("etcd_errors_total", "counter", "etcd operations that failed",
+               (Sample("etcd_errors_total",
+                       counters.get("etcd_errors", 0) + counters.get("mirror_errors", 0)),)),
+        Family("ipam_gc_released_total", "counter", "leaked allocations freed by GC",
+               (Sample("ipam_gc_released_total", counters.get("gc_released", 0)),)),
+        Family("agent_threads_alive", "gauge", "agent threads alive (1) or dead (0)",
+               tuple(Sample("agent_threads_alive", int(alive), {"thread": name})
+                     for name, alive in sorted(health.get("threads", {}).items()))),
+        Family("agent_healthy", "gauge", "1 while every agent thread runs and the loop beats",
+               (Sample("agent_healthy", int(bool(health.get("healthy", False)))),)),
+    ]
+
+
 class MetricsServer:
     def __init__(self, address: str, port: int, collect: Callable[[], list[Family]]) -> None:
         collect_ = collect
@@ -69,8 +116,9 @@ class MetricsServer:
         self._thread = threading.Thread(target=self.server.serve_forever, name="metrics",
                                         daemon=True)
 
-    def start(self) -> None:
+    def start(self) -> threading.Thread:
         self._thread.start()
+        return self._thread
 
     def stop(self) -> None:
         self.server.shutdown()

@@ -1,133 +1,166 @@
 """fabric-agent: what runs on every host, and the order it starts and stops things.
 
-Start: reach etcd, take over the kernel routes a previous run left, register the
-node, mirror etcd, start ExaBGP with a configuration that already holds our blocks,
-then serve the CNI plugin, fabricctl, DNS and metrics. Stop (SIGTERM): stop serving,
-stop ExaBGP (it closes the sessions with a Cease), leave the kernel as it is: the
-routes keep forwarding until the next agent takes them over.
+The agent's state has one owner, the loop in `fabric.agent.loop`; this module builds
+the adapters around it and wires them up:
+
+    etcd mirrors ──Snapshot──►┐                          ┌──► kernel writer (routes)
+    ExaBGP speaker ──events──►│                          ├──► ExaBGP speaker (config, API)
+    kernel writer ──reports──►├──► owner loop ──jobs──►──┼──► etcd worker (registration, GC)
+    job workers ──JobDone────►│   (AgentState)           └──► host worker (links, NAT)
+    CNI / control ──requests─►┘
+
+Start: take the run directory's lock and check nobody serves our sockets (a second
+agent for the same node must not touch the first one's ExaBGP or routes), reach etcd,
+take over the kernel routes a previous run left, register the node, start the loop
+and the mirrors, start ExaBGP once the view of etcd is complete (its first
+configuration already holds our routes), then serve the CNI plugin, fabricctl, DNS and
+metrics. Stop (SIGTERM): stop serving, stop ExaBGP (its sessions close without a
+NOTIFICATION, so peers keep our routes for our graceful-restart time), leave the
+kernel as it is: the routes keep forwarding until the next agent takes them over.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import socket
 import threading
 import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from typing import Any
 
-from bgp import api
+from bgp import speaker as bgp_speaker
+from bgp.config import environment
 from bgp.speaker import Speaker
 from cni.handler import CniHandler
-from cni.shim import decode_request
+from cni.shim import MAX_REQUEST, decode_request
+from cni.spec import DECODE_FAILURE, LATEST, CniError
 from fabric import __version__, logs, sockets
+from fabric.agent import messages as m
 from fabric.agent import metrics
+from fabric.agent.clock import Clock, SystemClock
 from fabric.agent.config import AgentConfig
 from fabric.agent.dns import DnsServer
+from fabric.agent.loop import OwnerLoop
 from fabric.agent.registration import Registration
-from fabric.agent.routing import RoutingController, borrowed_records
+from fabric.agent.routing import Settings
+from fabric.agent.state import AgentState, Intervals
+from fabric.agent.workers import Worker
+from fabric.agent.workloads import HostLink
 from fabric.kernel import links
-from fabric.kernel.nat import NatError, OutgoingNat
+from fabric.kernel.nat import OutgoingNat
 from fabric.kernel.netlink import RouteSocket
-from fabric.kernel.reconciler import Reconciler
-from fabric.kernel.routes import kind_of, workload
-from fabric.model.blocks import Block
-from fabric.model.nodes import Node
-from fabric.model.peers import BgpConfig, PeerSpec
-from fabric.model.pools import Pool
+from fabric.kernel.routes import Failure, kind_of
+from fabric.kernel.writer import KernelWriter
+from fabric.model.nodes import Node, Workload
+from fabric.model.peers import BgpConfig
 from fabric.model.prefix import Prefix
 from fabric.store import keys
-from fabric.store.datastore import Datastore
-from fabric.store.errors import DatastoreError, Unavailable
+from fabric.store.datastore import Datastore, absent, put, unchanged
+from fabric.store.errors import Unavailable
 from fabric.store.registry import Registry
-from fabric.store.watch import Mirror, Snapshot
+from fabric.store.watch import Mirror
 from ipam.allocator import Ipam
 from ipam.gc import LeakTracker, collect
 
 ETCD_WAIT = 120.0
-T = TypeVar("T")
+READY_WAIT = 60.0  # for every mirror's first listing
+STUCK_LOOP = 60.0  # seconds without a beat: the loop is stuck, the agent unhealthy
+CONTROL_MAX_REQUEST = 1 << 20  # fabricctl sends a method and a few parameters
+MIRRORS = (("pools", keys.POOLS), ("nodes", keys.NODES), ("blocks", keys.BLOCKS),
+           ("borrowed", keys.BORROWED), ("bgp-config", keys.BGP_CONFIG),
+           ("bgp-peers", keys.BGP_PEERS), ("workloads", keys.WORKLOADS))
+
+
+class AgentAlreadyRunning(RuntimeError):
+    """Another agent holds this node's run directory or serves its sockets."""
 
 
 class Agent:
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, clock: Clock | None = None) -> None:
         self.config = config
+        self.clock = clock or SystemClock()
         self.log = logs.get("agent", node=config.node_name)
-        self.stopping = threading.Event()
         self.started_at = time.time()
-        self.etcd_errors = 0
-        self.gc_runs = 0
-        self.gc_released = 0
-        self._workload_names: dict[str, list[str]] = {}
+        self._threads: dict[str, threading.Thread] = {}
         self._servers: list[Any] = []
         self._mirrors: list[Mirror] = []
-        self._threads: list[threading.Thread] = []
-        self._static_plan: dict[str, set[str]] = {}
-        self._orphans: dict[str, int] = {}
+        self._lock_fd = -1
+        self._stopping = False
 
     # -- start -------------------------------------------------------------------------
     def start(self) -> None:
         config = self.config
+        self._claim()
         self.store = self._connect()
         links.enable_forwarding()
-        self.reconciler = Reconciler(config.route_protocol, config.resync_interval)
-        taken = self.reconciler.take_over()
-        self.ipam = Ipam(self.store)
-        self.registry = Registry(self.store)
         entry = self.store.get(keys.BGP_CONFIG)
         bgp_config = BgpConfig.from_record(entry.value if entry else None)
         node = Node(config.node_name, config.node_address, config.asn or bgp_config.asn,
                     dict(config.labels), config.rr_cluster_id, time.time(), __version__)
-        self.registration = Registration(self.store, node, config.lease_ttl)
-        self.registration.register()
-        self.registration.start()
-        self.routing = RoutingController(
-            node, self.reconciler, hold_time=config.hold_time,
-            graceful_restart=config.graceful_restart, ecmp=config.ecmp,
-            max_prefixes=config.max_prefixes, fixed_asn=config.asn)
-        self.routing.on_asn_change = self._asn_changed
-        self.refresh_workload_routes()
-        self._start_mirrors()
-        self.speaker = Speaker(
-            config.exabgp_path(), config.run_path,
-            _exabgp_env(config), f"@l3fabric/bgp/{config.node_name}",
-            self.routing.on_event, lambda _code: self.routing.on_speaker_exit())
-        self.routing.speaker = self.speaker
-        self.routing.relay_command = self.speaker.relay_command
-        first = self.routing.render()
-        self._static_plan = self.routing.static_plan()
-        self.speaker.start(first)
-        self.reconciler.start()
+        self.registration = Registration(self.store, node.name, config.lease_ttl)
+        self.registration.register(node)
+        self.registration.refresh()
+        self.speaker = Speaker(config.exabgp_path(), config.run_path,
+                               environment(config.node_address),
+                               f"@l3fabric/bgp/{config.node_name}", self._from_speaker)
+        self.state = AgentState(
+            node, self.clock,
+            Settings(config.hold_time, config.graceful_restart, config.ecmp,
+                     config.max_prefixes, config.asn),
+            Intervals(resync=config.resync_interval, links=config.resync_interval,
+                      gc=config.gc_interval, gc_first=min(config.gc_interval, 30.0),
+                      liveness=max(1.0, config.lease_ttl / 3)),
+            relay_command=tuple(self.speaker.relay_command), nat_outgoing=config.nat_outgoing)
+        self.loop = OwnerLoop(self.state, self.clock, self._dispatch)
+        self.writer = KernelWriter(config.route_protocol, self.loop.post)
+        taken = self.writer.take_over()
+        self.state.desired.take_over(r.prefix for r in taken)  # the loop is not running yet
+        self.ipam = Ipam(self.store)
+        self.registry = Registry(self.store)
         self.nat = OutgoingNat()
-        self._apply_nat()
-        # DNS and metrics are conveniences: a port taken by another service must not
-        # keep the node out of the fabric, so their failure is logged, not fatal.
-        if config.dns_port:
-            try:
-                self.dns = DnsServer(config.node_address, config.dns_port,
-                                     config.dns_domain, self._lookup)
-                self.dns.start()
-            except OSError as exc:
-                self.log.error("workload DNS not served; change [dns] port or free it",
-                               port=config.dns_port, error=exc.strerror)
-        if config.metrics_port:
-            try:
-                self.metrics = metrics.MetricsServer("0.0.0.0", config.metrics_port,
-                                                     self._collect_metrics)
-                self.metrics.start()
-            except OSError as exc:
-                self.log.error("metrics not served; change [metrics] port or free it",
-                               port=config.metrics_port, error=exc.strerror)
-        self.cni = CniHandler(config.node_name, self.ipam, self.registry, self.reconciler,
-                              dns=self._dns_for_workloads())
-        self._servers.append(sockets.serve(config.cni_socket, self._serve_cni, "cni"))
-        self._servers.append(sockets.serve(config.control_socket, self._serve_control,
-                                           "control"))
-        for target, name in ((self._render_loop, "render"), (self._timers, "timers")):
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        self.leaks = LeakTracker(grace=config.gc_grace)  # the etcd worker's alone
+        self.etcd_jobs = Worker("etcd-jobs", self.loop.post)
+        self.host_jobs = Worker("host-jobs", self.loop.post)
+        self._spawn("owner-loop", self.loop.run)
+        for worker in (self.etcd_jobs, self.host_jobs):
+            self._threads[worker.name] = worker.start()
+        for thread in self.writer.start():
+            self._threads[thread.name] = thread
+        self._start_mirrors()
+        self._wait_ready()
+        self._threads["bgp-speaker"] = self.speaker.start(
+            self.loop.ask(lambda s: s.initial_config()))
+        self._serve()
         self.log.info("agent started", address=config.node_address, asn=node.asn,
-                      routes_taken_over=taken, exabgp_pid=self.speaker.process.pid
-                      if self.speaker.process else None)
+                      routes_taken_over=len(taken))
+
+    def _claim(self) -> None:
+        """Be the only agent for this node: lock the run directory, probe our sockets."""
+        run = self.config.run_path
+        run.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run / "agent.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            os.close(fd)
+            raise AgentAlreadyRunning(
+                f"another fabric-agent holds {run / 'agent.lock'}; stop it first") from exc
+        self._lock_fd = fd
+        for name in (self.config.control_socket, self.config.cni_socket):
+            if not name.startswith("@"):
+                continue  # a path: serve() replaces a stale file; the lock covers it
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.bind(sockets.address(name))
+            except OSError as exc:
+                raise AgentAlreadyRunning(
+                    f"another fabric-agent serves {name} in this network namespace "
+                    f"({exc.strerror}); stop it first") from exc
+            finally:
+                probe.close()
 
     def _connect(self) -> Datastore:
         deadline = time.monotonic() + ETCD_WAIT
@@ -139,144 +172,161 @@ class Agent:
                 return store
             except Unavailable as exc:
                 store.close()
-                if time.monotonic() > deadline or self.stopping.is_set():
+                if time.monotonic() > deadline or self._stopping:
                     raise
                 self.log.warning("waiting for etcd", error=str(exc))
-                self.stopping.wait(delay)
+                time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
     def _start_mirrors(self) -> None:
-        def pools(snap: Snapshot) -> None:
-            self.routing.set_state(pools=_records(snap, Pool.from_record))
-            if hasattr(self, "nat"):
-                self._apply_nat()
-
-        def nodes(snap: Snapshot) -> None:
-            self.routing.set_state(nodes=_records(snap, Node.from_record))
-
-        def specs(snap: Snapshot) -> None:
-            self.routing.set_state(specs=_records(snap, PeerSpec.from_record))
-
-        def workloads(snap: Snapshot) -> None:
-            names: dict[str, list[str]] = {}
-            for value in snap.values():
-                name = value.get("name")
-                if name:
-                    names.setdefault(str(name), []).extend(str(i) for i in value.get("ips", []))
-            self._workload_names = names
-
-        watched = (
-            (keys.POOLS, pools, "pools"),
-            (keys.NODES, nodes, "nodes"),
-            (keys.BLOCKS, lambda s: self.routing.set_state(
-                blocks=_records(s, Block.from_record)), "blocks"),
-            (keys.BORROWED, lambda s: self.routing.set_state(borrowed=borrowed_records(s)),
-             "borrowed"),
-            (keys.BGP_CONFIG, lambda s: self.routing.set_state(
-                config=BgpConfig.from_record(next(iter(s.values()), None))), "bgp-config"),
-            (keys.BGP_PEERS, specs, "bgp-peers"),
-            (keys.WORKLOADS, workloads, "workloads"),
-        )
-        for prefix, callback, name in watched:
-            mirror = Mirror(self.store, prefix, callback, name)
-            mirror.start()
+        for name, prefix in MIRRORS:
+            mirror = Mirror(self.store, prefix, self._poster(name), name)
+            self._threads[f"watch-{name}"] = mirror.start()
             self._mirrors.append(mirror)
-        for mirror in self._mirrors:
-            if not mirror.ready.wait(30):
-                raise Unavailable(f"etcd: could not read {mirror.prefix}")
 
-    def _asn_changed(self, node: Node) -> None:
-        try:
-            self.registration.update(node)
-        except DatastoreError as exc:
-            self.log.warning("could not update the node record", error=str(exc))
+    def _poster(self, name: str) -> Callable[[dict[str, Any]], None]:
+        return lambda snapshot: self.loop.post(m.Snapshot(name, snapshot))
 
-    # -- loops -------------------------------------------------------------------------
-    def _render_loop(self) -> None:
-        while not self.stopping.is_set():
-            if not self.routing.take_render(1.0):
-                continue
-            time.sleep(0.01)  # coalesce a burst of etcd events into one reload
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + READY_WAIT
+        while not self.loop.ask(lambda s: s.ready):
+            if time.monotonic() > deadline:
+                missing = self.loop.ask(lambda s: sorted(
+                    {n for n, _ in MIRRORS} - s.mirrors_seen))
+                raise Unavailable(f"etcd: could not read {', '.join(missing)}")
+            time.sleep(0.05)
+
+    def _serve(self) -> None:
+        config = self.config
+        # DNS and metrics are conveniences: a port taken by another service must not
+        # keep the node out of the fabric, so their failure is logged, not fatal.
+        self.dns: DnsServer | None = None
+        if config.dns_port:
             try:
-                config = self.routing.render()
-                plan = self.routing.static_plan()
-                withdrawals = []
-                for peer, old in self._static_plan.items():
-                    gone = old - plan.get(peer, set())
-                    withdrawals += [api.withdraw(p, peer) for p in sorted(gone)]
-                self._static_plan = plan
-                self.speaker.reconfigure(config)
-                for command in withdrawals:
-                    self.speaker.send(command)
-            except Exception:
-                self.log.exception("could not reconfigure exabgp")
-
-    def _timers(self) -> None:
-        tracker = LeakTracker(grace=self.config.gc_grace)
-        next_gc = time.monotonic() + min(self.config.gc_interval, 30.0)
-        next_workloads = time.monotonic() + self.config.resync_interval
-        while not self.stopping.wait(1.0):
+                self.dns = DnsServer(config.node_address, config.dns_port, config.dns_domain,
+                                     lambda name: self.state.dns_names.get(name, ()))
+                self._threads["dns"] = self.dns.start()
+            except OSError as exc:
+                self.log.error("workload DNS not served; change [dns] port or free it",
+                               port=config.dns_port, error=exc.strerror)
+        self.metrics: metrics.MetricsServer | None = None
+        if config.metrics_port:
             try:
-                self.routing.tick()
-            except Exception:
-                self.log.exception("routing timer failed")
-            now = time.monotonic()
-            if now >= next_workloads:
-                next_workloads = now + self.config.resync_interval
-                try:
-                    self.refresh_workload_routes()
-                except DatastoreError as exc:
-                    self.etcd_errors += 1
-                    self.log.warning("could not refresh workload routes", error=str(exc))
-            if now >= next_gc:
-                next_gc = now + self.config.gc_interval
-                try:
-                    result = collect(self.ipam, self.config.node_name, tracker)
-                    self.gc_runs += 1
-                    self.gc_released += len(result.released)
-                except DatastoreError as exc:
-                    self.etcd_errors += 1
-                    self.log.warning("ipam gc failed", error=str(exc))
+                self.metrics = metrics.MetricsServer("0.0.0.0", config.metrics_port,
+                                                     self._collect_metrics)
+                self._threads["metrics"] = self.metrics.start()
+            except OSError as exc:
+                self.log.error("metrics not served; change [metrics] port or free it",
+                               port=config.metrics_port, error=exc.strerror)
+        dns = {"nameservers": [config.node_address], "search": [config.dns_domain]} \
+            if self.dns else {}
+        self.cni = CniHandler(config.node_name, self.ipam, self.registry,
+                              LoopRoutes(self.loop), dns=dns)
+        self._servers.append(sockets.serve(config.cni_socket, self._serve_cni, "cni",
+                                           max_request=MAX_REQUEST))
+        self._servers.append(sockets.serve(config.control_socket, self._serve_control,
+                                           "control", max_request=CONTROL_MAX_REQUEST))
 
-    def refresh_workload_routes(self) -> None:
-        """/32 routes to this node's registered workloads whose host interface exists,
-        and removal of host interfaces nobody registered (left by a crash mid-ADD or
-        mid-DEL): those seen unregistered on two rounds in a row go."""
-        present = links.host_links()
-        routes = {}
-        registered = set()
-        for item in self.registry.workloads(self.config.node_name):
-            registered.add(item.host_ifname)
-            index = present.get(item.host_ifname or "")
-            if index is None:
-                continue
-            for address in item.ips:
-                prefix = Prefix.parse(address)
-                routes[prefix] = workload(prefix, index)
-        self.reconciler.replace("workloads", routes)
-        orphans = {name: index for name, index in present.items() if name not in registered}
-        for name, index in orphans.items():
-            if self._orphans.get(name) == index:
-                self.log.warning("removing unregistered workload interface", link=name)
-                links.remove(name, index)
-        self._orphans = orphans
+    def _spawn(self, name: str, target: Callable[[], None]) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads[name] = thread
 
-    def _apply_nat(self) -> None:
-        if not self.config.nat_outgoing:
-            return
-        pools = self.routing.state.pools
+    # -- adapters' reports in, jobs out ------------------------------------------------
+    def _from_speaker(self, report: object) -> None:
+        """ExaBGP adapter reports, as the owner loop's messages."""
+        if isinstance(report, bgp_speaker.Event):
+            self.loop.post(m.BgpEvent(report.generation, report.event))
+        elif isinstance(report, bgp_speaker.Started):
+            self.loop.post(m.SpeakerStatus(report.generation, "started", pid=report.pid))
+        elif isinstance(report, bgp_speaker.Connected):
+            self.loop.post(m.SpeakerStatus(report.generation, "connected"))
+        elif isinstance(report, bgp_speaker.Exited):
+            self.loop.post(m.SpeakerStatus(report.generation, "exited", code=report.code))
+        elif isinstance(report, bgp_speaker.Reloaded):
+            self.loop.post(m.ReloadStatus(report.ok, report.line))
+
+    def _dispatch(self, job: m.Job) -> None:
+        """Hand one job to its adapter (called on the owner loop: never blocks)."""
+        if isinstance(job, m.ApplyRoutes):
+            self.writer.apply(job.replace, job.delete, job.reply)
+        elif isinstance(job, m.Resync):
+            self.writer.resync(job.desired, job.keep)
+        elif isinstance(job, m.Configure):
+            self.speaker.configure(job.config, job.reload)
+        elif isinstance(job, m.Send):
+            self.speaker.send(job.commands)
+        elif isinstance(job, m.RegisterNode):
+            self.etcd_jobs.submit("register", lambda: self.registration.register(job.node))
+        elif isinstance(job, m.RefreshLiveness):
+            self.etcd_jobs.submit("liveness", self.registration.refresh)
+        elif isinstance(job, m.CollectGarbage):
+            self.etcd_jobs.submit("gc", self._collect_garbage)
+        elif isinstance(job, m.ResolveOrphan):
+            self.etcd_jobs.submit("orphan", lambda: self._resolve_orphan(job.link))
+        elif isinstance(job, m.ListLinks):
+            self.host_jobs.submit("links", self._list_links)
+        elif isinstance(job, m.ApplyNat):
+            self.host_jobs.submit("nat", lambda: self._apply_nat(job))
+        else:
+            raise TypeError(f"no adapter for {job!r}")
+
+    # -- jobs (each on its worker's thread) --------------------------------------------
+    def _collect_garbage(self) -> dict[str, Any]:
+        result = collect(self.ipam, self.config.node_name, self.leaks)
+        return {"released": len(result.released), "blocks_freed": len(result.blocks_freed)}
+
+    def _list_links(self) -> None:
+        found = tuple(HostLink(n, i, up) for n, i, up in links.host_link_states())
+        self.loop.post(m.LinksListed(found))
+
+    def _apply_nat(self, job: m.ApplyNat) -> None:
+        self.nat.apply(job.nat_pools, job.all_pools)
+
+    def _resolve_orphan(self, link: HostLink) -> dict[str, Any]:
+        """An unexplained host link: restore its registration from IPAM, remove it when
+        it is down and nobody holds it, or keep it (see fabric.agent.workloads)."""
+        node = self.config.node_name
+        log = self.log.bind(link=link.name)
         try:
-            self.nat.apply([p.cidr for p in pools if p.nat_outgoing],
-                           [p.cidr for p in pools])
-        except NatError as exc:
-            self.log.error("outgoing NAT not applied", error=str(exc))
+            for held in self.ipam.handles(node):
+                if links.host_ifname(held.handle) != link.name:
+                    continue
+                if self._restore_registration(held):
+                    log.warning("restored a lost workload registration from IPAM",
+                                handle=held.handle)
+                    return {"link": link.name, "outcome": "restored"}
+                return {"link": link.name, "outcome": "registered"}
+            if not link.up:
+                links.remove(link.name, link.index)
+                log.warning("removed a host link nobody registered (left by a crash)")
+                return {"link": link.name, "outcome": "removed"}
+        except Exception as exc:
+            log.warning("could not resolve an unregistered host link", error=str(exc))
+        log.warning("unregistered host link kept: it is up and no IPAM handle names it")
+        return {"link": link.name, "outcome": "kept"}
+
+    def _restore_registration(self, held: Any) -> bool:
+        attrs = held.attrs
+        record = Workload(held.handle, self.config.node_name, attrs.get("container_id", ""),
+                          attrs.get("ifname", ""), attrs.get("netns", ""),
+                          held.addresses(), None, links.host_ifname(held.handle),
+                          time.time(), attrs.get("network", ""))
+        handle_entry = self.store.get(keys.handle(held.handle))
+        if handle_entry is None:
+            return False
+        key = keys.workload(self.config.node_name, held.handle)
+        ok, _ = self.store.txn([unchanged(handle_entry.key, handle_entry.mod_revision),
+                                absent(key)], [put(key, record.to_record())])
+        return ok
 
     # -- servers -----------------------------------------------------------------------
     def _serve_cni(self, raw: bytes, fds: list[int]) -> bytes:
         try:
             fields = decode_request(raw)
         except ValueError as exc:
-            return b'1\n{"cniVersion":"1.1.0","code":6,"msg":"%s"}\n' % str(exc).encode()
+            error = CniError(DECODE_FAILURE, f"malformed request from the plugin: {exc}")
+            return b"1\n" + json.dumps(error.document(LATEST)).encode() + b"\n"
         status, output = self.cni.handle(fields, netns_fd=fds[0] if fds else None)
         return b"%d\n" % status + output
 
@@ -286,7 +336,7 @@ class Agent:
             method = str(request["method"])
             params = dict(request.get("params") or {})
             handlers: dict[str, Callable[..., Any]] = {
-                "status": self._status, "bgp_routes": self._bgp_routes,
+                "status": self.status, "bgp_routes": self._bgp_routes,
                 "routes": self._kernel_routes}
             handler = handlers.get(method)
             if handler is None:
@@ -294,28 +344,18 @@ class Agent:
             return json.dumps({"result": handler(**params)}, default=str).encode()
         except Exception as exc:
             self.log.exception("control request failed")
-            return json.dumps({"error": str(exc)}).encode()
+            return json.dumps({"error": str(exc) or type(exc).__name__}).encode()
 
-    def _status(self) -> dict[str, Any]:
-        speaker = self.speaker
-        status = self.routing.status()
-        status.update({
-            "version": __version__,
-            "started_at": self.started_at,
-            "registration": {"healthy": self.registration.healthy,
-                             "last_refresh": self.registration.last_refresh,
-                             "ttl": self.registration.ttl},
-            "bgp_process": {"running": speaker.running, "connected": speaker.connected,
-                            "pid": speaker.process.pid if speaker.process else None,
-                            "started_at": speaker.started_at, "restarts": speaker.restarts,
-                            "log": str(speaker.log_path)},
-            "kernel": self.reconciler.stats.__dict__,
-            "stale_routes": len(self.reconciler.stale()),
-        })
-        return status
+    def status(self) -> dict[str, Any]:
+        doc = self.loop.ask(lambda s: s.status())
+        doc["version"] = __version__
+        doc["started_at"] = self.started_at
+        doc["bgp_process"]["log"] = str(self.speaker.log_path)
+        doc["health"] = self.health()
+        return doc
 
     def _bgp_routes(self, peer: str | None = None, which: str = "received") -> list[Any]:
-        return self.routing.routes(peer, which)
+        return self.loop.ask(lambda s: s.bgp_routes(peer, which))
 
     def _kernel_routes(self) -> dict[str, Any]:
         sock = RouteSocket(self.config.route_protocol)
@@ -323,8 +363,10 @@ class Agent:
             found = sock.dump()
         finally:
             sock.close()
+        desired, kept, drift, failed = self.loop.ask(lambda s: (
+            s.desired.effective(), s.desired.kept(), [d.to_dict() for d in s.drift],
+            {str(p): e for p, e in s.failed.items()}))
         names = {index: name for name, index in links.host_links("").items()}
-        desired = self.reconciler.desired()
         rows = []
         for route in sorted(found, key=lambda r: r.prefix):
             want = desired.get(route.prefix)
@@ -333,113 +375,81 @@ class Agent:
                          "dev": names.get(route.oif) if route.oif else None,
                          "kind": want.kind if want else kind_of(route),
                          "in_sync": want == route,
-                         "stale": want is None})
-        return {"routes": rows, "drift": [d.to_dict() for d in self.reconciler.drift],
-                "failed": {str(p): e for p, e in self.reconciler.failed.items()},
+                         "stale": want is None and route.prefix in kept})
+        return {"routes": rows, "drift": drift, "failed": failed,
                 "protocol": self.config.route_protocol}
 
-    def _lookup(self, name: str) -> list[str]:
-        return list(self._workload_names.get(name, ()))
-
-    def _dns_for_workloads(self) -> dict[str, Any]:
-        if getattr(self, "dns", None) is None:
-            return {}
-        return {"nameservers": [self.config.node_address],
-                "search": [self.config.dns_domain]}
-
     def _collect_metrics(self) -> list[metrics.Family]:
-        status = self.routing.status()
-        states: dict[str, int] = {}
-        for peer in status["peers"]:
-            states[peer["state"]] = states.get(peer["state"], 0) + 1
-        per_peer = []
-        for what in ("received", "accepted", "rejected", "advertised"):
-            per_peer.append(metrics.Family(
-                f"bgp_routes_{what}", "gauge", f"routes {what} per peer",
-                tuple(metrics.Sample(f"bgp_routes_{what}", p[what], {"peer": p["address"]})
-                      for p in status["peers"])))
-        reasons = tuple(metrics.Sample("bgp_routes_rejected_total", count,
-                                       {"peer": p["address"], "reason": reason})
-                        for p in status["peers"]
-                        for reason, count in p["rejected_by_reason"].items())
-        kernel = self.reconciler.stats
-        installed = self.reconciler.desired()
-        mirror_errors = sum(m.errors for m in self._mirrors)
-        return [
-            metrics.Family("bgp_sessions", "gauge", "BGP sessions by state",
-                           tuple(metrics.Sample("bgp_sessions", n, {"state": s})
-                                 for s, n in sorted(states.items()))),
-            *per_peer,
-            metrics.Family("bgp_routes_rejected_total", "counter",
-                           "routes rejected by import policy, by reason", reasons),
-            metrics.Family("kernel_routes", "gauge", "routes the agent wants in the kernel",
-                           tuple(metrics.Sample("kernel_routes", n, {"kind": k})
-                                 for k, n in _count_kinds(installed.values()).items())),
-            metrics.Family("kernel_route_failures_total", "counter",
-                           "route changes the kernel refused",
-                           (metrics.Sample("kernel_route_failures_total", kernel.failures),)),
-            metrics.Family("kernel_drift_repaired_total", "counter",
-                           "routes repaired after a resync found them changed",
-                           (metrics.Sample("kernel_drift_repaired_total", kernel.repaired),)),
-            metrics.Family("reconcile_seconds", "gauge", "duration of the last kernel "
-                           "resync and the last incremental apply",
-                           (metrics.Sample("reconcile_seconds", kernel.last_resync_seconds,
-                                           {"phase": "resync"}),
-                            metrics.Sample("reconcile_seconds", kernel.last_apply_seconds,
-                                           {"phase": "apply"}))),
-            metrics.Family("etcd_errors_total", "counter", "etcd operations that failed",
-                           (metrics.Sample("etcd_errors_total",
-                                           self.etcd_errors + mirror_errors),)),
-            metrics.Family("ipam_gc_released_total", "counter",
-                           "leaked allocations freed by GC",
-                           (metrics.Sample("ipam_gc_released_total", self.gc_released),)),
-        ]
+        return metrics.families(self.status(), self.loop.ask(lambda s: dict(
+            s.counters.__dict__, mirror_errors=sum(x.errors for x in self._mirrors))))
+
+    # -- health ------------------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        """Every thread the agent needs, alive or not, and the loop's last beat."""
+        threads = {name: thread.is_alive() for name, thread in sorted(self._threads.items())}
+        beat_age = self.clock.monotonic() - self.loop.beat
+        return {"threads": threads, "loop_beat_age": round(beat_age, 3),
+                "healthy": all(threads.values()) and beat_age < STUCK_LOOP}
+
+    def problems(self) -> list[str]:
+        """Why the agent is unhealthy (empty when it is not); main() exits on these."""
+        health = self.health()
+        dead = [name for name, alive in health["threads"].items() if not alive]
+        found = [f"thread {name} died" for name in dead]
+        if health["loop_beat_age"] >= STUCK_LOOP:
+            found.append(f"owner loop stuck for {health['loop_beat_age']:.0f}s")
+        return found
 
     # -- stop --------------------------------------------------------------------------
     def stop(self) -> None:
-        """Close sessions and stop ExaBGP; the kernel keeps every route."""
-        self.stopping.set()
+        """Close sessions with a Cease, stop ExaBGP; the kernel keeps every route."""
+        self._stopping = True
         self.log.info("agent stopping")
         for server in self._servers:
             server.shutdown()
             server.server_close()
-        if getattr(self, "dns", None):
-            self.dns.stop()
-        if getattr(self, "metrics", None):
-            self.metrics.stop()
-        if getattr(self, "speaker", None):
+        for server in (getattr(self, "dns", None), getattr(self, "metrics", None)):
+            if server is not None:
+                server.stop()
+        if hasattr(self, "speaker"):
             self.speaker.stop()
         for mirror in self._mirrors:
             mirror.stop()
-        if getattr(self, "reconciler", None):
-            self.reconciler.stop()
-        if getattr(self, "registration", None):
-            self.registration.stop(revoke=False)
-        if getattr(self, "store", None):
+        if hasattr(self, "loop"):
+            self.loop.stop()
+            for worker in (self.etcd_jobs, self.host_jobs):
+                worker.stop()
+            self.writer.stop()
+        if hasattr(self, "registration"):
+            self.registration.withdraw_liveness()
+        if hasattr(self, "store"):
             self.store.close()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
         self.log.info("agent stopped")
 
 
-def _records(snap: Snapshot, parse: Callable[[dict[str, Any]], T]) -> tuple[T, ...]:
-    """Every record of a mirror that parses; unreadable ones were logged by the mirror."""
-    found = []
-    for value in snap.values():
-        try:
-            found.append(parse(value))
-        except (KeyError, TypeError, ValueError):
-            continue
-    return tuple(found)
+class LoopRoutes:
+    """The CNI handler's view of host routes: requests to the owner loop, answered once
+    the kernel writer has applied them (see cni.handler.WorkloadRoutes)."""
 
+    def __init__(self, loop: OwnerLoop, timeout: float = 30.0) -> None:
+        self.loop = loop
+        self.timeout = timeout
 
+    def attach(self, handle: str, ips: Sequence[str], host_ifname: str,
+               index: int) -> list[Failure]:
+        reply: Future[list[Failure]] = Future()
+        self.loop.post(m.Attach(handle, tuple(ips), host_ifname, index, reply))
+        return reply.result(self.timeout)
 
-def _count_kinds(routes: Any) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for route in routes:
-        counts[route.kind] = counts.get(route.kind, 0) + 1
-    return counts
+    def detach(self, handle: str, ips: Sequence[str],
+               host_ifname: str | None) -> list[Failure]:
+        reply: Future[list[Failure]] = Future()
+        self.loop.post(m.Detach(handle, tuple(ips), host_ifname, reply))
+        return reply.result(self.timeout)
 
+    def missing(self, ips: Sequence[str]) -> list[str]:
+        wanted = self.loop.ask(lambda s: set(s.desired.source("workloads")))
+        return [a for a in ips if Prefix.parse(a) not in wanted]
 
-def _exabgp_env(config: AgentConfig) -> dict[str, str]:
-    from bgp.config import environment
-
-    return environment(config.node_address, str(config.run_path / "exabgp.pid"))

@@ -18,7 +18,7 @@ directly in the container's namespace (one netlink request), which is cheaper th
 moving a link between namespaces (that serialises on the kernel's rtnl lock).
 
 pyroute2 is used here: these are a handful of messages per container. Routes of our
-protocol are not written here; `fabric.kernel.reconciler` owns them.
+protocol are not written here; the agent (`fabric.kernel.writer`, fed by its owner loop) owns them.
 """
 
 from __future__ import annotations
@@ -169,35 +169,70 @@ def _configure_container_end(netns_path: str, ifname: str,
         raise LinkError(f"configuring {ifname} in {netns_path}: {exc}") from exc
 
 
+# Errors that mean "already gone": DEL must succeed when things no longer exist, and
+# must fail on anything else (a busy or forbidden link is not a success).
+_GONE = (errno.ENODEV, errno.ENOENT, errno.ESRCH, errno.ENXIO)
+
+
+@contextlib.contextmanager
+def _unless_gone(what: str) -> Iterator[None]:
+    try:
+        yield
+    except NetlinkError as exc:
+        if exc.code in _GONE:
+            return
+        raise LinkError(f"{what}: {exc}") from exc
+
+
+def same_namespace(netns_path: str) -> bool:
+    """True when `netns_path` is this process's own network namespace (the host's)."""
+    try:
+        theirs, ours = os.stat(netns_path), os.stat("/proc/self/ns/net")
+    except OSError:
+        return False
+    return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
+
+
 def detach(host_if: str, netns_path: str | None, ifname: str) -> bool:
-    """Remove the pair; True when something was removed. Missing pieces are fine."""
+    """Remove the pair; True when something was removed. Missing pieces are fine.
+
+    The container end is looked for by name only inside a namespace that is not the
+    host's own, and only if it is a veth: a runtime's bad CNI_NETNS must never make us
+    delete one of the host's interfaces.
+    """
     with _ipr() as ipr:
         found = ipr.link_lookup(ifname=host_if)
         if found:
-            with contextlib.suppress(NetlinkError):
+            with _unless_gone(f"deleting {host_if}"):
                 ipr.link("del", index=found[0])
                 return True
-    if netns_path and os.path.exists(netns_path):
-        # The host end is gone but a half-made container end may be left.
-        with contextlib.suppress(NetnsError, NetlinkError, OSError), entered(netns_path), \
-                _ipr() as ipr:
+    if not netns_path or not os.path.exists(netns_path) or same_namespace(netns_path):
+        return False
+    # The host end is gone but a half-made container end may be left.
+    try:
+        with entered(netns_path), _ipr() as ipr:
             found = ipr.link_lookup(ifname=ifname)
-            if found:
-                info = ipr.get_links(found[0])[0]
-                if info.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") == "veth":
-                    ipr.link("del", index=found[0])
-                    return True
+            if not found:
+                return False
+            info = ipr.get_links(found[0])[0]
+            if info.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") != "veth":
+                return False
+            with _unless_gone(f"deleting {ifname} in {netns_path}"):
+                ipr.link("del", index=found[0])
+                return True
+    except NetnsError:
+        return False  # the namespace went away meanwhile: nothing left to remove
     return False
 
 
 def disable(host_if: str) -> int | None:
-    """Set the host end down (traffic stops; the kernel drops routes through it) and
-    return its index for `remove`; None when there is no such interface."""
+    """Set the host end down (traffic stops) and return its index for `remove`; None
+    when there is no such interface."""
     with _ipr() as ipr:
         found = ipr.link_lookup(ifname=host_if)
         if not found:
             return None
-        with contextlib.suppress(NetlinkError):
+        with _unless_gone(f"setting {host_if} down"):
             ipr.link("set", index=found[0], state="down")
         return found[0]
 
@@ -210,8 +245,31 @@ def remove(host_if: str, index: int) -> None:
     """
     with _ipr() as ipr:
         if ipr.link_lookup(ifname=host_if) == [index]:
-            with contextlib.suppress(NetlinkError):
+            with _unless_gone(f"deleting {host_if}"):
                 ipr.link("del", index=index)
+
+
+def host_link_states(prefix: str = HOST_PREFIX) -> list[tuple[str, int, bool]]:
+    """(name, index, administratively up) of our host-side interfaces."""
+    with _ipr() as ipr:
+        return [(str(link.get("IFLA_IFNAME")), int(link["index"]), bool(link["flags"] & 1))
+                for link in ipr.get_links()
+                if str(link.get("IFLA_IFNAME", "")).startswith(prefix)]
+
+
+def attachment_of(host_if: str, netns_path: str, ifname: str,
+                  addresses: Sequence[str]) -> Attachment | None:
+    """The attachment as `attach` made it, when it is all still there; else None."""
+    if inspect(host_if, netns_path, ifname, addresses):
+        return None
+    try:
+        with _ipr() as ipr:
+            index = ipr.link_lookup(ifname=host_if)[0]
+        with entered(netns_path), _ipr() as ipr:
+            link = ipr.get_links(ipr.link_lookup(ifname=ifname)[0])[0]
+            return Attachment(host_if, index, str(link.get("IFLA_ADDRESS", "")))
+    except (IndexError, NetlinkError, NetnsError):
+        return None
 
 
 def inspect(host_if: str, netns_path: str, ifname: str,

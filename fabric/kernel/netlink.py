@@ -8,7 +8,7 @@ asynchronously as NLMSG_ERROR carrying the request's sequence number, and a fina
 ACKed no-op tells us when everything before it was processed.
 
 Dumps ask the kernel to filter by table and protocol (strict checking, Linux >= 4.20)
-and are parsed with `struct` too. Only what the reconciler needs is decoded: type,
+and are parsed with `struct` too. Only what the kernel writer needs is decoded: type,
 destination, gateways (also inside RTA_MULTIPATH) and output interface.
 """
 
@@ -21,7 +21,7 @@ import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from fabric.kernel.routes import Route
+from fabric.kernel.routes import Failure, Route
 from fabric.model.prefix import Prefix
 
 # netlink / rtnetlink constants (linux/netlink.h, linux/rtnetlink.h)
@@ -31,7 +31,7 @@ NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK = 0x1, 0x2, 0x4
 NLM_F_DUMP, NLM_F_REPLACE, NLM_F_CREATE = 0x300, 0x100, 0x400
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_MULTIPATH, RTA_TABLE = 1, 4, 5, 9, 15
 RTN_UNICAST, RTN_BLACKHOLE = 1, 6
-RT_SCOPE_UNIVERSE, RT_SCOPE_LINK = 0, 253
+RT_SCOPE_UNIVERSE, RT_SCOPE_LINK, RT_SCOPE_NOWHERE = 0, 253, 255
 RT_TABLE_MAIN = 254
 SOL_NETLINK = 270
 NETLINK_CAP_ACK, NETLINK_GET_STRICT_CHK = 10, 12
@@ -69,7 +69,9 @@ def encode_route(route: Route, seq: int, protocol: int, delete: bool = False,
     prefix = route.prefix
     attrs = [_attr(RTA_DST, prefix.packed)]
     rtype = RTN_BLACKHOLE if route.type == "blackhole" else RTN_UNICAST
-    scope = RT_SCOPE_UNIVERSE
+    # A delete must match the route's scope exactly unless it says "nowhere", which
+    # matches any (as `ip route del` does): a workload's /32 has link scope.
+    scope = RT_SCOPE_NOWHERE if delete else RT_SCOPE_UNIVERSE
     if not delete and rtype == RTN_UNICAST:
         if len(route.gateways) == 1:
             attrs.append(_attr(RTA_GATEWAY, _gateway(route.gateways[0])[1]))
@@ -162,17 +164,6 @@ def decode_route(payload: memoryview) -> tuple[Route, int, int] | None:
     # With gateways the kernel reports the interface it resolved; we never ask for one.
     route = Route(prefix, "unicast", tuple(sorted(gateways)), 0 if gateways else oif)
     return route, protocol, table
-
-
-@dataclass(frozen=True)
-class Failure:
-    route: Route
-    delete: bool
-    error: int
-
-    def __str__(self) -> str:
-        verb = "delete" if self.delete else "install"
-        return f"{verb} {self.route.describe()}: {os.strerror(self.error)}"
 
 
 class RouteSocket:

@@ -12,6 +12,7 @@ Prefixes are `fabric.model.prefix.Prefix` (integers, cheap at 100,000 routes).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -85,3 +86,61 @@ def kind_of(route: Route) -> Kind:
     if route.oif and not route.gateways:
         return "workload"
     return "borrowed" if route.prefix.length == route.prefix.bits else "remote"
+
+
+# -- what the kernel writer reports (fabric.kernel.writer) -------------------------------
+@dataclass(frozen=True)
+class Failure:
+    route: Route
+    delete: bool
+    error: int
+
+    def __str__(self) -> str:
+        verb = "delete" if self.delete else "install"
+        return f"{verb} {self.route.describe()}: {os.strerror(self.error)}"
+
+
+@dataclass(frozen=True)
+class Drift:
+    """A repair: what the kernel had that it should not have had, and when."""
+
+    at: float
+    prefix: str
+    found: str  # "missing", or the route the kernel held instead
+    wanted: str  # the route we want, or "nothing"
+
+    def to_dict(self) -> dict[str, object]:
+        return {"at": self.at, "prefix": self.prefix, "found": self.found,
+                "wanted": self.wanted}
+
+
+@dataclass(frozen=True)
+class Applied:
+    """A batch of changes went to the kernel; some may have been refused."""
+
+    count: int
+    failures: tuple[Failure, ...]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Resynced:
+    """The kernel was read back and repaired; `drift` is what someone else had done."""
+
+    drift: tuple[Drift, ...]
+    repaired: int
+    failures: tuple[Failure, ...]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class RouteEvent:
+    """Somebody else (not our writer) changed a route of our protocol."""
+
+    deleted: bool
+    route: Route
+
+
+@dataclass(frozen=True)
+class EventsLost:
+    """The route event socket overflowed: some changes were not seen (resync)."""

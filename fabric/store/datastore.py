@@ -171,7 +171,8 @@ class Datastore:
         try:
             return fn(*args, **kwargs)
         except (etcd3.exceptions.ConnectionFailedError,
-                etcd3.exceptions.ConnectionTimeoutError) as exc:
+                etcd3.exceptions.ConnectionTimeoutError,
+                etcd3.exceptions.NoServerAvailableError) as exc:
             raise Unavailable(f"etcd at {self.settings.describe()} is unreachable") from exc
         except grpc.RpcError as exc:  # raised by the raw calls in read_many
             code = exc.code() if hasattr(exc, "code") else None
@@ -232,8 +233,11 @@ class Datastore:
             compare=[c.build_message() for c in compare],
             success=[self._request_op(op) for op in success],
             failure=[self._request_op(op) for op in failure])
-        response = self._call(client.kvstub.Txn, request, client.timeout,
-                              credentials=client.call_credentials, metadata=client.metadata)
+        # The stub is looked up inside the call: with etcd down, merely reaching for it
+        # raises (etcd3 marks the endpoint failed), and that must be Unavailable too.
+        response = self._call(lambda: client.kvstub.Txn(
+            request, client.timeout, credentials=client.call_credentials,
+            metadata=client.metadata))
         ops = success if response.succeeded else failure
         return bool(response.succeeded), [
             _rows(op, r.response_range.kvs) if isinstance(op, Read) else []

@@ -15,6 +15,7 @@ IPS = ROOT + "ipam/ips/"
 HANDLES = ROOT + "ipam/handles/"
 BORROWED = ROOT + "ipam/borrowed/"
 NODES = ROOT + "nodes/"
+LIVENESS = ROOT + "liveness/"
 WORKLOADS = ROOT + "workloads/"
 BGP_CONFIG = ROOT + "bgp/config"
 BGP_PEERS = ROOT + "bgp/peers/"
@@ -68,6 +69,10 @@ def borrowed(node: str, address: str) -> str:
 
 def node(name: str) -> str:
     return NODES + name
+
+
+def liveness(name: str) -> str:
+    return LIVENESS + name
 
 
 def workloads_prefix(node_name: str) -> str:

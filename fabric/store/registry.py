@@ -1,7 +1,10 @@
 """Node and workload registrations in etcd.
 
-A node record lives under the agent's lease, so it disappears on its own when the
-agent is gone for longer than the TTL. A workload record is written by the CNI
+A node record stays until an operator removes the node (`fabricctl node rm`), as in
+Calico: whether a node's routes are usable is BGP's business (hold timer, graceful
+restart), and an etcd stall must never make every node vanish at once. Whether its
+agent is alive is a separate key under the agent's lease (`liveness/<node>`), shown
+by `fabricctl nodes` and by nothing else. A workload record is written by the CNI
 handler after its addresses are allocated, in a transaction that compares the IPAM
 handle still exists: GC can then never free an address whose workload registered
 concurrently, and a workload is never registered with an address already freed.
@@ -53,8 +56,8 @@ class Registry:
         entry = self.store.get(keys.node(name))
         return Node.from_record(entry.value) if entry else None
 
-    def register_node(self, node: Node, lease: Any) -> None:
-        """Write our node record under `lease`.
+    def register_node(self, node: Node) -> None:
+        """Write our node record (no lease: it stays until the node is removed).
 
         Refused when another host (different underlay address) holds the name: two
         agents fighting over one name would announce each other's blocks.
@@ -70,10 +73,15 @@ class Registry:
                 compare = [unchanged(key, current.mod_revision)]
             else:
                 compare = [absent(key)]
-            ok, _ = self.store.txn(compare, [put(key, node.to_record(), lease=lease)])
+            ok, _ = self.store.txn(compare, [put(key, node.to_record())])
             if ok:
                 return
         raise RegistrationError(f"could not register node {node.name!r}: concurrent writers")
+
+    def remove_node(self, name: str) -> bool:
+        """Forget a node (it left the fabric for good): its record and liveness key."""
+        ok, _ = self.store.txn([], [delete(keys.node(name)), delete(keys.liveness(name))])
+        return ok
 
     # -- workloads ---------------------------------------------------------------------
     def workloads(self, node: str | None = None) -> list[Workload]:

@@ -40,10 +40,11 @@ class Mirror:
         with self._lock:
             return dict(self._data)
 
-    def start(self) -> None:
+    def start(self) -> threading.Thread:
         self._thread = threading.Thread(target=self._run, name=f"watch-{self.name}",
                                         daemon=True)
         self._thread.start()
+        return self._thread
 
     def stop(self) -> None:
         self._stop.set()

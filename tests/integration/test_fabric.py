@@ -14,6 +14,7 @@ import pytest
 
 from fabric.kernel import netns
 from fabric.model.prefix import Prefix
+from fabric.store.registry import Registry
 from ipam.allocator import Ipam
 from tests.conftest import needs_root, running_lab
 from tests.support.fabric import (
@@ -121,20 +122,23 @@ def test_a_fourth_host_joins_without_restarting_sessions_and_leaves(lab):
         after = sessions(host)
         for peer, seen in before[host].items():
             assert after[peer] == seen, f"{host}'s session to {peer} was restarted"
-    # h4 leaves: its agent stops (closing its sessions), its lease then expires.
+    # h4's agent stops: graceful restart, its peers keep its routes (stale) meanwhile.
     lab.remove_workload("h4-w1")
     lab.stop_agent("h4")
-    # Its sessions closed with a Cease: the routes go at once (the bound is the hold time).
     for host in ("h1", "h2", "h3"):
-        wait_until(lambda h=host: h4_block not in remote_table(lab, h),
-                   f"h4's routes are gone from {host}", HOLD_TIME)
+        wait_until(lambda h=host: any(r["prefix"] == h4_block and r["stale"]
+                                      for r in agent(lab, h, "bgp_routes")),
+                   f"{host} keeps h4's block as stale", HOLD_TIME)
+        assert h4_block in remote_table(lab, host)
+    # h4 leaves the fabric for good: its record goes, and with it, at once, its routes.
     store = lab.store()
     try:
-        wait_until(lambda: store.get("/l3fabric/v1/nodes/h4") is None,
-                   "h4's registration expired", 6 + 5)
+        assert Registry(store).remove_node("h4")
     finally:
         store.close()
     for host in ("h1", "h2", "h3"):
+        wait_until(lambda h=host: h4_block not in remote_table(lab, h),
+                   f"h4's routes are gone from {host}", 5)
         wait_until(lambda h=host: "10.99.0.14" not in
                    [p["address"] for p in status(lab, h)["peers"]], f"{host} dropped h4")
     lab.kill_host("h4")

@@ -1,18 +1,20 @@
-"""The kernel reconciler against a real kernel, in a namespace of its own."""
+"""The kernel writer against a real kernel, in a namespace of its own."""
 
 from __future__ import annotations
 
+import queue
 import subprocess
+from concurrent.futures import Future
 
 import pytest
 
 from fabric.kernel import netns
 from fabric.kernel.netns import entered
-from fabric.kernel.reconciler import Reconciler
-from fabric.kernel.routes import blackhole, remote
+from fabric.kernel.routes import Applied, Resynced, Route, RouteEvent, blackhole, remote
+from fabric.kernel.writer import KernelWriter
 from fabric.model.prefix import Prefix
 from tests.conftest import needs_root
-from tests.support.fabric import kernel_routes, wait_until
+from tests.support.fabric import kernel_routes
 
 pytestmark = [needs_root, pytest.mark.root]
 
@@ -27,12 +29,37 @@ def ns(netns_factory):
     return name
 
 
-@pytest.fixture
-def reconciler(ns):
+class Reports:
+    def __init__(self) -> None:
+        self.queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+
+    def __call__(self, report: object) -> None:
+        self.queue.put(report)
+
+    def next(self, kind: type, timeout: float = 10.0) -> object:
+        """The next report of `kind` (others are skipped)."""
+        while True:
+            report = self.queue.get(timeout=timeout)
+            if isinstance(report, kind):
+                return report
+
+
+def start(ns: str, *routes: str) -> tuple[KernelWriter, Reports, list[Route]]:
+    for prefix in routes:  # a previous run's routes
+        subprocess.run(["ip", "-n", ns, "route", "add", prefix, "via", "192.0.2.2", "proto",
+                        "73"], check=True)
+    reports = Reports()
     with entered(netns.path(ns)):
-        made = Reconciler(73, resync_interval=1.0)
-        made.start()  # its threads are created here, so they live in the namespace too
-    yield made
+        writer = KernelWriter(73, reports)
+        taken = writer.take_over()
+        writer.start()  # its threads are created here, so they live in the namespace too
+    return writer, reports, taken
+
+
+@pytest.fixture
+def writer(ns):
+    made, reports, _ = start(ns)
+    yield made, reports
     made.stop()
 
 
@@ -40,62 +67,76 @@ def p(text: str) -> Prefix:
     return Prefix.parse(text)
 
 
-def test_changes_are_applied_and_other_protocols_left_alone(ns, reconciler):
+def applied(writer: KernelWriter, replace=(), delete=()) -> list:
+    reply: Future = Future()
+    writer.apply(replace, delete, reply)
+    return reply.result(10)
+
+
+def test_batches_are_applied_in_order_and_other_protocols_left_alone(ns, writer):
+    kernel, _ = writer
     subprocess.run(["ip", "-n", ns, "route", "add", "10.9.0.0/24", "via", "192.0.2.254"],
                    check=True)
-    reconciler.update("learned", {p("10.1.0.0/26"): remote(p("10.1.0.0/26"), ["192.0.2.2"]),
-                                  p("10.1.0.64/26"): remote(p("10.1.0.64/26"),
-                                                            ["192.0.2.3", "192.0.2.2"])})
-    reconciler.update("blackholes", {p("10.1.1.0/26"): blackhole(p("10.1.1.0/26"))})
-    wait_until(lambda: kernel_routes(ns) == {"10.1.0.0/26": "via 192.0.2.2",
-                                             "10.1.0.64/26": "via 192.0.2.2 192.0.2.3",
-                                             "10.1.1.0/26": "blackhole"}, "routes installed")
-    reconciler.update("learned", {p("10.1.0.0/26"): None})
-    wait_until(lambda: "10.1.0.0/26" not in kernel_routes(ns), "route removed")
-    reconciler.request_resync()
-    wait_until(lambda: reconciler.stats.resyncs >= 2, "a resync ran")
+    one = remote(p("10.1.0.0/26"), ["192.0.2.2"])
+    ecmp = remote(p("10.1.0.64/26"), ["192.0.2.3", "192.0.2.2"])
+    hole = blackhole(p("10.1.1.0/26"))
+    kernel.apply([one, ecmp], [])
+    kernel.apply([hole], [])
+    kernel.apply([], [one.prefix])  # queued after the install: must win
+    kernel.apply([remote(p("10.1.0.0/26"), ["192.0.2.3"])], [])  # and this after it
+    assert applied(kernel) == []
+    assert kernel_routes(ns) == {"10.1.0.0/26": "via 192.0.2.3",
+                                 "10.1.0.64/26": "via 192.0.2.2 192.0.2.3",
+                                 "10.1.1.0/26": "blackhole"}
     assert "10.9.0.0/24 via 192.0.2.254" in subprocess.run(
-        ["ip", "-n", ns, "route"], capture_output=True, text=True).stdout
+        ["ip", "-n", ns, "route"], capture_output=True, text=True, check=True).stdout
 
 
-def test_drift_is_repaired_and_recorded(ns, reconciler):
+def test_drift_is_what_others_did_never_our_own_queued_writes(ns, writer):
+    kernel, reports = writer
     route = remote(p("10.1.0.0/26"), ["192.0.2.2"])
-    reconciler.update("learned", {route.prefix: route})
-    wait_until(lambda: "10.1.0.0/26" in kernel_routes(ns), "installed")
+    assert applied(kernel, [route]) == []
     subprocess.run(["ip", "-n", ns, "route", "del", "10.1.0.0/26"], check=True)
-    wait_until(lambda: kernel_routes(ns).get("10.1.0.0/26") == "via 192.0.2.2",
-               "repaired", 3)
     subprocess.run(["ip", "-n", ns, "route", "add", "10.7.0.0/24", "via", "192.0.2.9",
                     "proto", "73"], check=True)  # somebody else's route with our number
-    wait_until(lambda: "10.7.0.0/24" not in kernel_routes(ns), "unwanted route removed", 3)
-    assert {d.prefix for d in reconciler.drift} >= {"10.1.0.0/26", "10.7.0.0/24"}
+    assert {reports.next(RouteEvent).route.prefix for _ in range(2)} == \
+        {p("10.1.0.0/26"), p("10.7.0.0/24")}
+    desired = {route.prefix: route}
+    # A CNI ADD's route is queued just before the resync: it is ours, not drift.
+    workload = Route(p("10.1.2.5/32"), "unicast", (), 2, "workload")
+    for _ in range(20):
+        kernel.apply([workload], [])
+        kernel.resync({**desired, workload.prefix: workload}, frozenset())
+        kernel.apply([], [workload.prefix])
+    first = reports.next(Resynced)
+    assert sorted(d.prefix for d in first.drift) == ["10.1.0.0/26", "10.7.0.0/24"]
+    for _ in range(19):
+        assert reports.next(Resynced).drift == ()
+    assert applied(kernel) == []  # a fence: every job before it is done
+    assert kernel_routes(ns) == {"10.1.0.0/26": "via 192.0.2.2"}
 
 
-def test_taken_over_routes_stay_until_released(ns):
-    for prefix in ("10.1.0.0/26", "10.1.0.64/26"):
-        subprocess.run(["ip", "-n", ns, "route", "add", prefix, "via", "192.0.2.2", "proto",
-                        "73"], check=True)
-    with entered(netns.path(ns)):
-        reconciler = Reconciler(73, resync_interval=0.5)
-        assert reconciler.take_over() == 2
-        reconciler.start()
+def test_taken_over_routes_stay_while_kept(ns):
+    kernel, reports, taken = start(ns, "10.1.0.0/26", "10.1.0.64/26")
     try:
-        # A peer confirms one of them; nothing wants the other yet.
-        reconciler.update("learned", {p("10.1.0.0/26"): remote(p("10.1.0.0/26"),
-                                                               ["192.0.2.2"])})
-        reconciler.request_resync()
-        wait_until(lambda: reconciler.stats.resyncs >= 2, "resyncs ran")
+        assert {str(r.prefix) for r in taken} == {"10.1.0.0/26", "10.1.0.64/26"}
+        confirmed = remote(p("10.1.0.0/26"), ["192.0.2.2"])
+        kernel.resync({confirmed.prefix: confirmed}, frozenset({p("10.1.0.64/26")}))
+        resynced = reports.next(Resynced)
+        assert resynced.drift == () and resynced.repaired == 0
         assert set(kernel_routes(ns)) == {"10.1.0.0/26", "10.1.0.64/26"}
-        assert reconciler.stale() == {p("10.1.0.64/26")}
-        assert reconciler.release_stale() == 1
-        wait_until(lambda: set(kernel_routes(ns)) == {"10.1.0.0/26"}, "stale route gone")
+        assert applied(kernel, delete=[p("10.1.0.64/26")]) == []  # released
+        assert set(kernel_routes(ns)) == {"10.1.0.0/26"}
     finally:
-        reconciler.stop()
+        kernel.stop()
 
 
-def test_refused_routes_are_reported(ns, reconciler):
-    failures = reconciler.install_now("learned", {
-        p("10.1.0.0/26"): remote(p("10.1.0.0/26"), ["198.51.100.1"])})  # unreachable
+def test_refused_routes_are_reported_and_retried_not_called_drift(ns, writer):
+    kernel, reports = writer
+    unreachable = remote(p("10.1.0.0/26"), ["198.51.100.1"])
+    failures = applied(kernel, [unreachable])
     assert len(failures) == 1 and "unreachable" in str(failures[0])
-    assert str(p("10.1.0.0/26")) in {str(k) for k in reconciler.failed}
-    assert reconciler.stats.failures >= 1  # the background resync may have retried it
+    assert reports.next(Applied).failures == tuple(failures)
+    kernel.resync({unreachable.prefix: unreachable}, frozenset())
+    resynced = reports.next(Resynced)
+    assert resynced.drift == () and len(resynced.failures) == 1

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bgp.config import Reflected, SpeakerSettings, environment, password_ok, render
+from bgp import api
+from bgp.config import SpeakerSettings, environment, password_ok, render
 from bgp.peers import Peer
 
 SETTINGS = SpeakerSettings("192.0.2.1", 64512, 9, 120, ["/venv/bin/python", "-m", "bgp.relay",
@@ -40,21 +41,32 @@ def test_rendering_is_deterministic_and_graceful_restart_optional():
 
 
 def test_reflected_routes_keep_next_hop_and_carry_rr_attributes():
-    reflected = {"192.0.2.2": [Reflected("10.244.1.0/26", "192.0.2.3", (), "192.0.2.3",
-                                         "1.1.1.1")]}
-    section = block(render(SETTINGS, PEERS, [], reflected), "192.0.2.2")
-    assert ("route 10.244.1.0/26 next-hop 192.0.2.3 originator-id 192.0.2.3 "
-            "cluster-list [ 1.1.1.1 ];") in section
+    route = api.Reflected("10.244.1.0/26", "192.0.2.3", (65001,), "192.0.2.3", "1.1.1.1")
+    assert api.announce_reflected("192.0.2.2", route) == (
+        "neighbor 192.0.2.2 announce route 10.244.1.0/26 next-hop 192.0.2.3 "
+        "as-path [ 65001 ] originator-id 192.0.2.3 cluster-list [ 1.1.1.1 ]")
+    assert "10.244.1.0/26" not in render(SETTINGS, PEERS, [])  # API only, never the file
+
+
+def test_our_routes_go_through_the_api_in_batches():
+    prefixes = [f"10.{i // 256}.{i % 256}.0/24" for i in range(2500)]
+    lines = api.announce_self(prefixes)
+    assert len(lines) == 3 and lines[0].startswith("announce attributes next-hop self nlri ")
+    assert sum(len(line.split(" nlri ")[1].split()) for line in lines) == 2500
+    assert api.withdraw_self(["10.0.0.0/24"], "192.0.2.2") == [
+        "neighbor 192.0.2.2 withdraw attributes next-hop self nlri 10.0.0.0/24"]
 
 
 def test_passwords_exabgp_cannot_carry_are_refused():
     assert password_ok("s3cret-!#") and not password_ok('a"b') and not password_ok("a b")
+    assert not password_ok("s3cret\n")  # a newline would end the line in ExaBGP's file
     bad = {"192.0.2.9": Peer("192.0.2.9", 1, "global", "x", password="a;b")}
     with pytest.raises(ValueError, match="password"):
         render(SETTINGS, bad, [])
 
 
 def test_environment_keeps_exabgp_tied_to_the_agent():
-    env = environment("192.0.2.1", "/run/x/exabgp.pid")
+    env = environment("192.0.2.1")
     assert env["exabgp.api.terminate"] == "true" and env["exabgp.api.respawn"] == "false"
     assert env["exabgp.tcp.bind"] == "192.0.2.1" and env["exabgp.api.cli"] == "false"
+    assert env["exabgp.daemon.pid"] == ""  # a stale pid file once blocked the restart

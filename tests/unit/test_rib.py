@@ -44,8 +44,9 @@ def test_graceful_restart_keeps_then_sweeps():
     q = Prefix.parse("10.244.1.64/26")
     rib.announce("192.0.2.1", P, Path("192.0.2.1", "192.0.2.1"))
     rib.announce("192.0.2.1", q, Path("192.0.2.1", "192.0.2.1"))
-    assert rib.mark_stale("192.0.2.1") == 2
+    assert rib.mark_stale("192.0.2.1") == {P, q}
     assert rib.next_hops(P) == ("192.0.2.1",)  # still forwarding
+    assert all(path.stale for path in rib.selected[P])  # what is shown as best is stale
     rib.announce("192.0.2.1", P, Path("192.0.2.1", "192.0.2.1"))  # re-sent: fresh
     assert rib.sweep_stale("192.0.2.1") == {q}
     assert rib.next_hops(P) == ("192.0.2.1",) and rib.next_hops(q) == ()

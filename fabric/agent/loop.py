@@ -1,0 +1,103 @@
+"""The owner loop: the one thread that reads and writes the agent's state.
+
+Every input is a message in one queue, handled in arrival order by
+`AgentState.handle`; deadlines (graceful-restart expiry, hold-downs, periodic jobs)
+are checked after each message and whenever the queue stays quiet until the next one.
+The jobs each step returns go to the adapters in the order they were decided:
+`dispatch` only queues them (kernel writer, ExaBGP speaker, job workers), it never
+waits, so a slow etcd or kernel never stalls the loop.
+
+Requests that need an answer (a CNI ADD's routes, a control query) carry a Future;
+the caller waits on it, not on a lock. Nothing else is shared: the adapters report
+back with messages.
+
+`beat` is when the loop last went round; a loop stuck for long is a failed health
+check (`fabric.agent.service`), and the agent exits so that its supervisor restarts it.
+"""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from fabric import logs
+from fabric.agent import messages as m
+from fabric.agent.clock import Clock
+from fabric.agent.state import AgentState
+
+T = TypeVar("T")
+MAX_WAIT = 1.0  # seconds; the loop beats at least this often
+
+
+class OwnerLoop:
+    def __init__(self, state: AgentState, clock: Clock,
+                 dispatch: Callable[[m.Job], None]) -> None:
+        self.state = state
+        self.clock = clock
+        self.dispatch = dispatch
+        self.log = logs.get("agent.loop", node=state.me.name)
+        self.inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self.beat = clock.monotonic()
+        self.handled = 0
+
+    # -- any thread --------------------------------------------------------------------
+    def post(self, message: object) -> None:
+        self.inbox.put(message)
+
+    def ask(self, read: Callable[[AgentState], T], timeout: float = 30.0) -> T:
+        """Run `read(state)` on the loop and return its result."""
+        reply: Future[T] = Future()
+        self.post(m.Query(read, reply))
+        return reply.result(timeout)
+
+    def stop(self) -> None:
+        self.post(m.Stop())
+
+    # -- the loop's own thread ---------------------------------------------------------
+    def run(self) -> None:
+        while True:
+            wait = self.state.next_deadline() - self.clock.monotonic()
+            try:
+                message = self.inbox.get(timeout=min(max(wait, 0.0), MAX_WAIT))
+            except queue.Empty:
+                message = None
+            self.beat = self.clock.monotonic()
+            if isinstance(message, m.Stop):
+                return
+            self.step(message)
+
+    def step(self, message: object | None) -> None:
+        """Handle one message (or none), then the deadlines that passed; dispatch jobs."""
+        jobs: list[m.Job] = []
+        try:
+            if isinstance(message, m.Query):
+                _answer(message, self.state)
+            elif message is not None:
+                self.handled += 1
+                jobs = self.state.handle(message)
+            if self.clock.monotonic() >= self.state.next_deadline():
+                jobs += self.state.tick()
+        except Exception as exc:
+            self.log.exception("handling a message failed", message=type(message).__name__)
+            reply = getattr(message, "reply", None)
+            if isinstance(reply, Future) and not reply.done():
+                reply.set_exception(exc)
+        for job in jobs:
+            try:
+                self.dispatch(job)
+            except Exception as exc:
+                self.log.exception("dispatching a job failed", job=type(job).__name__)
+                reply = getattr(job, "reply", None)
+                if isinstance(reply, Future) and not reply.done():
+                    reply.set_exception(exc)
+
+
+def _answer(query: m.Query, state: AgentState) -> None:
+    try:
+        result: Any = query.read(state)
+    except Exception as exc:
+        query.reply.set_exception(exc)
+        return
+    query.reply.set_result(result)

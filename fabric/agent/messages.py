@@ -1,0 +1,179 @@
+"""Everything that reaches the owner loop, and everything it asks the adapters to do.
+
+Inputs are facts (a mirror's new contents, an ExaBGP event, what the kernel writer
+did) or requests with a reply (a CNI ADD's routes, a control query). Outputs are jobs
+for the adapters, each run on the adapter's own thread, which reports back with
+another input. Both are plain immutable records: the loop's tests build them by hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from bgp import api
+from fabric.agent.workloads import HostLink
+from fabric.kernel.routes import Applied, EventsLost, Failure, Resynced, Route, RouteEvent
+from fabric.model.nodes import Node
+from fabric.model.prefix import Prefix
+
+# -- inputs ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The complete contents of one mirrored etcd prefix (key -> record)."""
+
+    name: str
+    records: Mapping[str, Mapping[str, Any]]
+
+
+@dataclass(frozen=True)
+class BgpEvent:
+    generation: int  # which ExaBGP process (restarts count up)
+    event: api.Event
+
+
+@dataclass(frozen=True)
+class SpeakerStatus:
+    """ExaBGP's process: started, its API relay connected, or exited."""
+
+    generation: int
+    state: str  # "started", "connected", "exited"
+    pid: int | None = None
+    code: int | None = None
+
+
+@dataclass(frozen=True)
+class ReloadStatus:
+    """ExaBGP confirmed (or refused) a configuration reload."""
+
+    ok: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Attach:
+    """A CNI ADD wired a workload: route its addresses out of `index`, then reply."""
+
+    handle: str
+    ips: tuple[str, ...]
+    host_ifname: str
+    index: int
+    reply: Future[list[Failure]] = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Detach:
+    """A CNI DEL or GC unwired a workload: drop its routes, then reply."""
+
+    handle: str
+    ips: tuple[str, ...]
+    host_ifname: str | None
+    reply: Future[list[Failure]] = field(compare=False)
+
+
+@dataclass(frozen=True)
+class LinksListed:
+    links: tuple[HostLink, ...]
+
+
+@dataclass(frozen=True)
+class JobDone:
+    """An etcd or system job finished (or failed: `error`)."""
+
+    kind: str
+    error: str = ""
+    result: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Query:
+    """Read the loop's state (control socket, metrics): `read(state)` on the loop."""
+
+    read: Callable[[Any], Any]
+    reply: Future[Any] = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Stop:
+    pass
+
+
+Input = (Snapshot | BgpEvent | SpeakerStatus | ReloadStatus | Applied | Resynced | RouteEvent
+         | EventsLost | Attach | Detach | LinksListed | JobDone | Query | Stop)
+
+# -- jobs (outputs) ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ApplyRoutes:
+    """Kernel writer: install `replace`, remove `delete`, in this order among jobs."""
+
+    replace: tuple[Route, ...]
+    delete: tuple[Prefix, ...]
+    reply: Future[list[Failure]] | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class Resync:
+    """Kernel writer: dump our routes, repair every difference from `desired`."""
+
+    desired: Mapping[Prefix, Route]
+    keep: frozenset[Prefix]
+
+
+@dataclass(frozen=True)
+class Configure:
+    """Speaker: write this configuration; reload ExaBGP when `reload`."""
+
+    config: str
+    reload: bool
+
+
+@dataclass(frozen=True)
+class Send:
+    """Speaker: API commands, in order (queued while ExaBGP's API is not connected)."""
+
+    commands: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RegisterNode:
+    """etcd: write our node record (create it, or rewrite it if it is ours)."""
+
+    node: Node
+
+
+@dataclass(frozen=True)
+class RefreshLiveness:
+    """etcd: keep our liveness key's lease alive (re-create it if it expired)."""
+
+
+@dataclass(frozen=True)
+class CollectGarbage:
+    """etcd: one IPAM GC round for this node."""
+
+
+@dataclass(frozen=True)
+class ListLinks:
+    """kernel: list our host-side links."""
+
+
+@dataclass(frozen=True)
+class ResolveOrphan:
+    """etcd + kernel: an unexplained host link (see fabric.agent.workloads)."""
+
+    link: HostLink
+
+
+@dataclass(frozen=True)
+class ApplyNat:
+    nat_pools: tuple[str, ...]
+    all_pools: tuple[str, ...]
+
+
+Job = (ApplyRoutes | Resync | Configure | Send | RegisterNode | RefreshLiveness
+       | CollectGarbage | ListLinks | ResolveOrphan | ApplyNat)

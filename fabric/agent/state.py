@@ -1,0 +1,482 @@
+"""The agent's state and every decision about it, owned by one loop. Pure.
+
+`AgentState.handle(message)` takes one input (see `fabric.agent.messages`) and returns
+the jobs it decided on, in order; `tick()` does the same for deadlines that passed.
+It never does I/O, never takes a lock and never reads the clock except through the
+injected one: the owner loop (`fabric.agent.loop`) is its only caller, one message at
+a time, and hands the jobs to the adapters. So the kernel, ExaBGP and etcd see our
+decisions in the order they were made, by construction, and the tests drive it with
+hand-made messages in any order they like.
+
+What it owns:
+
+* `routing`: sessions, RIB, import policy, our exports (`fabric.agent.routing`);
+* `desired`: the kernel routes we want, by source (`fabric.agent.desired`);
+* `workloads`: this node's workloads and host links (`fabric.agent.workloads`);
+* `announcer`: ExaBGP's configuration and what it was told (`fabric.agent.exports`);
+* what the adapters last reported: kernel counters and drift, ExaBGP's process,
+  the registration, etcd errors; the periodic jobs' deadlines.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from bgp import api
+from fabric import logs
+from fabric.agent import messages as m
+from fabric.agent.clock import Clock
+from fabric.agent.desired import DesiredRoutes, KernelBatch
+from fabric.agent.exports import Announcer
+from fabric.agent.routing import Outcome, Routing, Settings
+from fabric.agent.workloads import Workloads, names
+from fabric.kernel.routes import Applied, Drift, EventsLost, Resynced, RouteEvent, blackhole
+from fabric.model.blocks import Block
+from fabric.model.nodes import Node, Workload
+from fabric.model.peers import BgpConfig, PeerSpec
+from fabric.model.pools import Pool
+from fabric.model.prefix import Prefix
+from fabric.store import keys
+
+T = TypeVar("T")
+MIRRORS = ("pools", "nodes", "blocks", "borrowed", "bgp-config", "bgp-peers", "workloads")
+
+
+@dataclass(frozen=True)
+class Intervals:
+    """How often the periodic jobs run (seconds)."""
+
+    resync: float = 10.0
+    links: float = 10.0
+    gc: float = 60.0
+    gc_first: float = 30.0
+    liveness: float = 20 / 3
+
+
+@dataclass
+class KernelStats:
+    applied: int = 0
+    failures: int = 0
+    resyncs: int = 0
+    repaired: int = 0
+    last_resync_seconds: float = 0.0
+    last_apply_seconds: float = 0.0
+    apply_seconds_total: float = 0.0
+
+
+@dataclass
+class SpeakerInfo:
+    generation: int = 0
+    pid: int | None = None
+    running: bool = False
+    connected: bool = False
+    started_at: float = 0.0
+    restarts: int = 0
+    reloads: int = 0
+    reloads_refused: int = 0
+    api_errors: int = 0
+
+
+@dataclass
+class RegistrationInfo:
+    registered: bool = False  # our record in etcd is the one we wrote
+    in_flight: bool = False
+    last_error: str = ""
+    last_refresh: float = 0.0  # liveness lease refreshed (wall clock)
+    ttl: int = 0
+
+
+@dataclass
+class Counters:
+    etcd_errors: int = 0
+    gc_runs: int = 0
+    gc_released: int = 0
+    orphans_restored: int = 0
+    orphans_removed: int = 0
+
+
+@dataclass
+class AgentState:
+    me: Node
+    clock: Clock
+    settings: Settings
+    intervals: Intervals = field(default_factory=Intervals)
+    relay_command: tuple[str, ...] = ()
+    nat_outgoing: bool = True
+
+    def __post_init__(self) -> None:
+        self.log = logs.get("agent.state", node=self.me.name)
+        self.registered_record = self.me  # what we last wrote to etcd
+        self.routing = Routing(self.me, self.clock, self.settings)
+        self.desired = DesiredRoutes()
+        self.workloads = Workloads()
+        self.announcer = Announcer(self.relay_command)
+        self.dns_names: Mapping[str, tuple[str, ...]] = {}  # replaced whole, never mutated
+        self.mirrors_seen: set[str] = set()
+        self.speaker_live = False  # ExaBGP was started with `initial_config()`
+        self.kernel = KernelStats()
+        self.drift: collections.deque[Drift] = collections.deque(maxlen=100)
+        self.failed: dict[Prefix, str] = {}
+        self.resync_pending = False
+        self.speaker = SpeakerInfo()
+        self.registration = RegistrationInfo(registered=True)
+        self.counters = Counters()
+        self.nat_applied: tuple[tuple[str, ...], tuple[str, ...]] | None = None
+        now = self.clock.monotonic()
+        self.due: dict[str, float] = {
+            "resync": now, "links": now, "gc": now + self.intervals.gc_first,
+            "liveness": now + self.intervals.liveness}
+
+    # -- the entry points --------------------------------------------------------------
+    def handle(self, message: object) -> list[m.Job]:
+        jobs: list[m.Job] = []
+        if isinstance(message, m.Snapshot):
+            self._on_snapshot(message, jobs)
+        elif isinstance(message, m.BgpEvent):
+            if message.generation == self.speaker.generation:
+                if isinstance(message.event, api.Ack):
+                    self.speaker.api_errors += 0 if message.event.ok else 1
+                else:
+                    self._carry_out(self.routing.on_event(message.event), jobs)
+        elif isinstance(message, m.SpeakerStatus):
+            self._on_speaker(message, jobs)
+        elif isinstance(message, m.ReloadStatus):
+            self.speaker.reloads += 1
+            self.speaker.reloads_refused += 0 if message.ok else 1
+        elif isinstance(message, Applied):
+            self._on_applied(message)
+        elif isinstance(message, Resynced):
+            self._on_resynced(message)
+        elif isinstance(message, RouteEvent):
+            self._on_route_event(message, jobs)
+        elif isinstance(message, EventsLost):
+            self._request_resync(jobs)
+        elif isinstance(message, m.Attach):
+            self.workloads.attach(message.handle, message.ips, message.host_ifname,
+                                  message.index)
+            self._apply(self._workload_routes(), jobs, reply=message.reply)
+        elif isinstance(message, m.Detach):
+            self.workloads.detach(message.handle, message.host_ifname)
+            batch = self._workload_routes()
+            gone = tuple(p for p in map(Prefix.parse, message.ips)
+                         if self.desired.wanted(p) is None and p not in batch.delete)
+            # Addresses DEL names but no route of ours did (a half-made ADD): make sure.
+            self._apply(KernelBatch(batch.replace, batch.delete + gone), jobs,
+                        reply=message.reply)
+        elif isinstance(message, m.LinksListed):
+            for orphan in self.workloads.on_links(message.links):
+                jobs.append(m.ResolveOrphan(orphan))
+            self._apply(self._workload_routes(), jobs)
+        elif isinstance(message, m.JobDone):
+            self._on_job_done(message, jobs)
+        else:
+            raise TypeError(f"not an input of the agent: {message!r}")
+        return jobs
+
+    def tick(self) -> list[m.Job]:
+        jobs: list[m.Job] = []
+        self._carry_out(self.routing.tick(), jobs)
+        now = self.clock.monotonic()
+        if now >= self.due["resync"]:
+            self.due["resync"] = now + self.intervals.resync
+            self._request_resync(jobs)
+        if now >= self.due["links"]:
+            self.due["links"] = now + self.intervals.links
+            jobs.append(m.ListLinks())
+        if now >= self.due["gc"]:
+            self.due["gc"] = now + self.intervals.gc
+            jobs.append(m.CollectGarbage())
+        if now >= self.due["liveness"]:
+            self.due["liveness"] = now + self.intervals.liveness
+            jobs.append(m.RefreshLiveness())
+        return jobs
+
+    def next_deadline(self) -> float:
+        routing = self.routing.next_deadline()
+        due = min(self.due.values())
+        return due if routing is None else min(due, routing)
+
+    @property
+    def ready(self) -> bool:
+        """Every mirror has reported once: the view of etcd is complete."""
+        return self.mirrors_seen >= set(MIRRORS)
+
+    def initial_config(self) -> str:
+        """ExaBGP's first configuration (call once the view is complete)."""
+        self.speaker_live = True
+        return self.announcer.initial(self.routing)
+
+    # -- etcd mirrors ------------------------------------------------------------------
+    def _on_snapshot(self, snap: m.Snapshot, jobs: list[m.Job]) -> None:
+        self.mirrors_seen.add(snap.name)
+        records = snap.records
+        if snap.name == "pools":
+            pools = _parse(records, Pool.from_record)
+            self._carry_out(self.routing.set_view(pools=pools), jobs)
+            self._nat(pools, jobs)
+        elif snap.name == "nodes":
+            nodes = _parse(records, Node.from_record)
+            self._carry_out(self.routing.set_view(nodes=nodes), jobs)
+            self._check_registration(nodes, jobs)
+        elif snap.name == "blocks":
+            self._carry_out(self.routing.set_view(blocks=_parse(records, Block.from_record)),
+                            jobs)
+        elif snap.name == "borrowed":
+            self._carry_out(self.routing.set_view(borrowed=borrowed_records(records)), jobs)
+        elif snap.name == "bgp-config":
+            config = BgpConfig.from_record(next(iter(records.values()), None))
+            self._carry_out(self.routing.set_view(config=config), jobs)
+        elif snap.name == "bgp-peers":
+            specs = _parse(records, PeerSpec.from_record)
+            self._carry_out(self.routing.set_view(specs=specs), jobs)
+        elif snap.name == "workloads":
+            everyone = _parse(records, Workload.from_record)
+            self.dns_names = names(everyone)
+            self.workloads.on_registrations(w for w in everyone if w.node == self.me.name)
+            self._apply(self._workload_routes(), jobs)
+        else:
+            raise ValueError(f"unknown mirror {snap.name!r}")
+
+    def _check_registration(self, nodes: Iterable[Node], jobs: list[m.Job]) -> None:
+        """Our record must be in etcd as we wrote it: deleted or changed behind our back,
+        it is written again (unless another host holds the name: that is refused)."""
+        ours = next((n for n in nodes if n.name == self.me.name), None)
+        self.registration.registered = ours == self.registered_record
+        if not self.registration.registered and not self.registration.in_flight:
+            if ours is None:
+                self.log.warning("our node record is gone from etcd; registering again")
+            else:
+                self.log.warning("our node record was changed in etcd; writing it again",
+                                 found=ours.address)
+            self.registration.in_flight = True
+            jobs.append(m.RegisterNode(self.routing.me))
+
+    def _nat(self, pools: Iterable[Pool], jobs: list[m.Job]) -> None:
+        if not self.nat_outgoing:
+            return
+        pools = list(pools)
+        wanted = (tuple(sorted(p.cidr for p in pools if p.nat_outgoing)),
+                  tuple(sorted(p.cidr for p in pools)))
+        if wanted != self.nat_applied:
+            self.nat_applied = wanted
+            jobs.append(m.ApplyNat(*wanted))
+
+    # -- BGP and ExaBGP ----------------------------------------------------------------
+    def _carry_out(self, out: Outcome, jobs: list[m.Job]) -> None:
+        """Turn what routing decided into jobs: kernel first, then ExaBGP, then etcd."""
+        if out.learned:
+            self._apply(self.desired.update("learned", out.learned), jobs)
+        if out.exports_changed:
+            own = {Prefix.parse(c) for c in self.routing.own_blocks}
+            self._apply(self.desired.replace("blackholes", {p: blackhole(p) for p in own}),
+                        jobs)
+        if out.release_stale:
+            batch = self.desired.release_stale()
+            self.log.info("peers confirmed the routes they still want; releasing the rest",
+                          removed=len(batch.delete))
+            self._apply(batch, jobs)
+        if self.speaker_live:
+            plan = self.announcer.plan(self.routing, out)
+            if plan.config is not None:
+                jobs.append(m.Configure(plan.config, plan.reload))
+            if plan.commands:
+                jobs.append(m.Send(tuple(plan.commands)))
+        if out.node_changed is not None:
+            self.registered_record = out.node_changed
+            self.registration.in_flight = True
+            jobs.append(m.RegisterNode(out.node_changed))
+
+    def _on_speaker(self, status: m.SpeakerStatus, jobs: list[m.Job]) -> None:
+        info = self.speaker
+        if status.state == "started":
+            info.generation, info.pid, info.running = status.generation, status.pid, True
+            info.connected, info.started_at = False, self.clock.time()
+        elif status.generation != info.generation:
+            return
+        elif status.state == "connected":
+            info.connected = True
+        elif status.state == "exited":
+            info.running = info.connected = False
+            info.restarts += 1
+            self._carry_out(self.routing.on_speaker_exit(), jobs)
+
+    # -- the kernel --------------------------------------------------------------------
+    def _apply(self, batch: KernelBatch, jobs: list[m.Job], reply: Any = None) -> None:
+        if batch or reply is not None:
+            jobs.append(m.ApplyRoutes(batch.replace, batch.delete, reply))
+
+    def _workload_routes(self) -> KernelBatch:
+        return self.desired.replace("workloads", self.workloads.routes())
+
+    def _request_resync(self, jobs: list[m.Job]) -> None:
+        """The whole desired set goes behind every batch already sent (see writer)."""
+        if self.resync_pending:
+            return
+        self.resync_pending = True
+        jobs.append(m.Resync(self.desired.effective(), self.desired.kept()))
+
+    def _on_applied(self, applied: Applied) -> None:
+        stats = self.kernel
+        stats.applied += applied.count
+        stats.failures += len(applied.failures)
+        stats.last_apply_seconds = applied.seconds
+        stats.apply_seconds_total += applied.seconds
+        self._record_failures(applied.failures)
+
+    def _on_resynced(self, resynced: Resynced) -> None:
+        self.resync_pending = False
+        stats = self.kernel
+        stats.resyncs += 1
+        stats.repaired += resynced.repaired
+        stats.failures += len(resynced.failures)
+        stats.last_resync_seconds = resynced.seconds
+        self.drift.extend(resynced.drift)
+        self._record_failures(resynced.failures)
+        # A resync rewrote every differing route: those without a failure are fine now.
+        refused = {f.route.prefix for f in resynced.failures}
+        self.failed = {p: e for p, e in self.failed.items()
+                       if p in refused or self.desired.wanted(p) is not None}
+
+    def _record_failures(self, failures: Iterable[Any]) -> None:
+        for failure in failures:
+            self.failed[failure.route.prefix] = str(failure)
+
+    def _on_route_event(self, event: RouteEvent, jobs: list[m.Job]) -> None:
+        """Somebody else touched a route of ours: repair it if it matters."""
+        prefix = event.route.prefix
+        wanted = self.desired.wanted(prefix)
+        if event.deleted:
+            differs = wanted is not None
+        else:
+            differs = wanted != event.route and prefix not in self.desired.kept()
+        if differs:
+            self.log.info("route changed outside the agent", prefix=str(prefix),
+                          deleted=event.deleted)
+            self._request_resync(jobs)
+
+    # -- jobs --------------------------------------------------------------------------
+    def _on_job_done(self, done: m.JobDone, jobs: list[m.Job]) -> None:
+        if done.error:
+            self.counters.etcd_errors += done.kind in ("register", "liveness", "gc", "orphan")
+        if done.kind == "register":
+            self.registration.in_flight = False
+            self.registration.last_error = done.error
+            self.registration.registered = not done.error
+        elif done.kind == "liveness":
+            if done.error:
+                self.registration.last_error = done.error
+            else:
+                self.registration.last_refresh = self.clock.time()
+                self.registration.ttl = int(done.result.get("ttl", 0))
+                self.registration.last_error = ""
+        elif done.kind == "gc" and not done.error:
+            self.counters.gc_runs += 1
+            self.counters.gc_released += int(done.result.get("released", 0))
+        elif done.kind == "orphan":
+            name = str(done.result.get("link", ""))
+            outcome = "kept" if done.error else str(done.result.get("outcome", "kept"))
+            self.workloads.resolved(name, outcome)
+            self.counters.orphans_restored += outcome == "restored"
+            self.counters.orphans_removed += outcome == "removed"
+        elif done.kind == "links" and done.error:
+            self.log.warning("could not list host links", error=done.error)
+
+    # -- reading (control socket, metrics) ---------------------------------------------
+    def status(self) -> dict[str, Any]:
+        routing = self.routing
+        peers = []
+        for address in sorted(routing.sessions):
+            session = routing.sessions[address]
+            counts = routing.rib.counts(address)
+            advertised = len(routing.exports) + len(self.announcer.reflected.get(address, {}))
+            peers.append({
+                "address": address, "name": session.peer.name, "kind": session.peer.kind,
+                "asn": session.peer.asn, "state": session.state, "since": session.since,
+                "received": counts["received"], "accepted": counts["accepted"],
+                "rejected": counts["rejected"],
+                "advertised": advertised if session.established else 0,
+                "last_error": session.last_error, "graceful_restart": session.restart_time,
+                "stale_until": self._wall(session.stale_until), "flaps": session.flaps,
+                "rejected_by_reason": dict(session.rejected),
+            })
+        speaker = self.speaker
+        registration = self.registration
+        return {
+            "node": routing.me.name, "address": routing.me.address, "asn": routing.me.asn,
+            "route_reflector": routing.me.rr_cluster_id, "peers": peers,
+            "exports": sorted(routing.exports), "refused_blocks": dict(routing.refused_blocks),
+            "stale_released": routing.stale_released,
+            "stale_routes": len(self.desired.kept()),
+            "registration": {"healthy": registration.registered and not registration.last_error,
+                             "registered": registration.registered,
+                             "last_refresh": registration.last_refresh,
+                             "ttl": registration.ttl, "last_error": registration.last_error},
+            "bgp_process": {"running": speaker.running, "connected": speaker.connected,
+                            "pid": speaker.pid, "started_at": speaker.started_at,
+                            "restarts": speaker.restarts, "reloads": speaker.reloads,
+                            "reloads_refused": speaker.reloads_refused,
+                            "api_errors": speaker.api_errors},
+            "kernel": dict(self.kernel.__dict__),
+            "route_kinds": dict(collections.Counter(
+                r.kind for r in self.desired.effective().values())),
+            "unregistered_links": dict(self.workloads.unresolved),
+        }
+
+    def _wall(self, deadline: float | None) -> float | None:
+        """A monotonic deadline as wall-clock time, for people."""
+        if deadline is None:
+            return None
+        return self.clock.time() + (deadline - self.clock.monotonic())
+
+    def bgp_routes(self, peer: str | None, which: str) -> list[dict[str, Any]]:
+        routing = self.routing
+        if which == "advertised":
+            rows: list[dict[str, Any]] = []
+            for address in [peer] if peer else sorted(routing.sessions):
+                session = routing.sessions.get(address)
+                if session is None or not session.established:
+                    continue
+                rows += [{"prefix": exported, "peer": address, "next_hop": routing.me.address,
+                          "as_path": [], "origin": "local"}
+                         for exported in sorted(routing.exports)]
+                rows += [{"prefix": r.prefix, "peer": address, "next_hop": r.next_hop,
+                          "as_path": list(r.as_path), "origin": "reflected"}
+                         for _, r in sorted(self.announcer.reflected.get(address, {}).items())]
+            return rows
+        rows = []
+        for prefix, path in routing.rib.received(peer):
+            if which == "rejected" and path.accepted:
+                continue
+            if which == "accepted" and not path.accepted:
+                continue
+            rows.append({"prefix": str(prefix), "peer": path.peer, "next_hop": path.next_hop,
+                         "as_path": list(path.as_path), "accepted": path.accepted,
+                         "reason": path.rejected,
+                         "best": path in routing.rib.selected.get(prefix, ()),
+                         "stale": path.stale})
+        return rows
+
+
+def _parse(records: Mapping[str, Mapping[str, Any]],
+           parse: Callable[[dict[str, Any]], T]) -> tuple[T, ...]:
+    """Every record of a mirror that parses; unreadable ones were logged by the mirror."""
+    found = []
+    for value in records.values():
+        try:
+            found.append(parse(dict(value)))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return tuple(found)
+
+
+def borrowed_records(snapshot: Mapping[str, Any]) -> dict[str, str]:
+    """ipam/borrowed/<node>/<address> keys -> {address: node}."""
+    out = {}
+    for key in snapshot:
+        node, _, address = key[len(keys.BORROWED):].partition("/")
+        if node and address:
+            out[address] = node
+    return out

@@ -1,0 +1,125 @@
+"""Routes to this node's workloads, and what to do about host links nobody knows. Pure.
+
+A workload's /32 (/128) goes out of its host-side veth. Who the workloads are comes
+from two inputs: the CNI handler (an ADD just wired it, a DEL just unwired it) and
+etcd's registrations (after a restart, the only source). Where they are comes from the
+host links, listed from the kernel on a timer and reported by each ADD.
+
+The CNI input wins over etcd until etcd catches up: a DEL's handle is ignored in the
+registrations until its record is gone (the mirror may lag behind the DEL), and an
+ADD's route stays until its DEL, even if its registration vanishes meanwhile: the
+container lives as long as its link does, whatever etcd says.
+
+A host link of ours (name prefix `l3f`) that no workload explains is suspect; seen so
+on two listings in a row (with the same index: not a link re-made meanwhile) it is an
+orphan, and the agent resolves it: the IPAM handle it belongs to still exists -> its
+registration is restored; no handle and the link is down (a DEL that did not finish)
+-> it is removed; no handle but the link is up -> it is kept and reported, because a
+container may be behind it and deleting it would cut that container off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from fabric.kernel.routes import Route, workload
+from fabric.model.nodes import Workload
+from fabric.model.prefix import Prefix
+
+
+@dataclass(frozen=True)
+class HostLink:
+    name: str
+    index: int
+    up: bool
+
+
+@dataclass(frozen=True)
+class Known:
+    """A workload as far as routing cares: its addresses and its host-side link."""
+
+    ips: tuple[str, ...]
+    host_ifname: str
+
+
+@dataclass
+class Workloads:
+    registered: dict[str, Known] = field(default_factory=dict)  # handle -> (from etcd)
+    attached: dict[str, Known] = field(default_factory=dict)  # handle -> (from CNI ADD)
+    detached: set[str] = field(default_factory=set)  # DEL'd; etcd may not know yet
+    links: dict[str, HostLink] = field(default_factory=dict)  # name -> (kernel)
+    suspects: dict[str, int] = field(default_factory=dict)  # name -> index seen
+    unresolved: dict[str, str] = field(default_factory=dict)  # link name -> why it stays
+
+    # -- inputs ------------------------------------------------------------------------
+    def on_registrations(self, records: Iterable[Workload]) -> None:
+        registered = {w.handle: Known(w.ips, w.host_ifname) for w in records
+                      if w.host_ifname}
+        self.detached &= set(registered)  # etcd caught up with those DELs
+        self.registered = registered
+
+    def attach(self, handle: str, ips: Iterable[str], host_ifname: str, index: int) -> None:
+        self.attached[handle] = Known(tuple(ips), host_ifname)
+        self.detached.discard(handle)
+        self.links[host_ifname] = HostLink(host_ifname, index, True)
+        self.suspects.pop(host_ifname, None)
+        self.unresolved.pop(host_ifname, None)
+
+    def detach(self, handle: str, host_ifname: str | None) -> None:
+        self.attached.pop(handle, None)
+        self.detached.add(handle)
+        if host_ifname:
+            self.links.pop(host_ifname, None)
+
+    def on_links(self, links: Iterable[HostLink]) -> list[HostLink]:
+        """A fresh listing of our host links; returns the orphans to resolve now."""
+        self.links = {link.name: link for link in links}
+        explained = self._explained()
+        orphans = []
+        suspects = {}
+        for link in self.links.values():
+            if link.name in explained:
+                continue
+            if self.suspects.get(link.name) == link.index and link.name not in self.unresolved:
+                orphans.append(link)
+            suspects[link.name] = link.index
+        self.suspects = suspects
+        self.unresolved = {n: why for n, why in self.unresolved.items() if n in suspects}
+        return orphans
+
+    def resolved(self, name: str, outcome: str) -> None:
+        """What the resolver did with an orphan; "kept" ones are reported, not retried."""
+        if outcome == "kept":
+            self.unresolved[name] = "up, and no IPAM handle names it: a container may use it"
+        else:
+            self.suspects.pop(name, None)
+
+    # -- outputs -----------------------------------------------------------------------
+    def known(self) -> dict[str, Known]:
+        merged = {h: k for h, k in self.registered.items() if h not in self.detached}
+        merged.update(self.attached)
+        return merged
+
+    def _explained(self) -> set[str]:
+        return {k.host_ifname for k in self.known().values()}
+
+    def routes(self) -> dict[Prefix, Route]:
+        routes = {}
+        for known in self.known().values():
+            link = self.links.get(known.host_ifname)
+            if link is None:
+                continue
+            for address in known.ips:
+                prefix = Prefix.parse(address)
+                routes[prefix] = workload(prefix, link.index)
+        return routes
+
+
+def names(records: Iterable[Workload]) -> Mapping[str, tuple[str, ...]]:
+    """Workload name -> addresses, for DNS (every node's workloads)."""
+    out: dict[str, list[str]] = {}
+    for record in records:
+        if record.name:
+            out.setdefault(record.name, []).extend(record.ips)
+    return {name: tuple(ips) for name, ips in out.items()}
