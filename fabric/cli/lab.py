@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fabric import sockets
-from fabric.cli.context import Context
+from fabric.cli.context import Context, program
 from fabric.cli.output import ERROR, OK, PROBLEM, CliError, emit_json, table
 from fabric.lab.topology import DEFAULT_UNDERLAY, Lab, LabError, all_labs
 
@@ -230,7 +230,7 @@ def _summary(ctx: Context, lab: Lab, matrix: dict[str, dict[str, bool]]) -> int:
         table(["from \\ to", *names],
               [[a, *["-" if a == b else ("ok" if matrix[a].get(b) else "FAIL")
                      for b in names]] for a in names])
-    ctl = _prog()
+    ctl = program()
     lab_opt = "" if lab.name == DEFAULT_LAB else f"--lab {lab.name} "
     print(f"\n{'all workloads reach each other' if green else 'SOME PINGS FAILED'}. Next:"
           f"\n  {ctl} {lab_opt}--host h1 node status\n  {ctl} {lab_opt}--host h1 bgp routes"
@@ -238,15 +238,6 @@ def _summary(ctx: Context, lab: Lab, matrix: dict[str, dict[str, bool]]) -> int:
           f"\n  {ctl} {lab_opt}lab exec h1-w1 -- ping -c1 h2-w1.fabric.internal"
           f"\n  {ctl} {lab_opt}lab down")
     return OK if green else PROBLEM
-
-
-def _prog() -> str:
-    """How the user can run fabricctl again: as invoked (relative to here if shorter)."""
-    invoked = sys.argv[0]
-    if os.path.basename(invoked) != "fabricctl" or not os.path.isabs(invoked):
-        return "fabricctl"
-    relative = os.path.relpath(invoked)
-    return relative if not relative.startswith("..") else invoked
 
 
 def _kernel_routes(ns: str) -> int:
@@ -346,5 +337,8 @@ def down_cmd(ctx: Context) -> int:
 
 def env_cmd(ctx: Context) -> int:
     lab = _existing(ctx)
-    print(f"export FABRIC_ETCD_ENDPOINTS={lab.etcd_local_endpoint}")
+    if ctx.json:
+        emit_json({"FABRIC_ETCD_ENDPOINTS": lab.etcd_local_endpoint})
+    else:
+        print(f"export FABRIC_ETCD_ENDPOINTS={lab.etcd_local_endpoint}")
     return OK
