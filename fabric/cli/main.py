@@ -149,11 +149,22 @@ def run(argv: Sequence[str]) -> int:
         log.debug("command failed", exc_info=True)
         message, code = failure(exc)
         if isinstance(exc, Unavailable | AgentUnreachable):
-            message += ctx.lab_hint(argv, agent=isinstance(exc, AgentUnreachable))
+            message += _hint(ctx, argv, agent=isinstance(exc, AgentUnreachable))
         print(f"fabricctl: {message}", file=sys.stderr)
         return code
     finally:
-        ctx.close()
+        try:
+            ctx.close()
+        except Exception:  # the command's outcome is already decided
+            log.debug("closing the connection failed", exc_info=True)
+
+
+def _hint(ctx: Context, argv: Sequence[str], agent: bool) -> str:
+    """The --lab hint, or nothing if finding one fails: a hint must not hide the error."""
+    try:
+        return ctx.lab_hint(argv, agent=agent)
+    except Exception:
+        return ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -60,6 +60,8 @@ CLEAN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE)
 RESTART_DELAY = 1.0  # first back-off, doubled per quick failure
 RESTART_DELAY_MAX = 30.0
 STABLE_AFTER = 60.0  # an agent up this long has its back-off reset
+SUPERVISOR_MODULE = "fabric.lab.topology"  # run with -m: see main() at the end
+AGENT = "fabric-agent"
 
 
 class LabError(RuntimeError):
@@ -338,7 +340,7 @@ class Lab:
         with self.locked() as state:
             host = state.hosts[name]
             self._end_supervision(host)
-            if host.agent_pid:
+            if still_ours(host.agent_pid, AGENT):
                 kill_pid(host.agent_pid, sig=sig)
             host.agent_pid = None
             host.wanted = False
@@ -360,7 +362,7 @@ class Lab:
         Path(host.run_dir).mkdir(parents=True, exist_ok=True)
         with open(Path(host.run_dir) / "agent.log", "ab") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", "fabric.lab.topology", "supervise", self.name,
+                [sys.executable, "-m", SUPERVISOR_MODULE, "supervise", self.name,
                  host.name, str(self.base_dir)],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True)
@@ -372,7 +374,7 @@ class Lab:
         """Stop the supervisor of `host` (call under `locked`). Once its PID is gone
         from the state it starts nothing more, even if it outlived the signal."""
         pid, host.supervisor_pid = host.supervisor_pid, None
-        if pid:
+        if still_ours(pid, SUPERVISOR_MODULE):
             kill_pid(pid, timeout=5)
 
     def _wait_recorded(self, name: str, timeout: float = 15.0) -> int:
@@ -436,7 +438,7 @@ class Lab:
                 for pid in netns.pids(ns):
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
-            if host.agent_pid:
+            if still_ours(host.agent_pid, AGENT):
                 kill_pid(host.agent_pid, timeout=2, sig=signal.SIGKILL)
             host.agent_pid = None
             host.alive = False
@@ -639,7 +641,7 @@ class Lab:
         removed: list[str] = []
         for host in state.hosts.values():
             self._end_supervision(host)
-        pids = [h.agent_pid for h in state.hosts.values() if h.agent_pid]
+        pids = [h.agent_pid for h in state.hosts.values() if still_ours(h.agent_pid, AGENT)]
         if state.peer:
             pids += state.peer.pids
         for pid in pids:
@@ -669,6 +671,19 @@ def all_labs(base_dir: Path = BASE_DIR) -> list[str]:
     if base_dir.exists():
         found |= {p.name for p in base_dir.iterdir() if (p / "state.json").exists()}
     return sorted(found)
+
+
+def still_ours(pid: int | None, marker: str) -> bool:
+    """Whether `pid` still runs the program we recorded (a word of its command line
+    ends with `marker`). A PID in the state file can outlive its process, and the
+    kernel gives it to another one: that one must not get our signal."""
+    if not pid:
+        return False
+    try:
+        words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(word.decode(errors="replace").endswith(marker) for word in words)
 
 
 def is_up(host: HostState) -> bool:

@@ -17,6 +17,7 @@ from fabric.lab.topology import (
     exit_reason,
     restart_delay,
     restarts_after,
+    still_ours,
 )
 
 WRITER = """
@@ -99,3 +100,15 @@ def test_the_back_off_doubles_up_to_a_ceiling():
 ])
 def test_agent_state_in_lab_status(fields, answering, running, state):
     assert agent_state(host(**fields), answering, running=lambda pid: pid in running) == state
+
+
+def test_a_recorded_pid_is_signalled_only_while_it_runs_what_we_recorded():
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        assert still_ours(sleeper.pid, "sleep")
+        assert not still_ours(sleeper.pid, "fabric-agent")  # as if the PID were reused
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert not still_ours(sleeper.pid, "sleep")
+    assert not still_ours(None, "sleep")
