@@ -30,8 +30,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 def install_cmd(ctx: Context) -> int:
     if not 576 <= ctx.mtu <= 65535:
         raise CliError(f"--mtu {ctx.mtu}: must be from 576 to 65535")
-    written = install(ctx.bin_dir, ctx.conf_dir or None, network=ctx.network, mtu=ctx.mtu,
-                      pools=ctx.pools, families=(4, 6) if ctx.ipv6 else (4,))
+    try:
+        written = install(ctx.bin_dir, ctx.conf_dir or None, network=ctx.network,
+                          mtu=ctx.mtu, pools=ctx.pools, families=(4, 6) if ctx.ipv6 else (4,))
+    except OSError as exc:  # a directory that cannot be made or written (a typo, /proc)
+        raise CliError(f"cni install: cannot write {exc.filename or 'the files'}: "
+                       f"{exc.strerror or exc}") from exc
     if ctx.json:
         emit_json({"written": [str(p) for p in written]})
     else:

@@ -8,6 +8,10 @@ the one of this machine's network namespace and etcd comes from the usual settin
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +22,34 @@ from fabric.lab.topology import Lab, all_labs
 from fabric.settings import EtcdSettings, etcd_settings, parse_endpoints
 from fabric.sockets import CONTROL_SOCKET
 from fabric.store.datastore import Datastore
+
+# Options that pick etcd: meaningless with --lab, which brings its own etcd.
+ETCD_OPTIONS = ("--etcd-endpoints", "--etcd-ca", "--etcd-cert", "--etcd-key")
+
+
+def program() -> str:
+    """How the user can run fabricctl again: as invoked (relative to here if shorter)."""
+    invoked = sys.argv[0]
+    if os.path.basename(invoked) != "fabricctl" or not os.path.isabs(invoked):
+        return "fabricctl"
+    relative = os.path.relpath(invoked)
+    return relative if not relative.startswith("..") else invoked
+
+
+def with_lab(argv: Sequence[str], lab: str, host: str | None = None) -> str:
+    """The command line `argv` again, aimed at a lab: `fabricctl --lab L [--host H] ...`
+    without the etcd options, which would otherwise win over the lab's etcd."""
+    kept: list[str] = []
+    skip = False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word in ETCD_OPTIONS:
+            skip = True
+        elif not word.startswith(tuple(f"{o}=" for o in ETCD_OPTIONS)):
+            kept.append(word)
+    target = ["--lab", lab] + (["--host", host] if host else [])
+    return shlex.join([program(), *target, *kept])
 
 
 @dataclass
@@ -76,6 +108,24 @@ class Context:
 
     def agent(self, method: str, **params: Any) -> Any:
         return sockets.call(CONTROL_SOCKET, method, netns=self.host_netns(), **params)
+
+    def lab_hint(self, argv: Sequence[str], agent: bool = False) -> str:
+        """"; lab L is up: try ..." when etcd (or the local agent) could not be reached
+        and the command aimed at no lab, though one is up: the usual cause is a
+        forgotten --lab. Empty otherwise."""
+        if getattr(self.args, "lab", None) or getattr(self.args, "host", None):
+            return ""
+        labs = all_labs()
+        if not labs:
+            return ""
+        if len(labs) > 1:
+            return f"; labs {', '.join(labs)} are up: try " + with_lab(
+                argv, "NAME", "HOST" if agent else None)
+        host = None
+        if agent:
+            hosts = sorted(Lab(labs[0]).state.hosts)
+            host = hosts[0] if hosts else "HOST"
+        return f"; lab {labs[0]} is up: try {with_lab(argv, labs[0], host)}"
 
     def close(self) -> None:
         if self._store is not None:

@@ -9,12 +9,21 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from fabric import sockets
-from fabric.cli.context import Context
+from fabric.cli.context import Context, program
 from fabric.cli.output import ERROR, OK, PROBLEM, CliError, emit_json, table
-from fabric.lab.topology import DEFAULT_UNDERLAY, Lab, LabError, all_labs
+from fabric.lab.topology import (
+    DEFAULT_UNDERLAY,
+    NOT_READY,
+    HostState,
+    Lab,
+    LabError,
+    all_labs,
+)
+from fabric.processes import is_running
 
 DEFAULT_LAB = "l3lab"
+# An agent that does not answer a status request: starting, dying, or gone with its host.
+UNANSWERED: tuple[type[Exception], ...] = (*NOT_READY, OSError)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -163,8 +172,7 @@ def up_cmd(ctx: Context) -> int:
         raise CliError(f"lab up failed: {exc}\n(everything made so far stays for "
                        f"inspection; `fabricctl lab down --name {lab.name}` removes it)"
                        ) from exc
-    lab.state.complete = True
-    lab.save()
+    lab.mark_complete()
     return _summary(ctx, lab, matrix)
 
 
@@ -173,9 +181,25 @@ def _statuses(lab: Lab) -> dict[str, dict[str, Any] | None]:
     for name in lab.state.hosts:
         try:
             out[name] = lab.call(name, "status")
-        except (sockets.AgentUnreachable, sockets.AgentError, OSError):
+        except UNANSWERED:
             out[name] = None
     return out
+
+
+def agent_state(host: HostState, answering: bool,
+                running: Callable[[int], bool] = is_running) -> str:
+    """One word (or two) for a host's agent, from its answer and its processes."""
+    if not host.alive:
+        return "killed"
+    if answering:
+        return "running"
+    if host.agent_pid and running(host.agent_pid):
+        return "not answering"
+    if host.supervisor_pid and running(host.supervisor_pid):
+        return "restarting"
+    if not host.wanted:
+        return "stopped"
+    return f"exited ({host.last_exit})" if host.last_exit else "exited"  # nothing restarts it
 
 
 def _wait_sessions(lab: Lab, timeout: float = 60.0) -> None:
@@ -202,6 +226,7 @@ def _wait_matrix(lab: Lab, timeout: float = 30.0) -> dict[str, dict[str, bool]]:
 
 def _summary(ctx: Context, lab: Lab, matrix: dict[str, dict[str, bool]]) -> int:
     statuses = _statuses(lab)
+    lab.refresh()  # the supervisors record restarts in the state
     hosts = []
     for name, host in sorted(lab.state.hosts.items()):
         status = statuses.get(name)
@@ -209,6 +234,9 @@ def _summary(ctx: Context, lab: Lab, matrix: dict[str, dict[str, bool]]) -> int:
         kernel = _kernel_routes(host.netns)
         hosts.append({"host": name, "address": host.address, "alive": host.alive,
                       "agent": status is not None,
+                      "agent_state": agent_state(host, status is not None),
+                      "agent_pid": host.agent_pid, "supervisor_pid": host.supervisor_pid,
+                      "restarts": host.restarts, "last_exit": host.last_exit,
                       "sessions_up": sum(p["state"] == "Established" for p in peers),
                       "sessions": len(peers), "routes_installed": kernel,
                       "workloads": [w.name for w in lab.state.workloads.values()
@@ -220,17 +248,22 @@ def _summary(ctx: Context, lab: Lab, matrix: dict[str, dict[str, bool]]) -> int:
         return OK if green else PROBLEM
     print(f"\nlab {lab.name}: {len(hosts)} host(s) on {lab.state.underlay}"
           + (f", {lab.state.peer.kind} as {lab.state.peer.role}" if lab.state.peer else ""))
-    table(["host", "address", "agent", "bgp sessions up", "routes installed", "workloads"],
-          [[h["host"], h["address"], "running" if h["agent"] else "DOWN",
+    table(["host", "address", "agent", "restarts", "bgp sessions up", "routes installed",
+           "workloads"],
+          [[h["host"], h["address"], h["agent_state"], h["restarts"],
             f"{h['sessions_up']}/{h['sessions']}", h["routes_installed"],
             " ".join(h["workloads"]) or None] for h in hosts])
+    if any(h["agent_state"] not in ("running", "killed") for h in hosts):
+        print("\nThe lab starts an agent again when it crashes or is killed (kill -9), as "
+              "systemd does on a real host;\none stopped on purpose or that exited cleanly "
+              f"stays down: {program()} lab restart-agent HOST starts it.")
     if matrix:
         names = sorted(matrix)
         print("\nreachability (ping from row to column):")
         table(["from \\ to", *names],
               [[a, *["-" if a == b else ("ok" if matrix[a].get(b) else "FAIL")
                      for b in names]] for a in names])
-    ctl = _prog()
+    ctl = program()
     lab_opt = "" if lab.name == DEFAULT_LAB else f"--lab {lab.name} "
     print(f"\n{'all workloads reach each other' if green else 'SOME PINGS FAILED'}. Next:"
           f"\n  {ctl} {lab_opt}--host h1 node status\n  {ctl} {lab_opt}--host h1 bgp routes"
@@ -238,15 +271,6 @@ def _summary(ctx: Context, lab: Lab, matrix: dict[str, dict[str, bool]]) -> int:
           f"\n  {ctl} {lab_opt}lab exec h1-w1 -- ping -c1 h2-w1.fabric.internal"
           f"\n  {ctl} {lab_opt}lab down")
     return OK if green else PROBLEM
-
-
-def _prog() -> str:
-    """How the user can run fabricctl again: as invoked (relative to here if shorter)."""
-    invoked = sys.argv[0]
-    if os.path.basename(invoked) != "fabricctl" or not os.path.isabs(invoked):
-        return "fabricctl"
-    relative = os.path.relpath(invoked)
-    return relative if not relative.startswith("..") else invoked
 
 
 def _kernel_routes(ns: str) -> int:
@@ -317,10 +341,9 @@ def restart_cmd(ctx: Context) -> int:
     lab = _existing(ctx)
     if ctx.host_name not in lab.state.hosts:
         raise CliError(f"lab {lab.name} has no host {ctx.host_name}")
-    old = lab.state.hosts[ctx.host_name].agent_pid
-    lab.stop_agent(ctx.host_name, sig=signal.SIGKILL if ctx.kill else signal.SIGTERM)
-    pid = lab.start_agent(ctx.host_name)
     try:
+        old, pid = lab.restart_agent(ctx.host_name,
+                                     sig=signal.SIGKILL if ctx.kill else signal.SIGTERM)
         lab.wait_agent(ctx.host_name)
     except LabError as exc:
         raise CliError(str(exc)) from exc
@@ -346,5 +369,8 @@ def down_cmd(ctx: Context) -> int:
 
 def env_cmd(ctx: Context) -> int:
     lab = _existing(ctx)
-    print(f"export FABRIC_ETCD_ENDPOINTS={lab.etcd_local_endpoint}")
+    if ctx.json:
+        emit_json({"FABRIC_ETCD_ENDPOINTS": lab.etcd_local_endpoint})
+    else:
+        print(f"export FABRIC_ETCD_ENDPOINTS={lab.etcd_local_endpoint}")
     return OK

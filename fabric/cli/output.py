@@ -1,19 +1,22 @@
 """How fabricctl prints: aligned tables for people, JSON for scripts.
 
 Exit codes are shared by every command: 0 fine, 1 a problem was found (a check
-failed, a peer is down), 2 usage or connection error.
+failed, a peer is down) or fabricctl itself failed, 2 usage or connection error, 141
+(128 + SIGPIPE, as coreutils) when the reader of the output went away (`| head -1`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterable, Sequence
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 OK = 0
 PROBLEM = 1
 ERROR = 2
+CLOSED = 141  # what a shell reports for a writer killed by SIGPIPE
 
 
 class CliError(Exception):
@@ -48,3 +51,54 @@ def kv(pairs: Iterable[tuple[str, Any]], out: TextIO | None = None) -> None:
     width = max((len(k) for k, _ in pairs), default=0)
     for key, value in pairs:
         print(f"{key + ':':<{width + 1}} {value}", file=out or sys.stdout)
+
+
+class OutputClosed(Exception):
+    """Whoever read our stdout went away. Kept apart from BrokenPipeError because a
+    broken pipe also comes from a socket to an agent that died, which is an error the
+    user must see, while a closed stdout must end the command quietly."""
+
+
+class _GuardedStream:
+    """sys.stdout, with a closed reader reported as OutputClosed (see above)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError as exc:
+            raise OutputClosed from exc
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError as exc:
+            raise OutputClosed from exc
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+def guard_stdout() -> TextIO:
+    """Wrap sys.stdout (returns the original, to put back)."""
+    original = sys.stdout
+    if not isinstance(original, _GuardedStream):
+        sys.stdout = cast(TextIO, _GuardedStream(original))
+    return original
+
+
+def silence(*streams: TextIO) -> None:
+    """Point closed streams at /dev/null, as the Python docs recommend for SIGPIPE:
+    the interpreter flushes stdout once more at exit, and that flush would otherwise
+    print "Exception ignored ... BrokenPipeError" after we chose to exit quietly."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for stream in streams:
+            try:
+                os.dup2(devnull, stream.fileno())
+            except (OSError, ValueError):  # not a real file (a test's capture buffer)
+                continue
+    finally:
+        os.close(devnull)

@@ -6,9 +6,11 @@ namespace, and stopped by PID: nothing here ever signals a process it did not st
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import time
 from dataclasses import dataclass
@@ -47,6 +49,7 @@ class EtcdServer:
     data_dir: Path
     log_path: Path
     process: subprocess.Popen[bytes]
+    log_offset: int = 0  # where this run's lines start in the (appended) log
 
     @property
     def endpoint(self) -> str:
@@ -81,6 +84,7 @@ class EtcdServer:
         else:
             clients = f"http://{host}:{port},unix://etcd:{UNIX_PORT}"
             security = []
+            remove_stale_socket(workdir / f"etcd:{UNIX_PORT}")
         argv = [
             etcd_binary(), "--name", name, "--data-dir", str(data_dir), *security,
             "--listen-client-urls", clients,
@@ -93,10 +97,11 @@ class EtcdServer:
         if netns:
             argv = ["ip", "netns", "exec", netns, *argv]
         with open(log_path, "ab") as log:
+            offset = log.tell()
             process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, start_new_session=True,
                                        cwd=workdir)
-        server = cls(host, port, peer_port, data_dir, log_path, process)
+        server = cls(host, port, peer_port, data_dir, log_path, process, offset)
         server._wait_ready(timeout)
         return server
 
@@ -105,11 +110,55 @@ class EtcdServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise EtcdError(f"etcd exited with {self.process.returncode}; see {self.log_path}")
-            if READY_MARKER in self.log_path.read_text(errors="replace"):
+            if READY_MARKER in self._log_since_start():
                 return
             time.sleep(0.05)
         self.stop()
         raise EtcdError(f"etcd not ready after {timeout:.0f}s; see {self.log_path}")
 
+    def _log_since_start(self) -> str:
+        """This run's part of the log: after a restart in the same directory, the
+        previous run's "ready" line must not pass for this one's."""
+        with open(self.log_path, "rb") as log:
+            log.seek(self.log_offset)
+            return log.read().decode(errors="replace")
+
     def stop(self, timeout: float = 10.0) -> None:
         stop(self.process, timeout)
+
+
+def remove_stale_socket(path: Path, grace: float = 5.0) -> None:
+    """Remove etcd's unix socket file if no etcd is listening on it any more.
+
+    etcd killed with SIGKILL leaves the file behind, and the next etcd started in the
+    same directory then fails with "bind: address already in use". Only this exact
+    path in our own work directory is touched, and only when it is a socket that
+    refuses connections. A socket that still accepts gets `grace` seconds: a killed
+    etcd's main thread is reported dead (a zombie) while its other threads still hold
+    the listener for a moment. One that keeps accepting is a live etcd: an error.
+    """
+    deadline = time.monotonic() + grace
+    while True:
+        try:
+            if not stat.S_ISSOCK(path.lstat().st_mode):
+                return
+        except FileNotFoundError:
+            return
+        if not _accepts(path):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            return
+        if time.monotonic() > deadline:
+            raise EtcdError(f"an etcd is already serving on {path}; stop it first")
+        time.sleep(0.1)
+
+
+def _accepts(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    finally:
+        probe.close()
+    return True

@@ -11,14 +11,24 @@ Layout for a lab named LAB (every namespace starts with `LAB-`):
 
 State is written to `<base>/<LAB>/state.json` before each thing is made, so `down`
 can remove everything even after a crash half-way through `up`; `down` also sweeps
-namespaces by prefix and processes by the PIDs it recorded (never by name).
+namespaces by prefix and processes by the PIDs it recorded (never by name). Several
+processes change that file (two `fabricctl lab restart-agent` at once, the agents'
+supervisors): every change is a read-modify-write under a lock (`Lab.locked`).
 etcd also listens on a unix socket in the lab directory so tools outside the
 namespaces (fabricctl, tests) can reach it.
+
+Each host's agent runs under a supervisor, the lab's stand-in for systemd on a real
+host (vagrant/fabric-agent.service: Restart=on-failure): an agent that crashes or is
+killed with a signal other than SIGTERM, SIGINT, SIGHUP or SIGPIPE is started again
+after a back-off. What the lab does on purpose (`stop_agent`, `restart_agent`,
+`kill_host`, `down`) first ends the supervision, so it is never undone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import fcntl
 import ipaddress
 import json
 import os
@@ -27,12 +37,15 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
-from fabric import logs
+from fabric import logs, sockets
 from fabric.kernel import netns
 from fabric.lab.etcd import EtcdServer
 from fabric.processes import is_running, kill_pid
@@ -41,10 +54,24 @@ BASE_DIR = Path("/run/l3fabric-lab")
 DEFAULT_UNDERLAY = "10.99.0.0/24"
 ETCD_CLIENT_PORT = 2379
 ETCD_PEER_PORT = 2380
+HOST_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,12}$")  # fits `p-NAME` in 15 characters
+# What systemd's Restart=on-failure counts as a clean end: no restart after these.
+CLEAN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE)
+RESTART_DELAY = 1.0  # first back-off, doubled per quick failure
+RESTART_DELAY_MAX = 30.0
+STABLE_AFTER = 60.0  # an agent up this long has its back-off reset
+SUPERVISOR_MODULE = "fabric.lab.topology"  # run with -m: see main() at the end
+AGENT = "fabric-agent"
 
 
 class LabError(RuntimeError):
     pass
+
+
+# What a client sees from an agent that is starting, or dying while a new one starts:
+# refused or reset connections, a connection closed before the whole answer.
+NOT_READY: tuple[type[Exception], ...] = (
+    sockets.AgentUnreachable, sockets.AgentError, ConnectionError, EOFError, ValueError)
 
 
 @dataclass
@@ -59,6 +86,10 @@ class HostState:
     rr_cluster_id: str | None = None
     agent_args: list[str] = field(default_factory=list)
     alive: bool = True
+    supervisor_pid: int | None = None
+    wanted: bool = True  # False once stopped on purpose (systemd: inactive, not failed)
+    restarts: int = 0  # by the supervisor, after the agent died
+    last_exit: str | None = None  # how the agent last ended, e.g. "killed by SIGKILL"
 
 
 @dataclass
@@ -96,10 +127,18 @@ class LabState:
     def from_dict(cls, doc: dict[str, Any]) -> LabState:
         state = cls(doc["name"], doc.get("underlay", DEFAULT_UNDERLAY), doc.get("etcd_pid"),
                     created_at=doc.get("created_at", 0.0), complete=doc.get("complete", False))
-        state.hosts = {k: HostState(**v) for k, v in doc.get("hosts", {}).items()}
-        state.workloads = {k: WorkloadState(**v) for k, v in doc.get("workloads", {}).items()}
-        state.peer = PeerState(**doc["peer"]) if doc.get("peer") else None
+        state.hosts = {k: _record(HostState, v) for k, v in doc.get("hosts", {}).items()}
+        state.workloads = {k: _record(WorkloadState, v)
+                           for k, v in doc.get("workloads", {}).items()}
+        state.peer = _record(PeerState, doc["peer"]) if doc.get("peer") else None
         return state
+
+
+def _record(kind: Any, doc: dict[str, Any]) -> Any:
+    """A state record from JSON, ignoring fields it does not know: a state file written
+    by a newer fabricctl must not make an older one think the lab is gone."""
+    known = {f.name for f in dataclasses.fields(kind)}
+    return kind(**{k: v for k, v in doc.items() if k in known})
 
 
 def python_bin(name: str) -> str:
@@ -119,10 +158,15 @@ class Lab:
             raise LabError(f"lab name {name!r}: use 1 to 10 lower-case letters or digits "
                            "(namespace and interface names are built from it)")
         self.name = name
+        self.base_dir = base_dir
         self.dir = base_dir / name
         self.state_path = self.dir / "state.json"
+        self.lock_path = self.dir / "state.lock"
         self.log = logs.get("lab", lab=name)
         self.state = self._load() or LabState(name)
+        self._mutex = threading.RLock()
+        self._lock_fd: int | None = None
+        self._depth = 0
 
     # -- state -------------------------------------------------------------------------
     def _load(self) -> LabState | None:
@@ -131,11 +175,57 @@ class Lab:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
-    def save(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_path.with_suffix(".tmp")
+    def refresh(self) -> LabState:
+        """Re-read state.json: supervisors and other fabricctl processes change it.
+        No lock needed to read: every write replaces the file in one rename."""
+        self.state = self._load() or self.state
+        return self.state
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[LabState]:
+        """The lab's state for a read-modify-write, written back when the block ends.
+
+        Two fabricctl processes that each read the file, changed their own host and
+        wrote it back used to lose one of the changes (and with it an agent's PID, so a
+        later restart left two agents for one node). Here the file is re-read under an
+        exclusive flock on `state.lock`, held until the new state is written; the
+        block also runs when it raises, so whatever was made is still recorded.
+        Re-entrant for one Lab object (an flock is per open file, so a second open
+        in the same process would wait for itself).
+        """
+        with self._mutex:
+            if self._depth == 0:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                self._lock_fd = fd
+                self.refresh()
+            self._depth += 1
+            try:
+                yield self.state
+            finally:
+                self._depth -= 1
+                if self._depth == 0:
+                    try:
+                        if self.dir.exists():  # down() removes the directory
+                            self._write()
+                    finally:
+                        assert self._lock_fd is not None
+                        os.close(self._lock_fd)  # releases the flock
+                        self._lock_fd = None
+
+    def _write(self) -> None:
+        tmp = self.state_path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(asdict(self.state), indent=2))
         os.replace(tmp, self.state_path)
+
+    def mark_complete(self) -> None:
+        with self.locked() as state:
+            state.complete = True
 
     @property
     def exists(self) -> bool:
@@ -169,8 +259,8 @@ class Lab:
 
     # -- underlay and etcd -------------------------------------------------------------
     def create_underlay(self, underlay: str = DEFAULT_UNDERLAY) -> None:
-        self.state.underlay = underlay
-        self.save()
+        with self.locked() as state:
+            state.underlay = underlay
         netns.create(self.net_ns)
         _ip("-n", self.net_ns, "link", "add", "br0", "type", "bridge")
         _ip("-n", self.net_ns, "addr", "add", f"{self.router}/{self.prefixlen}", "dev", "br0")
@@ -180,8 +270,8 @@ class Lab:
         server = EtcdServer.start(self.dir / "etcd", host=self.router, port=ETCD_CLIENT_PORT,
                                   peer_port=ETCD_PEER_PORT, netns=self.net_ns,
                                   name=f"{self.name}-etcd")
-        self.state.etcd_pid = server.pid
-        self.save()
+        with self.locked() as state:
+            state.etcd_pid = server.pid
 
     def _port(self, host: str) -> str:
         """The bridge port of a host in the underlay namespace (15 characters at most)."""
@@ -201,16 +291,19 @@ class Lab:
     def add_host(self, name: str, *, asn: int | None = None,
                  labels: dict[str, str] | None = None, rr_cluster_id: str | None = None,
                  agent_args: list[str] | None = None, start: bool = True) -> HostState:
-        if name in self.state.hosts:
-            raise LabError(f"lab {self.name} already has a host {name}")
-        index = 10 + len(self.state.hosts) + 1
-        while any(h.address == self._address(index) for h in self.state.hosts.values()):
-            index += 1
-        host = HostState(name, f"{self.name}-{name}", self._address(index),
-                         str(self.dir / name), asn=asn, labels=dict(labels or {}),
-                         rr_cluster_id=rr_cluster_id, agent_args=list(agent_args or []))
-        self.state.hosts[name] = host
-        self.save()
+        if not HOST_NAME.match(name):
+            raise LabError(f"host name {name!r}: use 1 to 13 lower-case letters, digits or "
+                           "'-' (namespace and interface names are built from it)")
+        with self.locked() as state:
+            if name in state.hosts:
+                raise LabError(f"lab {self.name} already has a host {name}")
+            index = 10 + len(state.hosts) + 1
+            while any(h.address == self._address(index) for h in state.hosts.values()):
+                index += 1
+            host = HostState(name, f"{self.name}-{name}", self._address(index),
+                             str(self.dir / name), asn=asn, labels=dict(labels or {}),
+                             rr_cluster_id=rr_cluster_id, agent_args=list(agent_args or []))
+            state.hosts[name] = host
         netns.create(host.netns)
         self.plug(host.netns, self._port(name), host.address)
         if start:
@@ -232,45 +325,99 @@ class Lab:
         return argv + host.agent_args
 
     def start_agent(self, name: str) -> int:
-        host = self.state.hosts[name]
+        """Start the host's agent under its supervisor; returns the agent's PID."""
+        with self.locked() as state:
+            host = state.hosts[name]
+            if host.supervisor_pid and is_running(host.supervisor_pid):
+                raise LabError(f"the agent of {name} is already running under supervisor "
+                               f"pid {host.supervisor_pid} (lab restart-agent restarts it)")
+            self._launch_supervisor(host)
+        return self._wait_recorded(name)
+
+    def stop_agent(self, name: str, sig: int = signal.SIGTERM) -> None:
+        """Stop the host's agent on purpose: its supervisor goes first, so the agent
+        stays stopped."""
+        with self.locked() as state:
+            host = state.hosts[name]
+            self._end_supervision(host)
+            if still_ours(host.agent_pid, AGENT):
+                kill_pid(host.agent_pid, sig=sig)
+            host.agent_pid = None
+            host.wanted = False
+
+    def restart_agent(self, name: str, sig: int = signal.SIGTERM) -> tuple[int | None, int]:
+        """Stop the agent with `sig` and start a new one: (old PID, new PID).
+
+        Stop and start happen under one lock, so two restarts of the same host at once
+        end with one agent, not two."""
+        with self.locked() as state:
+            host = state.hosts[name]
+            old = host.agent_pid
+            self.stop_agent(name, sig)
+            self._launch_supervisor(host)
+        return old, self._wait_recorded(name)
+
+    def _launch_supervisor(self, host: HostState) -> None:
+        """Start the supervisor of `host` (call under `locked`, which records its PID)."""
         Path(host.run_dir).mkdir(parents=True, exist_ok=True)
         with open(Path(host.run_dir) / "agent.log", "ab") as log:
             process = subprocess.Popen(
-                ["ip", "netns", "exec", host.netns, *self.agent_argv(host)],
+                [sys.executable, "-m", SUPERVISOR_MODULE, "supervise", self.name,
+                 host.name, str(self.base_dir)],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True)
-        host.agent_pid = process.pid
-        host.alive = True
-        self.save()
-        return process.pid
-
-    def stop_agent(self, name: str, sig: int = signal.SIGTERM) -> None:
-        host = self.state.hosts[name]
-        if host.agent_pid:
-            kill_pid(host.agent_pid, sig=sig)
+        host.supervisor_pid = process.pid
         host.agent_pid = None
-        self.save()
+        host.alive = host.wanted = True
+
+    def _end_supervision(self, host: HostState) -> None:
+        """Stop the supervisor of `host` (call under `locked`). Once its PID is gone
+        from the state it starts nothing more, even if it outlived the signal."""
+        pid, host.supervisor_pid = host.supervisor_pid, None
+        if still_ours(pid, SUPERVISOR_MODULE):
+            kill_pid(pid, timeout=5)
+
+    def _wait_recorded(self, name: str, timeout: float = 15.0) -> int:
+        """The PID of the agent a new supervisor started (it records it in the state)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            host = self.refresh().hosts[name]
+            if host.agent_pid:
+                return host.agent_pid
+            if not (host.supervisor_pid and is_running(host.supervisor_pid)):
+                raise LabError(f"the supervisor of {name}'s agent exited; "
+                               f"see {host.run_dir}/agent.log")
+            time.sleep(0.05)
+        raise LabError(f"the agent of {name} was not started after {timeout:.0f}s; "
+                       f"see {host.run_dir}/agent.log")
 
     def call(self, name: str, method: str, **params: Any) -> Any:
         """One request to a host's agent, through the host's network namespace."""
-        from fabric import sockets
-
         return sockets.call(sockets.CONTROL_SOCKET, method,
                             netns=netns.path(self.state.hosts[name].netns), **params)
 
     def wait_agent(self, name: str, timeout: float = 30.0) -> dict[str, Any]:
-        """Wait until the host's agent answers on its control socket."""
-        from fabric import sockets
+        """Wait until the host's agent answers on its control socket.
 
-        host = self.state.hosts[name]
+        An agent that is starting, or one that was just killed and is being replaced,
+        refuses the connection, resets it or closes it half-way: all mean "not yet".
+        An agent that exits while we wait is reported at once, with how it ended.
+        """
+        host = self.refresh().hosts[name]
+        restarts = host.restarts
         deadline = time.monotonic() + timeout
         last: Exception | None = None
         while time.monotonic() < deadline:
-            if host.agent_pid and not is_running(host.agent_pid):
-                raise LabError(f"agent of {name} exited; see {host.run_dir}/agent.log")
+            host = self.refresh().hosts[name]
+            if host.restarts > restarts:
+                raise LabError(f"agent of {name} exited ({host.last_exit}) and is being "
+                               f"restarted; see {host.run_dir}/agent.log")
+            if not is_up(host):
+                raise LabError(f"agent of {name} is not running (last exit: "
+                               f"{host.last_exit or 'none'}); see {host.run_dir}/agent.log")
             try:
                 return self.call(name, "status")
-            except (sockets.AgentUnreachable, sockets.AgentError) as exc:
+            except NOT_READY as exc:
                 last = exc
                 time.sleep(0.1)
         raise LabError(f"agent of {name} not answering after {timeout:.0f}s: {last}; "
@@ -278,21 +425,23 @@ class Lab:
 
     def kill_host(self, name: str) -> None:
         """A host dies: its underlay link goes down first (no goodbye reaches the peers),
-        then everything running in its namespaces is killed."""
-        host = self.state.hosts[name]
-        port = self._port(name)
-        with contextlib.suppress(LabError):
-            _ip("-n", self.net_ns, "link", "set", port, "down")
-        for ns in [host.netns] + [w.netns for w in self.state.workloads.values()
-                                  if w.host == name]:
-            for pid in netns.pids(ns):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        if host.agent_pid:
-            kill_pid(host.agent_pid, timeout=2, sig=signal.SIGKILL)
-        host.agent_pid = None
-        host.alive = False
-        self.save()
+        then everything running in its namespaces is killed, supervisor first (a dead
+        host restarts nothing)."""
+        with self.locked() as state:
+            host = state.hosts[name]
+            self._end_supervision(host)
+            port = self._port(name)
+            with contextlib.suppress(LabError):
+                _ip("-n", self.net_ns, "link", "set", port, "down")
+            for ns in [host.netns] + [w.netns for w in state.workloads.values()
+                                      if w.host == name]:
+                for pid in netns.pids(ns):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+            if still_ours(host.agent_pid, AGENT):
+                kill_pid(host.agent_pid, timeout=2, sig=signal.SIGKILL)
+            host.agent_pid = None
+            host.alive = False
 
     # -- an external BGP speaker -------------------------------------------------------
     @property
@@ -314,13 +463,14 @@ class Lab:
         asn = asn or (fabric_asn if role == "rr" else 65100)
         peer = PeerState(kind, self.peer_ns, self._address(253), asn,
                          run_dir=str(self.dir / "peer"), role=role)
-        self.state.peer = peer
-        self.save()
+        with self.locked() as state:
+            state.peer = peer
         netns.create(peer.netns)
         self.plug(peer.netns, "p-peer", peer.address)
         _ip("netns", "exec", peer.netns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-        peer.pids = self._start_peer_daemon(peer)
-        self.save()
+        with self.locked() as state:
+            peer.pids = self._start_peer_daemon(peer)
+            state.peer = peer
         store = self.store()
         try:
             store.put(fabric_keys.BGP_CONFIG, BgpConfig(fabric_asn, node_mesh=False).to_record())
@@ -407,17 +557,17 @@ class Lab:
         """A namespace attached to `host_name` through the real CNI plugin."""
         from cni import invoke
 
-        host = self.state.hosts[host_name]
         if not (self.cni_bin / "l3fabric").exists():
             self.install_cni()
-        count = sum(1 for w in self.state.workloads.values() if w.host == host_name)
-        name = name or f"{host_name}-w{count + 1}"
-        if name in self.state.workloads:
-            raise LabError(f"lab {self.name} already has a workload {name}")
-        workload = WorkloadState(name, host_name, f"{self.name}-{name}",
-                                 f"{self.name}-{name}")
-        self.state.workloads[name] = workload
-        self.save()
+        with self.locked() as state:
+            host = state.hosts[host_name]
+            count = sum(1 for w in state.workloads.values() if w.host == host_name)
+            name = name or f"{host_name}-w{count + 1}"
+            if name in state.workloads:
+                raise LabError(f"lab {self.name} already has a workload {name}")
+            workload = WorkloadState(name, host_name, f"{self.name}-{name}",
+                                     f"{self.name}-{name}")
+            state.workloads[name] = workload
         netns.create(workload.netns)
         outcome = invoke.run(str(self.cni_bin / "l3fabric"), "ADD",
                              invoke.network_config(self.conflist()),
@@ -426,12 +576,14 @@ class Lab:
                              host_netns=netns.path(host.netns))
         if not outcome.ok:
             raise LabError(f"CNI ADD for {name} on {host_name} failed: {outcome.stdout.strip()}")
-        workload.ips = [ip["address"].split("/")[0] for ip in outcome.document["ips"]]
+        ips = [ip["address"].split("/")[0] for ip in outcome.document["ips"]]
         resolv = Path("/etc/netns") / workload.netns
         resolv.mkdir(parents=True, exist_ok=True)
         (resolv / "resolv.conf").write_text(f"nameserver {host.address}\n"
                                             f"search {dns_domain}\n")
-        self.save()
+        with self.locked() as state:
+            workload = state.workloads[name]
+            workload.ips = ips
         return workload
 
     def remove_workload(self, name: str) -> None:
@@ -448,8 +600,8 @@ class Lab:
             raise LabError(f"CNI DEL for {name} failed: {outcome.stdout.strip()}")
         netns.remove(workload.netns)
         shutil.rmtree(Path("/etc/netns") / workload.netns, ignore_errors=True)
-        del self.state.workloads[name]
-        self.save()
+        with self.locked() as state:
+            state.workloads.pop(name, None)
 
     def ping(self, source_netns: str, target: str, count: int = 1,
              timeout: float = 1.0) -> bool:
@@ -475,19 +627,31 @@ class Lab:
 
     # -- teardown ----------------------------------------------------------------------
     def down(self) -> list[str]:
-        """Remove every namespace, process and file of the lab. Safe to repeat."""
+        """Remove every namespace, process and file of the lab. Safe to repeat.
+
+        Supervisors go first, under the state lock, so none restarts an agent that is
+        being stopped."""
+        exists = self.dir.exists()
+        with self.locked() if exists else contextlib.nullcontext(self.state) as state:
+            removed = self._remove(state)
+        self.state = LabState(self.name)
+        return removed
+
+    def _remove(self, state: LabState) -> list[str]:
         removed: list[str] = []
-        pids = [h.agent_pid for h in self.state.hosts.values() if h.agent_pid]
-        if self.state.peer:
-            pids += self.state.peer.pids
+        for host in state.hosts.values():
+            self._end_supervision(host)
+        pids = [h.agent_pid for h in state.hosts.values() if still_ours(h.agent_pid, AGENT)]
+        if state.peer:
+            pids += state.peer.pids
         for pid in pids:
             kill_pid(pid, timeout=5)
         namespaces = netns.names(f"{self.name}-")
         for ns in namespaces:  # anything left running inside our namespaces
             for pid in netns.pids(ns):
                 kill_pid(pid, timeout=3)
-        if self.state.etcd_pid:
-            kill_pid(self.state.etcd_pid, timeout=5)
+        if state.etcd_pid:
+            kill_pid(state.etcd_pid, timeout=5)
         for ns in namespaces:
             netns.remove(ns)
             removed.append(ns)
@@ -499,7 +663,6 @@ class Lab:
         if self.dir.exists():
             shutil.rmtree(self.dir, ignore_errors=True)
             removed.append(str(self.dir))
-        self.state = LabState(self.name)
         return removed
 
 
@@ -508,3 +671,129 @@ def all_labs(base_dir: Path = BASE_DIR) -> list[str]:
     if base_dir.exists():
         found |= {p.name for p in base_dir.iterdir() if (p / "state.json").exists()}
     return sorted(found)
+
+
+def still_ours(pid: int | None, marker: str) -> bool:
+    """Whether `pid` still runs the program we recorded (a word of its command line
+    ends with `marker`). A PID in the state file can outlive its process, and the
+    kernel gives it to another one: that one must not get our signal."""
+    if not pid:
+        return False
+    try:
+        words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(word.decode(errors="replace").endswith(marker) for word in words)
+
+
+def is_up(host: HostState) -> bool:
+    """Whether the host's agent runs, or a supervisor that will start it again."""
+    return any(pid and is_running(pid) for pid in (host.agent_pid, host.supervisor_pid))
+
+
+# -- the supervisor ------------------------------------------------------------------------
+def exit_reason(returncode: int) -> str:
+    """How a process ended, in words (Popen's negative return code is a signal)."""
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit status {returncode}"
+
+
+def restarts_after(returncode: int) -> bool:
+    """systemd's Restart=on-failure, as in vagrant/fabric-agent.service: an exit status
+    other than 0, or death by a signal that is not a clean stop, means restart."""
+    if returncode < 0:
+        return -returncode not in CLEAN_SIGNALS
+    return returncode != 0
+
+
+def restart_delay(quick_failures: int) -> float:
+    """Back-off before the next start: 1 s, doubled per failure, at most 30 s."""
+    return float(min(RESTART_DELAY * 2 ** quick_failures, RESTART_DELAY_MAX))
+
+
+class Supervisor:
+    """Runs one host's agent and starts it again when it dies (see the module doc).
+
+    It starts an agent only while the state names it as the host's supervisor, and
+    checks that under the state lock in the same step that records the agent's PID:
+    whoever stops it on purpose clears that name under the same lock, so a stopped
+    supervisor cannot slip one more agent in.
+    """
+
+    def __init__(self, lab: Lab, host: str) -> None:
+        self.lab, self.host = lab, host
+        self.log = logs.get("supervisor", lab=lab.name, host=host, pid=os.getpid())
+
+    def run(self) -> int:
+        quick_failures = 0
+        while (process := self._start()) is not None:
+            started = time.monotonic()
+            returncode = process.wait()
+            if time.monotonic() - started >= STABLE_AFTER:
+                quick_failures = 0
+            if not self._record_exit(returncode):
+                return 0
+            delay = restart_delay(quick_failures)
+            quick_failures += 1
+            self.log.warning("agent died; starting it again", agent_pid=process.pid,
+                             reason=exit_reason(returncode), delay_seconds=delay)
+            time.sleep(delay)
+        self.log.info("no longer supervising (stopped on purpose)")
+        return 0
+
+    def _ours(self, state: LabState) -> HostState | None:
+        host = state.hosts.get(self.host)
+        return host if host is not None and host.supervisor_pid == os.getpid() else None
+
+    def _start(self) -> subprocess.Popen[bytes] | None:
+        with self.lab.locked() as state:
+            host = self._ours(state)
+            if host is None:
+                return None
+            Path(host.run_dir).mkdir(parents=True, exist_ok=True)
+            with open(Path(host.run_dir) / "agent.log", "ab") as log:
+                process = subprocess.Popen(
+                    ["ip", "netns", "exec", host.netns, *self.lab.agent_argv(host)],
+                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    start_new_session=True)
+            host.agent_pid = process.pid
+        self.log.info("agent started", agent_pid=process.pid)
+        return process
+
+    def _record_exit(self, returncode: int) -> bool:
+        """Note how the agent ended; True when it is to be started again."""
+        with self.lab.locked() as state:
+            host = self._ours(state)
+            if host is None:
+                return False
+            host.last_exit = exit_reason(returncode)
+            host.agent_pid = None  # a dead PID kept here could be signalled once reused
+            if not restarts_after(returncode):
+                host.supervisor_pid = None
+                self.log.info("agent ended cleanly; not restarting", reason=host.last_exit)
+                return False
+            host.restarts += 1
+            return True
+
+
+def _stop(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
+
+
+def main(argv: list[str]) -> int:
+    """`python -m fabric.lab.topology supervise LAB HOST BASE_DIR` (the lab starts it)."""
+    if len(argv) != 4 or argv[0] != "supervise":
+        print("usage: python -m fabric.lab.topology supervise LAB HOST BASE_DIR",
+              file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _stop)  # leave the agent alone: the caller handles it
+    logs.configure("json", "info")
+    return Supervisor(Lab(argv[1], Path(argv[3])), argv[2]).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -87,12 +87,15 @@ def test_lab_up_inspect_kill_down(name):
     added = json.loads(ctl("-o", "json", "lab", "add-host", "--name", name, "--containers",
                            "1").stdout)
     assert added["host"] == "h4" and added["workloads"] == ["h4-w1"]
+    bad = ctl("lab", "add-host", "H5/x", "--name", name, expect=2)
+    assert bad.stderr.startswith("fabricctl: host name 'H5/x': use 1 to 13 lower-case")
+    assert "H5/x" not in Lab(name).state.hosts
     wait_until(lambda: json.loads(ctl("-o", "json", "lab", "status", "--name", name,
                                       expect=None).stdout)["all_reachable"],
                "h4's workload reaches everyone (lab status)", 20)
 
     lab = Lab(name)
-    pids = [h.agent_pid for h in lab.state.hosts.values() if h.agent_pid]
+    pids = [p for h in lab.state.hosts.values() for p in (h.agent_pid, h.supervisor_pid) if p]
     pids.append(lab.state.etcd_pid)
     h3 = lab.state.hosts["h3"].address
     ctl("--lab", name, "lab", "kill", "h3")
