@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import time
 import sys
 
 import pytest
@@ -105,6 +106,11 @@ def test_agent_state_in_lab_status(fields, answering, running, state):
 def test_a_recorded_pid_is_signalled_only_while_it_runs_what_we_recorded():
     sleeper = subprocess.Popen(["sleep", "60"])
     try:
+        # Between fork and exec the child still shows our own command line: wait for exec.
+        for _ in range(200):
+            if still_ours(sleeper.pid, "sleep"):
+                break
+            time.sleep(0.01)
         assert still_ours(sleeper.pid, "sleep")
         assert not still_ours(sleeper.pid, "fabric-agent")  # as if the PID were reused
     finally:
