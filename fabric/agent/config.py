@@ -144,7 +144,7 @@ SETTINGS = (
     Setting("nat_outgoing", "kernel", "nat_outgoing", _bool,
             "masquerade traffic of nat-outgoing pools leaving the fabric"),
     Setting("lease_ttl", "etcd", "lease_ttl", _int_in(3, 3600),
-            "seconds the node registration outlives a dead agent"),
+            "seconds the node's liveness key outlives a dead agent"),
     Setting("gc_interval", "ipam", "gc_interval", _seconds, "seconds between IPAM GC rounds"),
     Setting("gc_grace", "ipam", "gc_grace", _seconds,
             "seconds a leak must be seen before GC frees it"),

@@ -38,6 +38,10 @@ from fabric.model.pools import Pool
 from fabric.model.prefix import Prefix, address_int
 
 MAX_PREFIX_HOLD_DOWN = 60.0
+# A peer that leaves etcd (node record deleted, peer record removed) is kept this long
+# first: a record deleted by mistake and written again by its agent, or an etcd restore,
+# must not drop the node's routes fabric-wide for the moment it takes to come back.
+DEPARTURE_GRACE = 10.0
 REJECTIONS_LOGGED = 10  # per peer and reason; beyond that they are counted only
 
 
@@ -86,6 +90,7 @@ class Routing:
         self.view = FabricView()
         self.sessions: dict[str, Session] = {}
         self.peers: dict[str, Peer] = {}
+        self.departing: dict[str, float] = {}  # peer -> when it goes (monotonic)
         self.exports: frozenset[str] = frozenset()
         self.own_blocks: frozenset[str] = frozenset()
         self.refused_blocks: dict[str, str] = {}  # own blocks we will not route, and why
@@ -118,10 +123,15 @@ class Routing:
     def _refresh_peers(self, out: Outcome) -> None:
         nodes = [n for n in self.view.nodes if n.name != self.me.name]
         wanted = peers_for(self.me, [self.me, *nodes], self.view.specs, self.view.config)
+        now = self.clock.monotonic()
         for address in set(self.peers) - set(wanted):
-            self.log.info("peer removed", peer=address)
-            self.sessions.pop(address, None)
-            self._changed(self.rib.drop_peer(address), out)
+            if address not in self.departing:
+                self.log.info("peer left etcd; keeping it a moment in case it comes back",
+                              peer=address, grace=DEPARTURE_GRACE)
+                self.departing[address] = now + DEPARTURE_GRACE
+        for address in set(self.departing) & set(wanted):
+            self.log.info("peer is back", peer=address)
+            del self.departing[address]
         for address, peer in wanted.items():
             session = self.sessions.get(address)
             if session is None:
@@ -132,9 +142,19 @@ class Routing:
             else:
                 continue
             out.peers_changed = True
-        if set(wanted) != set(self.peers):
+        self.peers = {**{a: self.peers[a] for a in self.departing}, **wanted}
+
+    def _drop_departed(self, out: Outcome) -> None:
+        now = self.clock.monotonic()
+        for address in [a for a, when in self.departing.items() if now >= when]:
+            del self.departing[address]
+            self.log.info("peer removed", peer=address)
+            self.peers.pop(address, None)
+            self.sessions.pop(address, None)
+            self._changed(self.rib.drop_peer(address), out)
             out.peers_changed = True
-        self.peers = wanted
+        if out.peers_changed:
+            self._refresh_policy(out)  # the underlay (peer addresses) changed
 
     def underlay(self) -> set[str]:
         """Addresses BGP itself runs over: a route covering one would cut a session."""
@@ -337,6 +357,7 @@ class Routing:
     def next_deadline(self) -> float | None:
         deadlines = [d for s in self.sessions.values()
                      for d in (s.stale_until, s.held_down_until) if d is not None]
+        deadlines += self.departing.values()
         if self.release_at is not None:
             deadlines.append(self.release_at)
         return min(deadlines, default=None)
@@ -357,6 +378,7 @@ class Routing:
                 self.log.info("max-prefix hold-down over; session allowed again",
                               peer=address)
                 out.peers_changed = True
+        self._drop_departed(out)
         self._check_release(out)
         return out
 

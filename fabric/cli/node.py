@@ -19,6 +19,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     node_sub = node.add_subparsers(dest="node_cmd", required=True, metavar="COMMAND")
     node_sub.add_parser("status", help="BGP process and sessions (exit 1 if a session "
                         "is not Established)").set_defaults(handler=status)
+    remove = node_sub.add_parser(
+        "rm", help="remove a node that left the fabric for good: its peers drop it and its "
+                   "routes at once, GC gives its empty blocks back")
+    remove.add_argument("name")
+    remove.add_argument("--force", action="store_true",
+                        help="even while its agent is alive (it would register again)")
+    remove.set_defaults(handler=remove_node)
     sub.add_parser("routes", help="kernel routes the agent owns, and drift it repaired"
                    ).set_defaults(handler=routes)
     sub.add_parser("nodes", help="registered nodes").set_defaults(handler=nodes)
@@ -96,21 +103,40 @@ def nodes(ctx: Context) -> int:
     blocks = Ipam(ctx.store).blocks()
     rows: list[dict[str, Any]] = []
     for node in found:
-        entry = ctx.store.get(keys.node(node.name))
-        ttl = ctx.store.lease_remaining(entry.lease)[0] if entry and entry.lease else -1
+        ttl = _liveness(ctx, node.name)
         rows.append({"name": node.name, "address": node.address, "asn": node.asn,
                      "labels": node.labels, "route_reflector": node.rr_cluster_id,
                      "blocks": [b.cidr for b in blocks if b.affinity == node.name],
-                     "started_at": node.started_at, "lease_ttl": ttl,
-                     "version": node.version})
+                     "started_at": node.started_at, "agent_alive": ttl > 0,
+                     "lease_ttl": ttl, "version": node.version})
     if ctx.json:
         emit_json(rows)
         return OK
-    table(["name", "address", "as", "blocks", "up", "last seen", "labels"],
+    table(["name", "address", "as", "blocks", "agent", "started", "labels"],
           [[r["name"], r["address"], r["asn"], " ".join(r["blocks"]) or None,
+            "alive" if r["agent_alive"] else "NOT alive (lease expired)",
             _ago(r["started_at"]),
-            "now" if r["lease_ttl"] > 0 else "lease expired",
             ",".join(f"{k}={v}" for k, v in r["labels"].items()) or None] for r in rows])
+    return OK
+
+
+def _liveness(ctx: Context, name: str) -> int:
+    """Seconds left on the node's liveness key (-1: gone: its agent is not running)."""
+    entry = ctx.store.get(keys.liveness(name))
+    if entry is None or not entry.lease:
+        return -1
+    return ctx.store.lease_remaining(entry.lease)[0]
+
+
+def remove_node(ctx: Context) -> int:
+    registry = Registry(ctx.store)
+    if registry.node(ctx.name) is None:
+        raise CliError(f"no node named {ctx.name}", code=PROBLEM)
+    if _liveness(ctx, ctx.name) > 0 and not ctx.force:
+        raise CliError(f"node {ctx.name}'s agent is alive: stop it first (it would register "
+                       "again), or use --force")
+    registry.remove_node(ctx.name)
+    print(f"removed node {ctx.name}; its peers drop it now, GC frees its empty blocks")
     return OK
 
 

@@ -14,7 +14,7 @@ import pytest
 from bgp import api
 from fabric.agent import messages as m
 from fabric.agent.clock import FakeClock
-from fabric.agent.routing import MAX_PREFIX_HOLD_DOWN, Settings
+from fabric.agent.routing import DEPARTURE_GRACE, MAX_PREFIX_HOLD_DOWN, Settings
 from fabric.agent.state import MIRRORS, AgentState, Intervals
 from fabric.agent.workloads import HostLink
 from fabric.kernel.routes import Resynced, Route, RouteEvent, blackhole, remote
@@ -118,9 +118,12 @@ def test_peers_exports_and_blackholes_follow_etcd(fab):
     assert "neighbor 192.0.2.2 {" in fab.config
     assert "route 10.244.0.0/26 next-hop self;" in fab.config
     fab.snapshot("bgp-peers", {"tor": PeerSpec("tor", "192.0.2.254", 65100).to_record()})
-    fab.snapshot("bgp-config", {"c": BgpConfig(node_mesh=False).to_record()})
-    assert list(fab.state.routing.peers) == ["192.0.2.254"]
     assert fab.configures()[-1].reload  # the neighbors changed: ExaBGP must reload
+    fab.snapshot("bgp-config", {"c": BgpConfig(node_mesh=False).to_record()})
+    fab.clock.advance(DEPARTURE_GRACE)
+    fab.tick()
+    assert list(fab.state.routing.peers) == ["192.0.2.254"]
+    assert "neighbor 192.0.2.2 {" not in fab.configures()[-1].config
     fab.jobs.clear()
     fab.snapshot("borrowed", {keys.borrowed("a", "10.244.0.70"): {}})
     assert fab.state.routing.exports == {"10.244.0.0/26", "10.244.0.70/32"}
@@ -314,6 +317,28 @@ def test_a_route_changed_by_someone_else_asks_for_one_resync(fab):
     assert resync.desired[P("10.244.0.64/26")] == route
     unrelated = fab.send(RouteEvent(False, remote(P("10.9.0.0/16"), ["192.0.2.9"])))
     assert unrelated == []  # already pending; and the next resync removes it anyway
+
+
+def test_a_node_record_deleted_and_written_again_costs_no_route(fab):
+    """An operator's `etcdctl del`, or an etcd restore, then the node's agent writes its
+    record again: its peers must not drop it (and its routes) meanwhile."""
+    fab.up("192.0.2.2")
+    fab.announce("192.0.2.2", "10.244.0.64/26")
+    fab.jobs.clear()
+    fab.snapshot("nodes", {n.name: n.to_record() for n in (A, C)})  # b's record deleted
+    fab.clock.advance(DEPARTURE_GRACE - 1)
+    fab.tick()
+    assert fab.learned() == {"10.244.0.64/26": ("192.0.2.2",)}
+    assert "192.0.2.2" in fab.state.routing.peers and not fab.configures()
+    fab.snapshot("nodes", {n.name: n.to_record() for n in (A, B, C)})  # b wrote it again
+    fab.clock.advance(60)
+    fab.tick()
+    assert fab.learned() == {"10.244.0.64/26": ("192.0.2.2",)}
+    assert not any(c.reload for c in fab.configures())  # the session was never touched
+    fab.snapshot("nodes", {n.name: n.to_record() for n in (A, C)})  # b removed for good
+    fab.clock.advance(DEPARTURE_GRACE)
+    fab.tick()
+    assert fab.learned() == {} and "192.0.2.2" not in fab.state.routing.peers
 
 
 # -- registration ------------------------------------------------------------------------

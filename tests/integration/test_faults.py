@@ -1,0 +1,281 @@
+"""Faults a hostile but realistic operator causes, on a 3-host lab.
+
+Each test breaks one thing while workloads ping each other across hosts, then checks
+what the design promises: pings between containers on other hosts lose nothing (or
+only what is named), `ipam check` is clean (it cross-checks registrations against
+allocations), and every agent is healthy: all its threads alive, its loop beating.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import pytest
+
+from cni import invoke
+from fabric.agent.routing import DEPARTURE_GRACE
+from fabric.kernel import netns
+from fabric.processes import kill_pid
+from fabric.store import keys
+from ipam.allocator import Ipam
+from ipam.check import check
+from tests.conftest import needs_root, running_lab
+from tests.support.fabric import kernel_routes, status, wait_until
+
+pytestmark = [needs_root, pytest.mark.root, pytest.mark.slow]
+HOSTS = ("h1", "h2", "h3")
+AGENT_ARGS = ["--resync-interval", "2", "--lease-ttl", "6", "--gc-interval", "2",
+              "--gc-grace", "3"]
+
+
+@pytest.fixture(scope="module")
+def lab():
+    with running_lab(pool="10.244.0.0/16") as lab:
+        for host in HOSTS:
+            lab.add_host(host, agent_args=AGENT_ARGS)
+        for host in HOSTS:
+            lab.wait_agent(host)
+        for host in HOSTS:
+            lab.add_workload(host)
+        yield lab
+
+
+@pytest.fixture(autouse=True)
+def settled(lab):
+    """Every test starts from, and must leave, a healthy fabric."""
+    wait_healthy(lab)
+    yield
+    wait_healthy(lab)
+    assert ipam_problems(lab) == []
+
+
+def wait_healthy(lab, timeout: float = 30.0) -> None:
+    for host in HOSTS:
+        wait_until(lambda h=host: healthy(lab, h), f"{host}'s agent healthy, sessions up",
+                   timeout)
+
+
+def healthy(lab, host: str) -> bool:
+    try:
+        doc = status(lab, host)
+    except Exception:
+        return False
+    return doc["health"]["healthy"] and all(p["state"] == "Established" for p in doc["peers"])
+
+
+def ipam_problems(lab) -> list[str]:
+    store = lab.store()
+    try:
+        report = check(Ipam(store).snapshot())
+    finally:
+        store.close()
+    return [f"{f.kind} {f.subject}: {f.detail}" for f in report.findings]
+
+
+@dataclass
+class Loss:
+    sent: int
+    received: int
+
+    @property
+    def lost(self) -> int:
+        return self.sent - self.received
+
+
+@contextlib.contextmanager
+def pinging(lab, source: str, target: str) -> Iterator[list[Loss]]:
+    """Ping `target`'s first address from `source` every 50 ms while the body runs."""
+    result: list[Loss] = []
+    src, dst = lab.state.workloads[source], lab.state.workloads[target]
+    process = subprocess.Popen(["ip", "netns", "exec", src.netns, "ping", "-i", "0.05",
+                                "-W", "1", "-q", dst.ips[0]], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)
+        yield result
+    finally:
+        time.sleep(1.5)  # answers in flight arrive
+        process.send_signal(signal.SIGINT)
+        out, _ = process.communicate(timeout=10)
+        match = re.search(r"(\d+) packets transmitted, (\d+) received", out)
+        assert match, out
+        result.append(Loss(int(match[1]), int(match[2])))
+
+
+def cni(lab, host: str, command: str, container: str, workload_netns: str,
+        ifname: str = "eth0") -> invoke.Outcome:
+    return invoke.run(str(lab.cni_bin / "l3fabric"), command,
+                      invoke.network_config(lab.conflist()), container_id=container,
+                      netns=workload_netns, ifname=ifname,
+                      host_netns=netns.path(lab.state.hosts[host].netns))
+
+
+def etcd_pid(lab) -> int:
+    return lab.refresh().etcd_pid
+
+
+# -- etcd --------------------------------------------------------------------------------
+def test_etcd_killed_during_adds_and_pings_then_restarted(lab, netns_factory):
+    before = {h: status(lab, h)["health"]["threads"] for h in HOSTS}
+    spare = netns.path(netns_factory("e"))
+    with pinging(lab, "h1-w1", "h3-w1") as loss:
+        kill_pid(etcd_pid(lab), sig=signal.SIGKILL)
+        time.sleep(1)
+        outcome = cni(lab, "h2", "ADD", "faultetcd", spare)
+        assert outcome.status == 1 and outcome.document["code"] == 11, outcome.stdout
+        assert cni(lab, "h2", "DEL", "faultetcd", spare).document["code"] == 11
+        time.sleep(8)  # longer than the liveness lease: nodes must not vanish
+        for host in HOSTS:
+            doc = status(lab, host)
+            assert doc["health"]["threads"] == before[host], "a thread died"
+            assert not doc["registration"]["healthy"]
+            assert all(p["state"] == "Established" for p in doc["peers"])
+        lab.start_etcd()
+    assert loss[0].lost == 0, loss
+    wait_healthy(lab)
+    outcome = cni(lab, "h2", "ADD", "faultetcd", spare)
+    assert outcome.ok, outcome.stdout
+    assert cni(lab, "h2", "DEL", "faultetcd", spare).ok
+
+
+def test_etcd_frozen_longer_than_a_lease(lab):
+    pid = etcd_pid(lab)
+    with pinging(lab, "h2-w1", "h1-w1") as loss:
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            time.sleep(10)  # the liveness lease (6 s) runs out meanwhile
+        finally:
+            os.kill(pid, signal.SIGCONT)
+    assert loss[0].lost == 0, loss
+    wait_healthy(lab)
+    store = lab.store()
+    try:
+        assert sorted(keys.last_segment(k) for k in store.keys(keys.NODES)) == list(HOSTS)
+    finally:
+        store.close()
+
+
+# -- agents ------------------------------------------------------------------------------
+def test_agent_kill_9_is_restarted_and_loses_no_ping(lab):
+    old = lab.state.hosts["h2"].agent_pid
+    with pinging(lab, "h1-w1", "h2-w1") as loss:
+        os.kill(old, signal.SIGKILL)  # the lab's supervisor starts a new agent
+        wait_until(lambda: lab.refresh().hosts["h2"].agent_pid not in (None, old),
+                   "a new agent for h2", 20)
+        wait_healthy(lab)
+        wait_until(lambda: status(lab, "h2")["stale_released"], "h2 confirmed its routes",
+                   20)
+    assert loss[0].lost == 0, loss
+    assert status(lab, "h2")["bgp_process"]["restarts"] == 0  # ExaBGP started first time
+
+
+def test_agent_kill_9_without_restart_keeps_routes_for_the_restart_time(lab):
+    with pinging(lab, "h1-w1", "h3-w1") as loss:
+        lab.stop_agent("h3", sig=signal.SIGKILL)
+        time.sleep(12)  # longer than the hold time: graceful restart, not hold expiry
+        for host in ("h1", "h2"):
+            stale = next(r for r in status(lab, host)["peers"]
+                         if r["address"] == lab.state.hosts["h3"].address)
+            assert stale["stale_until"] is not None
+    assert loss[0].lost == 0, loss  # h3's kernel forwards; its peers kept its routes
+    lab.start_agent("h3")
+
+
+def test_a_second_agent_for_the_same_node_exits_touching_nothing(lab):
+    host = lab.state.hosts["h2"]
+    before = status(lab, "h2")
+    with pinging(lab, "h1-w1", "h2-w1") as loss:
+        second = subprocess.run(["ip", "netns", "exec", host.netns,
+                                 *lab.agent_argv(host)], capture_output=True, text=True,
+                                timeout=60)
+    assert second.returncode == 1
+    assert "another fabric-agent" in second.stderr, second.stderr
+    after = status(lab, "h2")
+    assert after["bgp_process"]["pid"] == before["bgp_process"]["pid"]
+    assert after["started_at"] == before["started_at"]
+    assert loss[0].lost == 0, loss
+
+
+def test_exabgp_kill_9_loses_no_ping(lab):
+    pid = status(lab, "h3")["bgp_process"]["pid"]
+    with pinging(lab, "h1-w1", "h3-w1") as loss:
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: status(lab, "h3")["bgp_process"]["pid"] not in (None, pid) and
+                   status(lab, "h3")["bgp_process"]["connected"], "a new ExaBGP", 20)
+        wait_healthy(lab)
+    assert loss[0].lost == 0, loss
+
+
+# -- records deleted behind the agents' backs --------------------------------------------
+def test_node_record_deleted_behind_its_agents_back(lab):
+    store = lab.store()
+    try:
+        with pinging(lab, "h1-w1", "h2-w1") as loss:
+            assert store.delete(keys.node("h2"))
+            wait_until(lambda: store.get(keys.node("h2")) is not None,
+                       "h2 registered again", 10)
+            time.sleep(DEPARTURE_GRACE + 1)  # its peers would have dropped it by now
+        assert loss[0].lost == 0, loss
+    finally:
+        store.close()
+
+
+def test_workload_record_deleted_while_its_container_lives(lab):
+    workload = lab.state.workloads["h2-w1"]
+    handle = f"{workload.container_id}.eth0"
+    store = lab.store()
+    try:
+        with pinging(lab, "h1-w1", "h2-w1") as loss:
+            assert store.delete(keys.workload("h2", handle))
+            wait_until(lambda: store.get(keys.workload("h2", handle)) is not None,
+                       "the registration restored from IPAM", 20)
+        assert loss[0].lost == 0, loss
+    finally:
+        store.close()
+    assert lab.ping(lab.state.workloads["h3-w1"].netns, workload.ips[0], count=2)
+
+
+# -- the CNI plugin misused --------------------------------------------------------------
+def test_ten_concurrent_adds_of_one_container_agree(lab, netns_factory):
+    space = netns.path(netns_factory("d"))
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        outcomes = list(pool.map(lambda _: cni(lab, "h1", "ADD", "faultdup", space),
+                                 range(10)))
+    assert [o.status for o in outcomes] == [0] * 10, [o.stdout for o in outcomes]
+    addresses = {o.document["ips"][0]["address"] for o in outcomes}
+    assert len(addresses) == 1, addresses
+    address = addresses.pop().split("/")[0]
+    assert ipam_problems(lab) == []
+    assert lab.ping(lab.state.workloads["h2-w1"].netns, address, count=2)
+    time.sleep(5)  # two link listings: nothing of it is called an orphan
+    assert lab.ping(lab.state.workloads["h2-w1"].netns, address, count=2)
+    assert cni(lab, "h1", "DEL", "faultdup", space).ok
+
+
+def test_del_and_add_against_the_host_namespace_touch_nothing(lab):
+    host = lab.state.hosts["h1"]
+    with pinging(lab, "h2-w1", "h1-w1") as loss:
+        # The plugin runs in the host's namespace: /proc/self/ns/net is the host's own.
+        for ifname in ("eth0", "lo"):
+            outcome = invoke.run(str(lab.cni_bin / "l3fabric"), "DEL",
+                                 invoke.network_config(lab.conflist()),
+                                 container_id="faulthost", netns="/proc/self/ns/net",
+                                 ifname=ifname, host_netns=netns.path(host.netns))
+            assert outcome.ok, outcome.stdout
+        refused = invoke.run(str(lab.cni_bin / "l3fabric"), "ADD",
+                             invoke.network_config(lab.conflist()), container_id="faulthost",
+                             netns="/proc/self/ns/net", host_netns=netns.path(host.netns))
+        assert refused.document["code"] == 4 and "host's own" in refused.document["msg"]
+    links = subprocess.run(["ip", "-n", host.netns, "-o", "link"], capture_output=True,
+                           text=True, check=True).stdout
+    assert " eth0@" in links
+    assert loss[0].lost == 0, loss
+    assert kernel_routes(host.netns)
