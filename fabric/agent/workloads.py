@@ -6,13 +6,14 @@ etcd's registrations (after a restart, the only source). Where they are comes fr
 host links, listed from the kernel on a timer and reported by each ADD.
 
 The CNI input wins over etcd until etcd catches up: a DEL's handle is ignored in the
-registrations until its record is gone (the mirror may lag behind the DEL), and an
-ADD's route stays until its DEL, even if its registration vanishes meanwhile: the
-container lives as long as its link does, whatever etcd says.
+registrations until its record is gone (the mirror may lag behind the DEL). And a
+workload's route stays until its DEL, or until its link is gone, even if its
+registration vanishes meanwhile (deleted by mistake, or an etcd restore from an older
+backup): the container lives as long as its link does, whatever etcd says.
 
-A host link of ours (name prefix `l3f`) that no workload explains is suspect; seen so
-on two listings in a row (with the same index: not a link re-made meanwhile) it is an
-orphan, and the agent resolves it: the IPAM handle it belongs to still exists -> its
+A host link of ours (name prefix `l3f`) that no registration explains is suspect; seen
+so on two listings in a row (with the same index: not a link re-made meanwhile) it is
+an orphan, and the agent resolves it: the IPAM handle it belongs to still exists -> its
 registration is restored; no handle and the link is down (a DEL that did not finish)
 -> it is removed; no handle but the link is up -> it is kept and reported, because a
 container may be behind it and deleting it would cut that container off.
@@ -47,6 +48,7 @@ class Known:
 class Workloads:
     registered: dict[str, Known] = field(default_factory=dict)  # handle -> (from etcd)
     attached: dict[str, Known] = field(default_factory=dict)  # handle -> (from CNI ADD)
+    retained: dict[str, Known] = field(default_factory=dict)  # registration vanished
     detached: set[str] = field(default_factory=set)  # DEL'd; etcd may not know yet
     links: dict[str, HostLink] = field(default_factory=dict)  # name -> (kernel)
     suspects: dict[str, int] = field(default_factory=dict)  # name -> index seen
@@ -57,6 +59,10 @@ class Workloads:
         registered = {w.handle: Known(w.ips, w.host_ifname) for w in records
                       if w.host_ifname}
         self.detached &= set(registered)  # etcd caught up with those DELs
+        for handle in set(self.registered) - set(registered) - self.detached:
+            self.retained[handle] = self.registered[handle]  # not a DEL: keep routing it
+        for handle in set(registered) & set(self.retained):
+            del self.retained[handle]
         self.registered = registered
 
     def attach(self, handle: str, ips: Iterable[str], host_ifname: str, index: int) -> None:
@@ -68,6 +74,7 @@ class Workloads:
 
     def detach(self, handle: str, host_ifname: str | None) -> None:
         self.attached.pop(handle, None)
+        self.retained.pop(handle, None)
         self.detached.add(handle)
         if host_ifname:
             self.links.pop(host_ifname, None)
@@ -75,7 +82,9 @@ class Workloads:
     def on_links(self, links: Iterable[HostLink]) -> list[HostLink]:
         """A fresh listing of our host links; returns the orphans to resolve now."""
         self.links = {link.name: link for link in links}
-        explained = self._explained()
+        self.retained = {h: k for h, k in self.retained.items() if k.host_ifname in self.links}
+        explained = {k.host_ifname for h, k in self.registered.items()
+                     if h not in self.detached}
         orphans = []
         suspects = {}
         for link in self.links.values():
@@ -97,12 +106,11 @@ class Workloads:
 
     # -- outputs -----------------------------------------------------------------------
     def known(self) -> dict[str, Known]:
+        """Every workload we route to (registered, retained, or just attached)."""
         merged = {h: k for h, k in self.registered.items() if h not in self.detached}
+        merged.update(self.retained)
         merged.update(self.attached)
         return merged
-
-    def _explained(self) -> set[str]:
-        return {k.host_ifname for k in self.known().values()}
 
     def routes(self) -> dict[Prefix, Route]:
         routes = {}

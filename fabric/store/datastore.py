@@ -135,6 +135,15 @@ def _prefix_end(prefix: str) -> bytes:
 # The rows of several reads (the method `Datastore.list` shadows `list` in the class).
 Rows = builtins.list[builtins.list[Entry | CorruptValue]]
 
+# gRPC backs off reconnecting up to 120 s by default, failing every call meanwhile: an
+# etcd back after an outage of a few seconds stayed "unreachable" for many more. Retry
+# the connection within a second instead (etcd is local or on the same network).
+CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
 _UNAVAILABLE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
@@ -156,7 +165,8 @@ class Datastore:
             )
         endpoints = [
             etcd3.Endpoint(e.target, e.port, secure=e.secure,
-                           creds=creds if e.secure else None, time_retry=2.0)
+                           creds=creds if e.secure else None, time_retry=1.0,
+                           opts=CHANNEL_OPTIONS)
             for e in settings.endpoints
         ]
         client = etcd3.MultiEndpointEtcd3Client(

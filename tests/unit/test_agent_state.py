@@ -393,6 +393,23 @@ def test_a_lost_registration_does_not_cut_off_a_live_workload(fab):
     assert P("10.244.0.5/32") in fab.kernel  # the container lives: its route stays
 
 
+def test_a_registration_lost_after_a_restart_keeps_the_route_and_is_restored(fab):
+    """No CNI ADD in this agent's life: only etcd knew the workload, and its record is
+    deleted. The route stays while the link lives; the link is resolved (restored)."""
+    link = (HostLink("l3f000000000001", 7, True),)
+    fab.snapshot("workloads", {"k": workload("c1.eth0", "10.244.0.5",
+                                             "l3f000000000001").to_record()})
+    fab.send(m.LinksListed(link))
+    fab.snapshot("workloads", {})
+    assert P("10.244.0.5/32") in fab.kernel
+    fab.send(m.LinksListed(link))
+    jobs = fab.send(m.LinksListed(link))
+    assert [j.link.name for j in jobs if isinstance(j, m.ResolveOrphan)] == ["l3f000000000001"]
+    assert P("10.244.0.5/32") in fab.kernel
+    fab.send(m.LinksListed(()))  # the container and its link are gone
+    assert P("10.244.0.5/32") not in fab.kernel
+
+
 def test_unexplained_links_are_resolved_after_two_listings(fab):
     listing = (HostLink("l3fdeadbeef0001", 9, True),)
     assert not any(isinstance(j, m.ResolveOrphan) for j in fab.send(m.LinksListed(listing)))
