@@ -94,7 +94,6 @@ class DnsServer:
         self.log = logs.get("dns", address=address, port=port)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind((address, port))
-        self.queries = 0
         self._thread = threading.Thread(target=self._run, name="dns", daemon=True)
 
     def start(self) -> threading.Thread:
@@ -110,7 +109,6 @@ class DnsServer:
                 data, client = self.sock.recvfrom(512)
             except OSError:
                 return
-            self.queries += 1
             try:
                 reply = answer(data, self.domain, self.lookup)
             except Exception:

@@ -40,7 +40,6 @@ class OwnerLoop:
         self.log = logs.get("agent.loop", node=state.me.name)
         self.inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
         self.beat = clock.monotonic()
-        self.handled = 0
 
     # -- any thread --------------------------------------------------------------------
     def post(self, message: object) -> None:
@@ -75,7 +74,6 @@ class OwnerLoop:
             if isinstance(message, m.Query):
                 _answer(message, self.state)
             elif message is not None:
-                self.handled += 1
                 jobs = self.state.handle(message)
             if self.clock.monotonic() >= self.state.next_deadline():
                 jobs += self.state.tick()

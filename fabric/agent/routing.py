@@ -96,8 +96,6 @@ class Routing:
         self.refused_blocks: dict[str, str] = {}  # own blocks we will not route, and why
         self.ctx = policy.PolicyContext(local_as=me.asn)
         self.release_at: float | None = clock.monotonic() + settings.graceful_restart
-        self.updates_received = 0
-        self.prefixes_processed = 0
 
     @property
     def stale_released(self) -> bool:
@@ -238,7 +236,6 @@ class Routing:
         session = self.sessions.get(update.peer)
         if session is None or session.held_down_until:
             return
-        self.updates_received += 1
         peer = update.peer
         changed: set[Prefix] = set()
         for text in update.withdrawn:
@@ -257,7 +254,6 @@ class Routing:
         as_path = update.attributes.as_path
         for next_hop, prefixes in update.announced.items():
             for text in prefixes:
-                self.prefixes_processed += 1
                 try:
                     prefix = Prefix.parse(text)
                 except ValueError:

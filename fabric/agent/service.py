@@ -380,8 +380,9 @@ class Agent:
                 "protocol": self.config.route_protocol}
 
     def _collect_metrics(self) -> list[metrics.Family]:
-        return metrics.families(self.status(), self.loop.ask(lambda s: dict(
-            s.counters.__dict__, mirror_errors=sum(x.errors for x in self._mirrors))))
+        status = self.status()
+        counters = dict(status["counters"], mirror_errors=sum(x.errors for x in self._mirrors))
+        return metrics.families(status, counters)
 
     # -- health ------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:

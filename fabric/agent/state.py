@@ -423,6 +423,7 @@ class AgentState:
             "route_kinds": dict(collections.Counter(
                 r.kind for r in self.desired.effective().values())),
             "unregistered_links": dict(self.workloads.unresolved),
+            "counters": dict(self.counters.__dict__),
         }
 
     def _wall(self, deadline: float | None) -> float | None:

@@ -82,3 +82,17 @@ def test_oversized_config_is_refused(lab):
 def test_agent_still_serves(lab):
     outcome = run(lab, config(cniVersion="1.1.0"), command="STATUS")
     assert outcome.ok, outcome
+
+
+@pytest.mark.parametrize("garbage", [b'L3CNI1' + b'9999:"quote\nnewline\\,', b'L3CNI1x"\n',
+                                     b'not a request "at" all\n'])
+def test_a_malformed_request_gets_a_json_error_from_the_agent(lab, garbage):
+    """The agent's own framing errors are JSON documents too, quotes and newlines or not."""
+    from fabric import sockets
+
+    raw = sockets.request("@l3fabric/cni", garbage,
+                          netns=netns.path(lab.state.hosts["h1"].netns))
+    status, _, body = raw.partition(b"\n")
+    assert status == b"1"
+    doc = json.loads(body)
+    assert doc["code"] == 6 and doc["cniVersion"] == "1.1.0", doc

@@ -65,3 +65,35 @@ def test_netlink_encoding_round_trips(route):
     assert (msg.type, msg.seq) == (netlink.RTM_NEWROUTE, 5)
     decoded, protocol, table = netlink.decode_route(msg.payload)
     assert decoded == route and protocol == 73 and table == netlink.RT_TABLE_MAIN
+
+
+def test_teardown_tolerates_only_not_found():
+    """DEL succeeds when things are gone, and fails on anything else (busy, forbidden)."""
+    import errno
+
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    from fabric.kernel import links
+
+    for gone in (errno.ENODEV, errno.ENOENT, errno.ESRCH):
+        with links._unless_gone("deleting x"):
+            raise NetlinkError(gone)
+    for real in (errno.EBUSY, errno.EPERM):
+        try:
+            with links._unless_gone("deleting x"):
+                raise NetlinkError(real)
+        except links.LinkError as exc:
+            assert "deleting x" in str(exc)
+        else:
+            raise AssertionError(f"errno {real} was swallowed")
+
+
+def test_deletes_match_any_scope():
+    """A delete says scope "nowhere" (any): with "universe" the kernel found no
+    link-scope route to delete (a workload's /32) and said ESRCH, taken as "gone"."""
+    from fabric.kernel.netlink import NLMSGHDR, RT_SCOPE_NOWHERE, RTMSG, encode_route
+    from fabric.kernel.routes import workload
+
+    message = encode_route(workload(Prefix.parse("10.244.0.5/32"), 7), 1, 73, delete=True)
+    fields = RTMSG.unpack_from(message, NLMSGHDR.size)
+    assert fields[6] == RT_SCOPE_NOWHERE
