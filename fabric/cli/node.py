@@ -48,7 +48,8 @@ def _ago(when: float | None) -> str:
 def status(ctx: Context) -> int:
     doc = ctx.agent("status")
     peers = doc["peers"]
-    healthy = all(p["state"] == "Established" for p in peers)
+    health = doc["health"]
+    healthy = all(p["state"] == "Established" for p in peers) and health["healthy"]
     if ctx.json:
         emit_json(doc)
         return OK if healthy else PROBLEM
@@ -59,7 +60,8 @@ def status(ctx: Context) -> int:
     kv([("node", f"{doc['node']} ({doc['address']}, AS {doc['asn']}{rr})"),
         ("BGP process", f"exabgp {state}, pid {process['pid']}, up {_ago(process['started_at'])}"
                         f", {process['restarts']} restart(s)"),
-        ("registration", "healthy" if doc["registration"]["healthy"] else "NOT refreshed"),
+        ("agent", _health(health)),
+        ("registration", _registration(doc["registration"])),
         ("announcing", ", ".join(doc["exports"]) or "nothing"),
         ("kernel routes", f"{doc['kernel']['applied']} changes applied, "
                           f"{doc['kernel']['repaired']} repaired, "
@@ -72,7 +74,29 @@ def status(ctx: Context) -> int:
            for p in peers])
     if not peers:
         print("(no peers: the only node, or the mesh is off and no peer is configured)")
+    for cidr, why in sorted(doc.get("refused_blocks", {}).items()):
+        print(f"NOT routing our own block {cidr}: {why}")
+    for link, why in sorted(doc.get("unregistered_links", {}).items()):
+        print(f"unregistered host interface {link}: {why}")
     return OK if healthy else PROBLEM
+
+
+def _health(health: dict[str, Any]) -> str:
+    dead = [name for name, alive in health["threads"].items() if not alive]
+    if dead:
+        return f"UNHEALTHY: thread(s) {', '.join(dead)} died (it exits to be restarted)"
+    if not health["healthy"]:
+        return f"UNHEALTHY: owner loop stuck for {health['loop_beat_age']:.0f}s"
+    return f"healthy, {len(health['threads'])} threads"
+
+
+def _registration(registration: dict[str, Any]) -> str:
+    if registration["healthy"]:
+        return "healthy"
+    error = registration["last_error"]
+    if not registration["registered"]:
+        return f"NOT registered: {error}" if error else "NOT registered (writing it again)"
+    return f"liveness NOT refreshed: {error}"
 
 
 def routes(ctx: Context) -> int:
