@@ -206,7 +206,10 @@ class Speaker:
             deadlines = [d for d in (self._gate.deadline(), self._respawn_at) if d is not None]
             timeout = max(0.0, min(deadlines) - now) if deadlines else 1.0
             for key, mask in self._selector.select(min(timeout, 1.0)):
-                self._ready(key.data, mask)
+                try:
+                    self._ready(key, mask)
+                except Exception:  # a bug must not end the thread (and so the agent)
+                    self.log.exception("speaker event failed", source=key.data)
             now = time.monotonic()
             if self._gate.poll(now):
                 self.log.info("reload not confirmed by ExaBGP; asking again")
@@ -218,7 +221,11 @@ class Speaker:
                 self._spawn()
         self._stop_process()
 
-    def _ready(self, what: str, mask: int) -> None:
+    def _ready(self, key: selectors.SelectorKey, mask: int) -> None:
+        """One ready descriptor. Events of one select() round can be stale: the process
+        exit handled first closes the API connection and the log pipe whose own events
+        come next in the same round; those are skipped."""
+        what = key.data
         if what == "wake":
             with contextlib.suppress(BlockingIOError):
                 self._wake_r.recv(4096)
@@ -226,14 +233,18 @@ class Speaker:
         elif what == "listener":
             self._accept()
         elif what == "conn":
+            if key.fileobj is not self._conn:
+                return
             if mask & selectors.EVENT_READ:
                 self._read_api()
             if mask & selectors.EVENT_WRITE and self._conn is not None:
                 self._flush()
         elif what == "log":
-            self._drain_log()
+            if key.fd == self._log_fd:
+                self._drain_log()
         elif what == "exit":
-            self._exited()
+            if key.fd == self._pidfd:
+                self._exited()
 
     def _take_requests(self) -> None:
         with self._lock:

@@ -111,4 +111,17 @@ def running_lab(pool: str | None = "10.244.0.0/16", block_size: int | None = Non
             lab.add_pool("default", pool, block_size, **flags)
         yield lab
     finally:
+        _keep_logs(lab)
         lab.down()
+
+
+LOGS = Path(os.environ.get("L3FABRIC_TEST_LOGS", "/tmp/l3fabric-test-logs"))
+
+
+def _keep_logs(lab: Lab) -> None:
+    """The agents' and ExaBGP's logs outlive the lab, for the failure that needs them."""
+    target = LOGS / lab.name
+    with contextlib.suppress(OSError):
+        for log in lab.dir.glob("*/*.log"):
+            (target / log.parent.name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(log, target / log.parent.name / log.name)

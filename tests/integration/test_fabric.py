@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from fabric.agent.routing import DEPARTURE_GRACE
 from fabric.kernel import netns
 from fabric.model.prefix import Prefix
 from fabric.store.registry import Registry
@@ -130,7 +131,8 @@ def test_a_fourth_host_joins_without_restarting_sessions_and_leaves(lab):
                                       for r in agent(lab, h, "bgp_routes")),
                    f"{host} keeps h4's block as stale", HOLD_TIME)
         assert h4_block in remote_table(lab, host)
-    # h4 leaves the fabric for good: its record goes, and with it, at once, its routes.
+    # h4 leaves the fabric for good: its record goes, and with it (once the grace for a
+    # record deleted by mistake has passed) its sessions and routes.
     store = lab.store()
     try:
         assert Registry(store).remove_node("h4")
@@ -138,7 +140,7 @@ def test_a_fourth_host_joins_without_restarting_sessions_and_leaves(lab):
         store.close()
     for host in ("h1", "h2", "h3"):
         wait_until(lambda h=host: h4_block not in remote_table(lab, h),
-                   f"h4's routes are gone from {host}", 5)
+                   f"h4's routes are gone from {host}", DEPARTURE_GRACE + 5)
         wait_until(lambda h=host: "10.99.0.14" not in
                    [p["address"] for p in status(lab, h)["peers"]], f"{host} dropped h4")
     lab.kill_host("h4")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import signal
 import subprocess
@@ -204,14 +205,22 @@ def test_a_second_agent_for_the_same_node_exits_touching_nothing(lab):
     assert loss[0].lost == 0, loss
 
 
-def test_exabgp_kill_9_loses_no_ping(lab):
-    pid = status(lab, "h3")["bgp_process"]["pid"]
+def test_exabgp_killed_again_and_again_loses_no_ping(lab):
+    """Each ExaBGP death is a silent loss to the peers (graceful restart): routes stay.
+    Killed at random moments (start-up, API connecting, sessions opening), the agent
+    must restart it every time and stay the same, healthy agent."""
+    agent_pid = lab.refresh().hosts["h3"].agent_pid
+    rng = random.Random(7)
     with pinging(lab, "h1-w1", "h3-w1") as loss:
-        os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: status(lab, "h3")["bgp_process"]["pid"] not in (None, pid) and
-                   status(lab, "h3")["bgp_process"]["connected"], "a new ExaBGP", 20)
+        for _ in range(15):
+            pid = status(lab, "h3")["bgp_process"]["pid"]
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            time.sleep(rng.uniform(0.05, 0.9))
+        wait_until(lambda: status(lab, "h3")["bgp_process"]["connected"], "a new ExaBGP", 20)
         wait_healthy(lab)
     assert loss[0].lost == 0, loss
+    assert lab.refresh().hosts["h3"].agent_pid == agent_pid  # never died itself
 
 
 # -- records deleted behind the agents' backs --------------------------------------------
