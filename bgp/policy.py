@@ -48,6 +48,19 @@ class PolicyContext:
     underlay: frozenset[tuple[int, int]] = frozenset()  # (family, address int)
     blocks: Mapping[Prefix, Origin] = field(default_factory=dict)
     borrowed: Mapping[Prefix, Origin] = field(default_factory=dict)
+    # (family, prefix length) -> the underlay addresses cut to that length: one set
+    # lookup per route instead of a walk over every node (filled as lengths come up).
+    _underlay_nets: dict[tuple[int, int], frozenset[int]] = field(
+        default_factory=dict, compare=False, repr=False)
+
+    def covers_underlay(self, prefix: Prefix) -> bool:
+        key = (prefix.family, prefix.length)
+        nets = self._underlay_nets.get(key)
+        if nets is None:
+            shift = prefix.bits - prefix.length
+            nets = frozenset(a >> shift for f, a in self.underlay if f == prefix.family)
+            self._underlay_nets[key] = nets
+        return (prefix.network >> (prefix.bits - prefix.length)) in nets
 
     @classmethod
     def build(cls, local_as: int, pools: Iterable[tuple[str, int]],
@@ -61,24 +74,36 @@ class PolicyContext:
                    {Prefix.parse(k): v for k, v in borrowed.items()})
 
 
+def _inside(inner: Prefix, outer: Prefix) -> bool:
+    """`outer` contains `inner` (the hot test: twice or more per received route)."""
+    family, network, length = outer
+    if inner[0] != family or inner[2] < length:
+        return False
+    shift = (128 if family == 6 else 32) - length
+    return (inner[1] >> shift) == (network >> shift)
+
+
 def evaluate(prefix: Prefix, next_hop: str, as_path: tuple[int, ...],
              ctx: PolicyContext) -> str | None:
     """None when the route is accepted, else the reason it is not."""
     if prefix.length == 0:
         return DEFAULT_ROUTE
-    block_size = next((size for pool, size in ctx.pools if pool.contains(prefix)), None)
+    block_size = None
+    for pool, size in ctx.pools:
+        if _inside(prefix, pool):
+            block_size = size
+            break
     if block_size is None:
         return OUTSIDE_POOLS
-    shift = prefix.bits - prefix.length
-    for family, address in ctx.underlay:
-        if family == prefix.family and (address >> shift) == (prefix.network >> shift):
-            return UNDERLAY
+    if ctx.covers_underlay(prefix):
+        return UNDERLAY
     if ctx.local_as in as_path:
         return AS_LOOP
     origin = ctx.borrowed.get(prefix) if prefix.length == prefix.bits else None
     if origin is None:
-        if any(own.overlaps(prefix) for own in ctx.own_blocks):
-            return OWN_BLOCK
+        for own in ctx.own_blocks:
+            if _inside(prefix, own) or _inside(own, prefix):
+                return OWN_BLOCK
         origin = ctx.blocks.get(prefix)
         if origin is None and prefix.length > block_size:
             # Inside a claimed block but not a known borrowed address: a more specific

@@ -20,12 +20,12 @@ from __future__ import annotations
 import ipaddress
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from fabric.model.prefix import Prefix
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Path:
     peer: str
     next_hop: str
@@ -43,26 +43,59 @@ def _peer_key(peer: str) -> tuple[int, int]:
     return address.version, int(address)
 
 
-@dataclass
 class Rib:
-    ecmp: bool = False
-    paths: dict[Prefix, dict[str, Path]] = field(default_factory=dict)
-    by_peer: dict[str, set[Prefix]] = field(default_factory=dict)
-    selected: dict[Prefix, tuple[Path, ...]] = field(default_factory=dict)
+    """Paths by prefix and peer, and the selection.
+
+    Storage is compact because a fabric node may hold 100,000 received routes: a prefix
+    with one path (nearly all) keeps that path itself rather than a dict of one, and a
+    selection of one keeps the path rather than a tuple of one. Nothing outside this
+    class sees that: read through `paths_of`, `best` and `selected_prefixes`.
+    """
+
+    def __init__(self, ecmp: bool = False) -> None:
+        self.ecmp = ecmp
+        self._paths: dict[Prefix, Path | dict[str, Path]] = {}
+        self.by_peer: dict[str, set[Prefix]] = {}
+        self._best: dict[Prefix, Path | tuple[Path, ...]] = {}
+
+    # -- reading -----------------------------------------------------------------------
+    def paths_of(self, prefix: Prefix) -> dict[str, Path]:
+        held = self._paths.get(prefix)
+        if held is None:
+            return {}
+        return {held.peer: held} if isinstance(held, Path) else dict(held)
+
+    def path(self, prefix: Prefix, peer: str) -> Path | None:
+        held = self._paths.get(prefix)
+        if isinstance(held, Path):
+            return held if held.peer == peer else None
+        return held.get(peer) if held is not None else None
+
+    def best(self, prefix: Prefix) -> tuple[Path, ...]:
+        chosen = self._best.get(prefix)
+        if chosen is None:
+            return ()
+        return (chosen,) if isinstance(chosen, Path) else chosen
+
+    def selected_prefixes(self) -> Iterable[Prefix]:
+        return self._best.keys()
+
+    def __len__(self) -> int:
+        return len(self._paths)
 
     # -- input -------------------------------------------------------------------------
     def announce(self, peer: str, prefix: Prefix, path: Path) -> bool:
         """Store a received path; True when the selection for `prefix` changed."""
-        self.paths.setdefault(prefix, {})[peer] = path
-        self.by_peer.setdefault(peer, set()).add(prefix)
+        self._put(prefix, peer, path)
+        peers = self.by_peer.get(peer)
+        if peers is None:
+            peers = self.by_peer[peer] = set()
+        peers.add(prefix)
         return self._select(prefix)
 
     def withdraw(self, peer: str, prefix: Prefix) -> bool:
-        by_prefix = self.paths.get(prefix)
-        if not by_prefix or by_prefix.pop(peer, None) is None:
+        if not self._pop(prefix, peer):
             return False
-        if not by_prefix:
-            del self.paths[prefix]
         self.by_peer.get(peer, set()).discard(prefix)
         return self._select(prefix)
 
@@ -70,10 +103,7 @@ class Rib:
         """Forget every path of a peer (session down without graceful restart)."""
         changed = set()
         for prefix in list(self.by_peer.pop(peer, ())):
-            by_prefix = self.paths.get(prefix, {})
-            by_prefix.pop(peer, None)
-            if not by_prefix:
-                self.paths.pop(prefix, None)
+            self._pop(prefix, peer)
             if self._select(prefix):
                 changed.add(prefix)
         return changed
@@ -86,9 +116,9 @@ class Rib:
         """
         changed = set()
         for prefix in self.by_peer.get(peer, ()):
-            path = self.paths[prefix][peer]
-            if not path.stale:
-                self.paths[prefix][peer] = replace(path, stale=True)
+            path = self.path(prefix, peer)
+            if path is not None and not path.stale:
+                self._put(prefix, peer, replace(path, stale=True))
                 if self._select(prefix):
                     changed.add(prefix)
         return changed
@@ -96,7 +126,9 @@ class Rib:
     def sweep_stale(self, peer: str) -> set[Prefix]:
         """End-of-RIB (or the restart timer): drop what the peer did not send again."""
         changed = set()
-        for prefix in [p for p in self.by_peer.get(peer, ()) if self.paths[p][peer].stale]:
+        stale = [p for p in self.by_peer.get(peer, ())
+                 if (path := self.path(p, peer)) is not None and path.stale]
+        for prefix in stale:
             if self.withdraw(peer, prefix):
                 changed.add(prefix)
         return changed
@@ -105,48 +137,86 @@ class Rib:
                    prefixes: Iterable[Prefix] | None = None) -> set[Prefix]:
         """Apply the policy again (all paths, or those of some prefixes)."""
         changed = set()
-        for prefix in list(self.paths if prefixes is None else prefixes):
-            by_prefix = self.paths.get(prefix)
-            if not by_prefix:
-                continue
-            for peer, path in list(by_prefix.items()):
+        for prefix in list(self._paths if prefixes is None else prefixes):
+            for peer, path in self.paths_of(prefix).items():
                 verdict = judge(prefix, path)
                 if verdict != path.rejected:
-                    by_prefix[peer] = replace(path, rejected=verdict)
+                    self._put(prefix, peer, replace(path, rejected=verdict))
             if self._select(prefix):
                 changed.add(prefix)
         return changed
 
-    # -- selection ---------------------------------------------------------------------
-    def _select(self, prefix: Prefix) -> bool:
-        candidates = [p for p in self.paths.get(prefix, {}).values() if p.accepted]
-        if not candidates:
-            return self.selected.pop(prefix, None) is not None
-        if len(candidates) == 1:
-            new: tuple[Path, ...] = (candidates[0],)
+    # -- storage -----------------------------------------------------------------------
+    def _put(self, prefix: Prefix, peer: str, path: Path) -> None:
+        held = self._paths.get(prefix)
+        if held is None or (isinstance(held, Path) and held.peer == peer):
+            self._paths[prefix] = path
+        elif isinstance(held, Path):
+            self._paths[prefix] = {held.peer: held, peer: path}
         else:
-            candidates.sort(key=lambda p: (len(p.as_path), _peer_key(p.peer)))
-            best = candidates[0]
-            chosen = [best]
-            if self.ecmp:
-                chosen = [p for p in candidates if len(p.as_path) == len(best.as_path)]
-            new = tuple(chosen)
-        if self.selected.get(prefix) == new:
+            held[peer] = path
+
+    def _pop(self, prefix: Prefix, peer: str) -> bool:
+        held = self._paths.get(prefix)
+        if held is None:
             return False
-        self.selected[prefix] = new
+        if isinstance(held, Path):
+            if held.peer != peer:
+                return False
+            del self._paths[prefix]
+            return True
+        if held.pop(peer, None) is None:
+            return False
+        if len(held) == 1:
+            self._paths[prefix] = next(iter(held.values()))
         return True
 
-    # -- reading -----------------------------------------------------------------------
+    # -- selection ---------------------------------------------------------------------
+    def _select(self, prefix: Prefix) -> bool:
+        held = self._paths.get(prefix)
+        if held is None:
+            return self._best.pop(prefix, None) is not None
+        new: Path | tuple[Path, ...]
+        if isinstance(held, Path):
+            if held.rejected is not None:
+                return self._best.pop(prefix, None) is not None
+            new = held
+        else:
+            candidates = [p for p in held.values() if p.rejected is None]
+            if not candidates:
+                return self._best.pop(prefix, None) is not None
+            if len(candidates) == 1:
+                new = candidates[0]
+            else:
+                candidates.sort(key=lambda p: (len(p.as_path), _peer_key(p.peer)))
+                best = candidates[0]
+                chosen = [best]
+                if self.ecmp:
+                    chosen = [p for p in candidates if len(p.as_path) == len(best.as_path)]
+                new = tuple(chosen) if len(chosen) > 1 else best
+        old = self._best.get(prefix)
+        if old is new or old == new:
+            return False
+        self._best[prefix] = new
+        return True
+
+    # -- reading (continued) -----------------------------------------------------------
     def next_hops(self, prefix: Prefix) -> tuple[str, ...]:
-        return tuple(sorted({p.next_hop for p in self.selected.get(prefix, ())}))
+        chosen = self._best.get(prefix)
+        if chosen is None:
+            return ()
+        if isinstance(chosen, Path):  # the common case, and the hot one at 100,000 routes
+            return (chosen.next_hop,)
+        return tuple(sorted({p.next_hop for p in chosen}))
 
     def received(self, peer: str | None = None) -> list[tuple[Prefix, Path]]:
         peers = [peer] if peer is not None else list(self.by_peer)
-        return sorted(((prefix, self.paths[prefix][p]) for p in peers
-                       for prefix in self.by_peer.get(p, ())),
-                      key=lambda item: (item[0], item[1].peer))
+        found = [(prefix, path) for p in peers for prefix in self.by_peer.get(p, ())
+                 if (path := self.path(prefix, p)) is not None]
+        return sorted(found, key=lambda item: (item[0], item[1].peer))
 
     def counts(self, peer: str) -> dict[str, int]:
-        verdicts = Counter(self.paths[p][peer].accepted for p in self.by_peer.get(peer, ()))
+        verdicts = Counter(path.accepted for p in self.by_peer.get(peer, ())
+                           if (path := self.path(p, peer)) is not None)
         return {"received": verdicts[True] + verdicts[False], "accepted": verdicts[True],
                 "rejected": verdicts[False]}

@@ -32,7 +32,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,9 +95,9 @@ class _Send:
 
 
 class Speaker:
-    def __init__(self, exabgp: str, run_dir: Path, env: dict[str, str], relay_socket: str,
-                 report: Report) -> None:
-        self.exabgp = exabgp
+    def __init__(self, exabgp: Sequence[str], run_dir: Path, env: dict[str, str],
+                 relay_socket: str, report: Report) -> None:
+        self.exabgp = list(exabgp)  # the command that runs ExaBGP, before its arguments
         self.run_dir = run_dir
         self.env = env
         self.relay_socket = relay_socket
@@ -239,12 +239,10 @@ class Speaker:
                 self._read_api()
             if mask & selectors.EVENT_WRITE and self._conn is not None:
                 self._flush()
-        elif what == "log":
-            if key.fd == self._log_fd:
-                self._drain_log()
-        elif what == "exit":
-            if key.fd == self._pidfd:
-                self._exited()
+        elif what == "log" and key.fd == self._log_fd:
+            self._drain_log()
+        elif what == "exit" and key.fd == self._pidfd:
+            self._exited()
 
     def _take_requests(self) -> None:
         with self._lock:
@@ -265,7 +263,7 @@ class Speaker:
         read_end, write_end = os.pipe()
         try:
             self._process = subprocess.Popen(
-                [self.exabgp, "server", str(self.config_path)],
+                [*self.exabgp, "server", str(self.config_path)],
                 env={**os.environ, **self.env}, stdin=subprocess.DEVNULL, stdout=write_end,
                 stderr=subprocess.STDOUT, preexec_fn=_die_with_parent, cwd=self.run_dir)
         finally:

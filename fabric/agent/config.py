@@ -188,12 +188,14 @@ class AgentConfig:
     log_level: str = "info"
     etcd: EtcdSettings = field(default_factory=EtcdSettings)
 
-    def exabgp_path(self) -> str:
-        """ExaBGP from the same environment as the agent unless told otherwise."""
+    def exabgp_command(self) -> list[str]:
+        """How to run ExaBGP: the one installed with the agent, through `bgp.exabgp_run`
+        (ExaBGP's own main with a reactor that rests when idle), unless `[bgp] exabgp`
+        names another executable, which then runs as it is."""
         if self.exabgp:
-            return self.exabgp
+            return [self.exabgp]
         import sys
-        return str(Path(sys.executable).with_name("exabgp"))
+        return [sys.executable, "-m", "bgp.exabgp_run"]
 
     @property
     def run_path(self) -> Path:

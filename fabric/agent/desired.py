@@ -70,6 +70,8 @@ class DesiredRoutes:
     # -- changing ----------------------------------------------------------------------
     def update(self, source: str, changes: Mapping[Prefix, Route | None]) -> KernelBatch:
         """Set (or with None, drop) some of one source's routes."""
+        if source == SOURCES[0]:
+            return self._update_lowest(changes)
         routes = self.sources[source]
         before = {p: self.wanted(p) for p in changes}
         for prefix, route in changes.items():
@@ -78,6 +80,29 @@ class DesiredRoutes:
             else:
                 routes[prefix] = route
         return self._batch(before)
+
+    def _update_lowest(self, changes: Mapping[Prefix, Route | None]) -> KernelBatch:
+        """`update` of the lowest source (learned routes: the bulk of them, 100,000 at a
+        time): a prefix another source holds is left to it, the rest is compared once."""
+        routes = self.sources[SOURCES[0]]
+        blackholes, workloads = (self.sources[name] for name in SOURCES[1:])
+        replace: list[Route] = []
+        delete: list[Prefix] = []
+        stale = self.stale
+        for prefix, route in changes.items():
+            old = routes.pop(prefix, None) if route is None else routes.get(prefix)
+            if route is not None:
+                routes[prefix] = route
+            if prefix in blackholes or prefix in workloads:
+                continue  # a workload or our own blackhole wins: the kernel keeps it
+            if route is not None:
+                if stale:
+                    stale.discard(prefix)
+                if old is None or route != old or route.kind != old.kind:
+                    replace.append(route)
+            elif old is not None and prefix not in stale:
+                delete.append(prefix)
+        return KernelBatch(tuple(replace), tuple(delete))
 
     def replace(self, source: str, routes: Mapping[Prefix, Route]) -> KernelBatch:
         """Make one source's routes exactly `routes`."""

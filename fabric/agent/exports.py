@@ -61,11 +61,12 @@ class Announcer:
 
     def plan(self, routing: Routing, outcome: Outcome) -> SpeakerPlan:
         plan = SpeakerPlan(commands=list(outcome.commands))
-        config = render(self.settings(routing), routing.active_peers(), routing.exports)
-        if config != self.config:
-            self.config = config
-            plan.config = config
-            plan.reload = outcome.peers_changed or outcome.node_changed is not None
+        if outcome.peers_changed or outcome.exports_changed or outcome.node_changed:
+            config = render(self.settings(routing), routing.active_peers(), routing.exports)
+            if config != self.config:
+                self.config = config
+                plan.config = config
+                plan.reload = outcome.peers_changed or outcome.node_changed is not None
         exports = routing.exports
         if exports != self.announced:
             plan.commands += api.withdraw_self(self.announced - exports)
@@ -122,7 +123,7 @@ class Announcer:
             return {}
         clients = _ibgp(routing)
         out: dict[str, dict[str, api.Reflected]] = {}
-        for prefix in routing.rib.selected:
+        for prefix in routing.rib.selected_prefixes():
             for peer, route in _reflected_for(routing, prefix, clients).items():
                 out.setdefault(peer, {})[route.prefix] = route
         return out
@@ -138,7 +139,7 @@ def _reflected_for(routing: Routing, prefix: Prefix, ibgp: dict[str, Peer]
                    ) -> dict[str, api.Reflected]:
     """Who gets `prefix` reflected, and how (RFC 4456: client routes to everyone,
     non-client routes to clients only; never back to where it came from)."""
-    paths = routing.rib.selected.get(prefix)
+    paths = routing.rib.best(prefix)
     cluster = routing.me.rr_cluster_id
     if not paths or not cluster:
         return {}

@@ -30,7 +30,7 @@ from bgp.rib import Path, Rib
 from fabric import logs
 from fabric.agent.clock import Clock
 from fabric.agent.sessions import STATE_NAMES, Session, describe_reason, notification_text
-from fabric.kernel.routes import Kind, Route, remote
+from fabric.kernel.routes import Kind, Route
 from fabric.model.blocks import Block
 from fabric.model.nodes import Node
 from fabric.model.peers import BgpConfig, PeerSpec
@@ -252,17 +252,18 @@ class Routing:
             self._trip_max_prefix(session, limit, have + incoming, changed, out)
             return
         as_path = update.attributes.as_path
+        ctx, parse, evaluate, announce = self.ctx, Prefix.parse, policy.evaluate, self.rib.announce
         for next_hop, prefixes in update.announced.items():
             for text in prefixes:
                 try:
-                    prefix = Prefix.parse(text)
+                    prefix = parse(text)
                 except ValueError:
                     session.rejected[policy.BAD_PREFIX] += 1
                     continue
-                verdict = policy.evaluate(prefix, next_hop, as_path, self.ctx)
+                verdict = evaluate(prefix, next_hop, as_path, ctx)
                 if verdict is not None:
                     self._count_rejection(session, verdict, text, next_hop)
-                if self.rib.announce(peer, prefix, Path(peer, next_hop, as_path, verdict)):
+                if announce(peer, prefix, Path(peer, next_hop, as_path, verdict)):
                     changed.add(prefix)
         self._changed(changed, out)
 
@@ -389,16 +390,18 @@ class Routing:
 
     # -- results -----------------------------------------------------------------------
     def _changed(self, prefixes: set[Prefix], out: Outcome) -> None:
+        learned, route = out.learned, self.kernel_route
         for prefix in prefixes:
-            out.learned[prefix] = self.kernel_route(prefix)
+            learned[prefix] = route(prefix)
         out.selection |= prefixes
 
     def kernel_route(self, prefix: Prefix) -> Route | None:
-        hops = self.rib.next_hops(prefix)
+        hops = self.rib.next_hops(prefix)  # sorted, distinct
         if not hops:
             return None
-        kind: Kind = "borrowed" if prefix.length == prefix.bits else "remote"
-        return remote(prefix, hops, kind)
+        kind: Kind = "borrowed" if prefix.length == (128 if prefix.family == 6 else 32) \
+            else "remote"
+        return Route(prefix, "unicast", hops, 0, kind)
 
     def active_peers(self) -> dict[str, Peer]:
         """The neighbors ExaBGP should have now (held-down ones are left out)."""

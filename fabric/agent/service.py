@@ -103,7 +103,7 @@ class Agent:
         self.registration = Registration(self.store, node.name, config.lease_ttl)
         self.registration.register(node)
         self.registration.refresh()
-        self.speaker = Speaker(config.exabgp_path(), config.run_path,
+        self.speaker = Speaker(config.exabgp_command(), config.run_path,
                                environment(config.node_address),
                                f"@l3fabric/bgp/{config.node_name}", self._from_speaker)
         self.state = AgentState(

@@ -121,6 +121,7 @@ class AgentState:
         self.drift: collections.deque[Drift] = collections.deque(maxlen=100)
         self.failed: dict[Prefix, str] = {}
         self.resync_pending = False
+        self.applies_in_flight = 0  # ApplyRoutes jobs the writer has not reported yet
         self.speaker = SpeakerInfo()
         self.registration = RegistrationInfo(registered=True)
         self.counters = Counters()
@@ -181,8 +182,14 @@ class AgentState:
         self._carry_out(self.routing.tick(), jobs)
         now = self.clock.monotonic()
         if now >= self.due["resync"]:
-            self.due["resync"] = now + self.intervals.resync
-            self._request_resync(jobs)
+            if self.applies_in_flight:  # busy (a bulk update): repair once it is idle
+                self.due["resync"] = now + 1.0
+            else:
+                # A resync of a big table costs (a 100,000-route dump is about a second):
+                # keep the periodic one under 2% of the time it takes.
+                self.due["resync"] = now + max(self.intervals.resync,
+                                               50 * self.kernel.last_resync_seconds)
+                self._request_resync(jobs)
         if now >= self.due["links"]:
             self.due["links"] = now + self.intervals.links
             jobs.append(m.ListLinks())
@@ -306,6 +313,7 @@ class AgentState:
     # -- the kernel --------------------------------------------------------------------
     def _apply(self, batch: KernelBatch, jobs: list[m.Job], reply: Any = None) -> None:
         if batch or reply is not None:
+            self.applies_in_flight += 1
             jobs.append(m.ApplyRoutes(batch.replace, batch.delete, reply))
 
     def _workload_routes(self) -> KernelBatch:
@@ -319,6 +327,7 @@ class AgentState:
         jobs.append(m.Resync(self.desired.effective(), self.desired.kept()))
 
     def _on_applied(self, applied: Applied) -> None:
+        self.applies_in_flight = max(0, self.applies_in_flight - 1)
         stats = self.kernel
         stats.applied += applied.count
         stats.failures += len(applied.failures)
@@ -328,6 +337,7 @@ class AgentState:
 
     def _on_resynced(self, resynced: Resynced) -> None:
         self.resync_pending = False
+        self.applies_in_flight = 0  # ApplyRoutes jobs the writer has not reported yet
         stats = self.kernel
         stats.resyncs += 1
         stats.repaired += resynced.repaired
@@ -456,7 +466,7 @@ class AgentState:
             rows.append({"prefix": str(prefix), "peer": path.peer, "next_hop": path.next_hop,
                          "as_path": list(path.as_path), "accepted": path.accepted,
                          "reason": path.rejected,
-                         "best": path in routing.rib.selected.get(prefix, ()),
+                         "best": path in routing.rib.best(prefix),
                          "stale": path.stale})
         return rows
 

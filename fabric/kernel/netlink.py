@@ -274,8 +274,30 @@ class RouteSocket:
                         routes.append(route)
         return routes
 
-    def events(self, timeout: float | None) -> list[Message]:
-        """Messages from subscribed groups (blocking up to `timeout`)."""
+    def count(self, family: int = 4) -> int:
+        """How many routes of our protocol the main table holds (a dump, not decoded)."""
+        seq = self._next_seq()
+        self.sock.send(encode_dump(family, seq, self.protocol if self.strict else 0))
+        total = 0
+        unpack = NLMSGHDR.unpack_from
+        while True:
+            data = self.sock.recv(1 << 20)
+            offset = 0
+            while offset + NLMSGHDR.size <= len(data):
+                length, kind, _, msg_seq, _ = unpack(data, offset)
+                if length < NLMSGHDR.size:
+                    break
+                if msg_seq == seq:
+                    if kind == NLMSG_DONE:
+                        return total
+                    if kind == RTM_NEWROUTE:
+                        total += 1
+                offset += (length + 3) & ~3
+
+    def events(self, timeout: float | None, skip_pid: int = -1) -> list[Message]:
+        """Messages from subscribed groups (blocking up to `timeout`), leaving out those
+        caused by the socket with port id `skip_pid` (our own writer: at 100,000 routes
+        its echoes are most of what arrives, and are skipped without being decoded)."""
         self.sock.settimeout(timeout)
         try:
             data = self.sock.recv(1 << 20)
@@ -287,7 +309,19 @@ class RouteSocket:
             raise
         finally:
             self.sock.settimeout(None)
-        return list(split(data))
+        if skip_pid < 0:
+            return list(split(data))
+        found = []
+        view, offset, unpack = memoryview(data), 0, NLMSGHDR.unpack_from
+        while offset + NLMSGHDR.size <= len(view):
+            length, kind, flags, seq, pid = unpack(view, offset)
+            if length < NLMSGHDR.size:
+                break
+            if pid != skip_pid:
+                found.append(Message(kind, flags, seq,
+                                     view[offset + NLMSGHDR.size:offset + length], pid))
+            offset += (length + 3) & ~3
+        return found
 
 
 def encode_fence(seq: int) -> bytes:

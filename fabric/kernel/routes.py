@@ -25,7 +25,7 @@ Kind = Literal["remote", "workload", "blackhole", "borrowed"]
 RouteType = Literal["unicast", "blackhole"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Route:
     """One route the agent wants in (or found in) the kernel's main table."""
 

@@ -111,9 +111,12 @@ class KernelWriter:
                     self._resync(job)
             except Exception as exc:  # a bad moment must not end the writer for good
                 self.log.exception("kernel job failed")
-                if isinstance(job, _Apply) and job.reply is not None \
-                        and not job.reply.done():
-                    job.reply.set_exception(exc)
+                if isinstance(job, _Apply):
+                    if job.reply is not None and not job.reply.done():
+                        job.reply.set_exception(exc)
+                    self.report(Applied(0, (), 0.0))
+                else:
+                    self.report(Resynced((), 0, (), 0.0))
 
     # -- work (writer thread only) -----------------------------------------------------
     def _apply(self, job: _Apply) -> None:
@@ -124,9 +127,10 @@ class KernelWriter:
         failures = self._send(replace, delete)
         if job.reply is not None:
             job.reply.set_result(failures)
-        if replace or delete:
-            self.report(Applied(len(replace) + len(delete) - len(failures), tuple(failures),
-                                time.perf_counter() - started))
+        # Reported even when nothing needed writing: the owner loop counts the batches
+        # still in flight, and holds its periodic resync back while there are any.
+        self.report(Applied(len(replace) + len(delete) - len(failures), tuple(failures),
+                            time.perf_counter() - started))
 
     def _send(self, replace: list[Route], delete: list[Route]) -> list[Failure]:
         if not replace and not delete:
@@ -177,12 +181,10 @@ class KernelWriter:
                            groups=netlink.RTMGRP_IPV4_ROUTE | netlink.RTMGRP_IPV6_ROUTE)
         try:
             while not self._stop.is_set():
-                for msg in sock.events(timeout=1.0):
+                for msg in sock.events(timeout=1.0, skip_pid=self.portid):
                     if msg.type == netlink.NLMSG_ERROR:  # overflow: we missed some
                         self.report(EventsLost())
                         break
-                    if msg.pid == self.portid:
-                        continue
                     event = netlink.route_event(msg, self.protocol)
                     if event is not None:
                         self.report(RouteEvent(*event))

@@ -11,7 +11,6 @@ import queue
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -29,7 +28,7 @@ from tests.support.fabric import wait_until
 pytestmark = [needs_root, pytest.mark.root, pytest.mark.slow]
 
 OURS, PEER_ONE, PEER_TWO = "10.77.0.1", "10.77.0.2", "10.78.0.2"
-EXABGP = str(Path(sys.executable).with_name("exabgp"))
+EXABGP = [sys.executable, "-m", "bgp.exabgp_run"]
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from fabric.agent.clock import FakeClock
 from fabric.agent.routing import DEPARTURE_GRACE, MAX_PREFIX_HOLD_DOWN, Settings
 from fabric.agent.state import MIRRORS, AgentState, Intervals
 from fabric.agent.workloads import HostLink
-from fabric.kernel.routes import Resynced, Route, RouteEvent, blackhole, remote
+from fabric.kernel.routes import Applied, Resynced, Route, RouteEvent, blackhole, remote
 from fabric.model.blocks import Block
 from fabric.model.nodes import Node, Workload
 from fabric.model.peers import BgpConfig, PeerSpec
@@ -75,6 +75,8 @@ class Fabric:
                     self.kernel[route.prefix] = route
                 if job.reply is not None:
                     job.reply.set_result([])
+                assert self.state.handle(Applied(len(job.replace) + len(job.delete), (),
+                                                 0.0)) == []
         self.jobs += jobs
         return jobs
 
@@ -301,6 +303,25 @@ def test_periodic_jobs_come_on_time():
     kinds = [type(j) for j in state.tick()]
     assert m.CollectGarbage in kinds and m.RefreshLiveness in kinds
     assert m.Resync not in kinds  # the first resync has not reported back: not stacked
+
+
+def test_the_periodic_resync_waits_while_the_writer_is_busy():
+    clock = FakeClock()
+    state = AgentState(A, clock, Settings(), Intervals(resync=10))
+    assert any(isinstance(j, m.Resync) for j in state.tick())
+    state.handle(Resynced((), 0, (), 0.5))  # a big table: half a second to read back
+    jobs = state.handle(m.Attach("c1.eth0", ("10.244.0.5",), "l3f0", 3, Future()))
+    assert state.applies_in_flight == len([j for j in jobs if isinstance(j, m.ApplyRoutes)])
+    clock.advance(10)
+    assert not any(isinstance(j, m.Resync) for j in state.tick())  # the bulk goes first
+    state.handle(Applied(1, (), 0.0))
+    clock.advance(1)
+    assert any(isinstance(j, m.Resync) for j in state.tick())
+    state.handle(Resynced((), 0, (), 0.5))
+    clock.advance(10)  # 50 x 0.5 s: the next one is 25 s away, not 10
+    assert not any(isinstance(j, m.Resync) for j in state.tick())
+    clock.advance(15)
+    assert any(isinstance(j, m.Resync) for j in state.tick())
 
 
 # -- the kernel reports back -------------------------------------------------------------

@@ -40,7 +40,7 @@ ADAPTERS = {
     "fabric.cli", "fabric.cli.bgp", "fabric.cli.cni", "fabric.cli.context", "fabric.cli.ipam",
     "fabric.cli.lab", "fabric.cli.main", "fabric.cli.node", "fabric.cli.output",
     "fabric.lab", "fabric.lab.etcd", "fabric.lab.peers", "fabric.lab.topology",
-    "bgp.speaker", "bgp.relay",
+    "bgp.speaker", "bgp.relay", "bgp.exabgp_run",
     "ipam.allocator", "ipam.gc",
     "cni.handler", "cni.install", "cni.invoke",
 }

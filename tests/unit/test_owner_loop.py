@@ -80,7 +80,7 @@ def test_inputs_from_many_threads_reach_the_kernel_in_the_states_order():
     for worker in workers:
         worker.join()
     decided = loop.ask(lambda s: dict(s.desired.source("learned")))
-    selected = loop.ask(lambda s: {p for p, paths in s.routing.rib.selected.items() if paths})
+    selected = loop.ask(lambda s: set(s.routing.rib.selected_prefixes()))
     loop.stop()
     thread.join(5)
     assert set(decided) == selected  # the desired state is the RIB's decision

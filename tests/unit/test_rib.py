@@ -46,7 +46,7 @@ def test_graceful_restart_keeps_then_sweeps():
     rib.announce("192.0.2.1", q, Path("192.0.2.1", "192.0.2.1"))
     assert rib.mark_stale("192.0.2.1") == {P, q}
     assert rib.next_hops(P) == ("192.0.2.1",)  # still forwarding
-    assert all(path.stale for path in rib.selected[P])  # what is shown as best is stale
+    assert all(path.stale for path in rib.best(P))  # what is shown as best is stale
     rib.announce("192.0.2.1", P, Path("192.0.2.1", "192.0.2.1"))  # re-sent: fresh
     assert rib.sweep_stale("192.0.2.1") == {q}
     assert rib.next_hops(P) == ("192.0.2.1",) and rib.next_hops(q) == ()
@@ -56,7 +56,7 @@ def test_drop_peer():
     rib = Rib()
     rib.announce("192.0.2.1", P, Path("192.0.2.1", "192.0.2.1"))
     assert rib.drop_peer("192.0.2.1") == {P}
-    assert rib.selected == {} and rib.paths == {}
+    assert list(rib.selected_prefixes()) == [] and len(rib) == 0
 
 
 ops = st.lists(st.tuples(st.sampled_from(["a", "w", "d"]), st.integers(1, 4),
@@ -77,9 +77,9 @@ def test_selection_always_matches_a_fresh_computation(sequence):
         else:
             rib.drop_peer(peer)
     for prefix in prefixes:
-        paths = list(rib.paths.get(prefix, {}).values())
+        paths = list(rib.paths_of(prefix).values())
         if not paths:
-            assert prefix not in rib.selected
+            assert rib.best(prefix) == ()
             continue
         best = min(paths, key=lambda p: (len(p.as_path), int(p.peer.rsplit(".", 1)[1])))
-        assert rib.selected[prefix] == (best,)
+        assert rib.best(prefix) == (best,)
