@@ -146,14 +146,33 @@ def _update(peer: str, body: dict[str, Any]) -> Update:
     for family, by_hop in (body.get("announce") or {}).items():
         if not family.endswith("unicast") or not isinstance(by_hop, dict):
             continue
+        found: dict[str, list[str]] = {}
         for next_hop, nlris in by_hop.items():
-            announced.setdefault(next_hop, []).extend(
-                n["nlri"] if isinstance(n, dict) else str(n) for n in nlris)
+            found[next_hop] = [n["nlri"] if isinstance(n, dict) else str(n) for n in nlris]
+        for next_hop, nlris in _global_next_hops(found).items():
+            announced.setdefault(next_hop, []).extend(nlris)
     withdrawn: list[str] = []
     for family, nlris in (body.get("withdraw") or {}).items():
         if family.endswith("unicast"):
             withdrawn.extend(n["nlri"] if isinstance(n, dict) else str(n) for n in nlris)
     return Update(peer, announced, withdrawn, attributes)
+
+
+def _global_next_hops(by_hop: dict[str, list[str]]) -> dict[str, list[str]]:
+    """An IPv6 route can carry a global and a link-local next hop (RFC 2545; BIRD sends
+    both over eBGP on a shared link), which ExaBGP reports as the same prefix under two
+    next hops. The global one is what the kernel can use without knowing the link: a
+    prefix that also came with a global next hop is kept only under it."""
+    link_local = [h for h in by_hop if h.lower().startswith("fe80:")]
+    if not link_local or len(link_local) == len(by_hop):
+        return by_hop
+    covered = {n for h, nlris in by_hop.items() if h not in link_local for n in nlris}
+    out = {h: nlris for h, nlris in by_hop.items() if h not in link_local}
+    for hop in link_local:
+        rest = [n for n in by_hop[hop] if n not in covered]
+        if rest:
+            out[hop] = rest
+    return out
 
 
 # -- commands ----------------------------------------------------------------------------

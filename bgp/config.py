@@ -35,6 +35,11 @@ class SpeakerSettings:
     hold_time: int = 9
     graceful_restart: int = 120
     relay_command: Sequence[str] = ()
+    local4: str = ""  # our underlay addresses: the source of the sessions of each family
+    local6: str = ""
+
+    def local(self, family: int) -> str:
+        return (self.local6 if family == 6 else self.local4) or self.router_id
 
 
 def password_ok(password: str) -> bool:
@@ -63,7 +68,7 @@ def render(settings: SpeakerSettings, peers: Mapping[str, Peer], exports: Iterab
             f"neighbor {address} {{",
             f"    description \"{peer.kind} {peer.name}\";",
             f"    router-id {settings.router_id};",
-            f"    local-address {settings.router_id};",
+            f"    local-address {settings.local(peer.family)};",
             f"    local-as {settings.local_as};",
             f"    peer-as {peer.asn};",
             f"    hold-time {settings.hold_time};",
@@ -80,11 +85,11 @@ def render(settings: SpeakerSettings, peers: Mapping[str, Peer], exports: Iterab
         lines += [
             "        route-refresh;",
             "    }",
-            "    family { ipv4 unicast; }",
+            f"    family {{ ipv{peer.family} unicast; }}",
             f"    api {{ processes [ {API_PROCESS} ]; neighbor-changes; "
             "receive { parsed; update; open; notification; } }",
         ]
-        routes = [_route(p) for p in exports if ":" not in p]
+        routes = [_route(p) for p in exports if (":" in p) == (peer.family == 6)]
         if routes:
             lines.append("    static {")
             lines += [f"        {r}" for r in routes]
@@ -93,7 +98,7 @@ def render(settings: SpeakerSettings, peers: Mapping[str, Peer], exports: Iterab
     return "\n".join(lines)
 
 
-def environment(router_id: str) -> dict[str, str]:
+def environment(*addresses: str) -> dict[str, str]:
     """ExaBGP's settings, passed as environment variables."""
     return {
         "exabgp.daemon.user": "root",
@@ -109,7 +114,7 @@ def environment(router_id: str) -> dict[str, str]:
         "exabgp.api.respawn": "false",
         "exabgp.api.terminate": "true",
         "exabgp.api.encoder": "json",
-        "exabgp.tcp.bind": router_id,  # also accept sessions the peers open
+        "exabgp.tcp.bind": " ".join(a for a in addresses if a),  # accept peers' sessions
         "exabgp.tcp.port": "179",
         "exabgp.bgp.passive": "false",
         "exabgp.log.destination": "stdout",

@@ -29,7 +29,8 @@ _PEER_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
 
 @dataclass(frozen=True)
 class Peer:
-    """One BGP neighbor of this node, as ExaBGP will be configured."""
+    """One BGP session of this node, as ExaBGP will be configured: one per neighbor
+    address, carrying the routes of that address's family."""
 
     address: str
     asn: int
@@ -38,26 +39,42 @@ class Peer:
     password: str | None = None
     max_prefixes: int | None = None
 
+    @property
+    def family(self) -> int:
+        return 6 if ":" in self.address else 4
+
 
 def peers_for(me: Node, nodes: Iterable[Node], specs: Iterable[PeerSpec],
               config: BgpConfig) -> dict[str, Peer]:
-    """The neighbors of `me`, keyed by address."""
+    """The sessions of `me`, keyed by the neighbor's address.
+
+    Two nodes have a session for each family both have an underlay address of; a
+    configured peer is a session when this node has an address of its family.
+    """
     others = [n for n in nodes if n.name != me.name and n.address != me.address]
     peers: dict[str, Peer] = {}
+
+    def add(node: Node, kind: Kind) -> None:
+        for family in me.families:
+            address = node.address_of(family)
+            if address:
+                peers[address] = Peer(address, node.asn, kind, node.name)
+
     if config.node_mesh:
         reflectors = [n for n in others if n.is_route_reflector]
         if not reflectors and not me.is_route_reflector:
             for node in others:
-                peers[node.address] = Peer(node.address, node.asn, "mesh", node.name)
+                add(node, "mesh")
         elif me.is_route_reflector:
             for node in others:
-                kind: Kind = "reflector" if node.is_route_reflector else "rr-client"
-                peers[node.address] = Peer(node.address, node.asn, kind, node.name)
+                add(node, "reflector" if node.is_route_reflector else "rr-client")
         else:
             for node in reflectors:
-                peers[node.address] = Peer(node.address, node.asn, "reflector", node.name)
+                add(node, "reflector")
+    mine = {me.address_of(f) for f in me.families}
     for spec in specs:
-        if spec.address == me.address or not spec.applies_to(me):
+        family = 6 if ":" in spec.address else 4
+        if spec.address in mine or family not in me.families or not spec.applies_to(me):
             continue
         spec_kind: Kind = "node-specific" if spec.node else (
             "reflector" if spec.route_reflector else "global")

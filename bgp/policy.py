@@ -33,11 +33,15 @@ REASONS = (DEFAULT_ROUTE, OUTSIDE_POOLS, UNDERLAY, AS_LOOP, OWN_BLOCK, NOT_BORRO
 
 @dataclass(frozen=True)
 class Origin:
-    """Where etcd says a block or borrowed address lives: its node's address and AS."""
+    """Where etcd says a block or borrowed address lives: its node's addresses and AS."""
 
     node: str
-    address: str
+    address: str  # the node's IPv4 underlay address ("" when it has none)
     asn: int
+    address6: str = ""  # its IPv6 underlay address ("" when it has none)
+
+    def next_hop(self, family: int) -> str:
+        return self.address6 if family == 6 else self.address
 
 
 @dataclass(frozen=True)
@@ -114,7 +118,7 @@ def evaluate(prefix: Prefix, next_hop: str, as_path: tuple[int, ...],
                 return NOT_BORROWED
     if origin is not None:
         if not as_path:
-            if next_hop != origin.address:
+            if next_hop != origin.next_hop(prefix.family):
                 return NEXT_HOP
         elif as_path[-1] != origin.asn:
             return ORIGIN

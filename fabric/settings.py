@@ -38,8 +38,11 @@ class Endpoint:
 
     @property
     def target(self) -> str:
-        """The gRPC target's host part: a unix socket path is `unix://PATH`."""
-        return f"unix://{self.host}" if self.scheme == "unix" else self.host
+        """The gRPC target's host part: a unix socket path is `unix://PATH`, an IPv6
+        address is bracketed (gRPC reads `fd99::fe:2379` as a host named `fd99::fe:2379`)."""
+        if self.scheme == "unix":
+            return f"unix://{self.host}"
+        return f"[{self.host}]" if ":" in self.host else self.host
 
     def __str__(self) -> str:
         if self.scheme == "unix":

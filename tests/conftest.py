@@ -100,15 +100,19 @@ def lab_name() -> str:
 
 @contextlib.contextmanager
 def running_lab(pool: str | None = "10.244.0.0/16", block_size: int | None = None,
+                families: tuple[int, ...] = (4,), pool6: str | None = None,
                 **flags: bool) -> Iterator[Lab]:
-    """An underlay with etcd (and optionally an IP pool); always torn down."""
+    """An underlay with etcd (and optionally IP pools: `pool` for IPv4, `pool6` for
+    IPv6, on an underlay of `families`); always torn down."""
     lab = Lab(lab_name())
     lab.down()
     try:
-        lab.create_underlay()
+        lab.create_underlay(families=families)
         lab.start_etcd()
         if pool:
             lab.add_pool("default", pool, block_size, **flags)
+        if pool6:
+            lab.add_pool("default6", pool6)
         yield lab
     finally:
         _keep_logs(lab)

@@ -88,7 +88,14 @@ def _node_name(value: Any) -> str:
 def _ipv4(value: Any) -> str:
     address = ipaddress.ip_address(str(value))
     if address.version != 4:
-        raise ValueError("must be an IPv4 address (the BGP router id and next hop)")
+        raise ValueError("must be an IPv4 address")
+    return str(address)
+
+
+def _ipv6(value: Any) -> str:
+    address = ipaddress.ip_address(str(value))
+    if address.version != 6 or address.is_link_local:
+        raise ValueError("must be a global or unique-local IPv6 address (not link-local)")
     return str(address)
 
 
@@ -121,8 +128,13 @@ def _socket_name(value: Any) -> str:
 
 SETTINGS = (
     Setting("node_name", "node", "name", _node_name, "this node's name (default: hostname)"),
-    Setting("node_address", "node", "address", _ipv4,
-            "underlay IPv4 address: BGP router id, session source and next hop"),
+    Setting("node_address", "node", "address", _optional(_ipv4),
+            "underlay IPv4 address: source and next hop of IPv4 sessions and routes"),
+    Setting("node_address6", "node", "address6", _optional(_ipv6),
+            "underlay IPv6 address: source and next hop of IPv6 sessions and routes"),
+    Setting("router_id", "node", "router_id", _optional(_ipv4),
+            "BGP identifier (default: the IPv4 address; on an IPv6-only node, the low 32 "
+            "bits of its IPv6 address)"),
     Setting("asn", "node", "as", _optional(_int_in(1, 4294967295)),
             "this node's AS (default: the fabric's, `fabricctl bgp config`)"),
     Setting("labels", "node", "labels", _labels, "node labels, key=value,key=value"),
@@ -164,6 +176,8 @@ SETTINGS = (
 class AgentConfig:
     node_name: str = field(default_factory=lambda: socket.gethostname().split(".")[0].lower())
     node_address: str = ""
+    node_address6: str = ""
+    router_id: str = ""
     asn: int | None = None
     labels: dict[str, str] = field(default_factory=dict)
     rr_cluster_id: str | None = None
@@ -187,6 +201,12 @@ class AgentConfig:
     control_socket: str = CONTROL_SOCKET
     log_level: str = "info"
     etcd: EtcdSettings = field(default_factory=EtcdSettings)
+
+    @property
+    def address(self) -> str:
+        """The node's identity in etcd: its IPv4 address, or its IPv6 one when it has
+        no IPv4 (see fabric.model.nodes.Node)."""
+        return self.node_address or self.node_address6 or ""
 
     def exabgp_command(self) -> list[str]:
         """How to run ExaBGP: the one installed with the agent, through `bgp.exabgp_run`
@@ -273,9 +293,10 @@ def _read_file(path: str) -> dict[str, Any]:
 
 
 def _validate(config: AgentConfig) -> None:
-    if not config.node_address:
-        raise ConfigError("node address is required (--node-address, FABRIC_NODE_ADDRESS "
-                          "or [node] address)")
+    if not config.node_address and not config.node_address6:
+        raise ConfigError("a node address is required: IPv4 (--node-address, "
+                          "FABRIC_NODE_ADDRESS or [node] address), IPv6 (--node-address6, "
+                          "FABRIC_NODE_ADDRESS6 or [node] address6), or both")
     if config.keepalive is not None and config.keepalive * 3 != config.hold_time:
         raise ConfigError(
             f"keepalive {config.keepalive}: ExaBGP sends keepalives every hold_time / 3 "

@@ -92,7 +92,8 @@ class DnsServer:
         self.domain = domain
         self.lookup = lookup
         self.log = logs.get("dns", address=address, port=port)
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
         self.sock.bind((address, port))
         self._thread = threading.Thread(target=self._run, name="dns", daemon=True)
 

@@ -48,9 +48,9 @@ class Announcer:
         self.reflected: dict[str, dict[str, api.Reflected]] = {}  # per neighbor
 
     def settings(self, routing: Routing) -> SpeakerSettings:
-        s = routing.settings
-        return SpeakerSettings(routing.me.address, routing.me.asn, s.hold_time,
-                               s.graceful_restart, self.relay_command)
+        s, me = routing.settings, routing.me
+        return SpeakerSettings(me.bgp_id, me.asn, s.hold_time, s.graceful_restart,
+                               self.relay_command, me.ipv4, me.ipv6)
 
     def initial(self, routing: Routing) -> str:
         """The configuration ExaBGP starts with (it already holds our routes)."""
@@ -82,8 +82,9 @@ class Announcer:
         return plan
 
     def full(self, peer: str) -> list[str]:
-        """Everything one neighbor should have from us."""
-        commands = api.announce_self(self.announced, peer)
+        """Everything one neighbor should have from us (of its session's family)."""
+        ipv6 = ":" in peer
+        commands = api.announce_self([p for p in self.announced if (":" in p) == ipv6], peer)
         commands += [api.announce_reflected(peer, r)
                      for _, r in sorted(self.reflected.get(peer, {}).items())]
         return commands
@@ -152,4 +153,5 @@ def _reflected_for(routing: Routing, prefix: Prefix, ibgp: dict[str, Peer]
     route = api.Reflected(str(prefix), best.next_hop, best.as_path, originator, cluster)
     return {address: route for address, peer in ibgp.items()
             if address != best.peer and best.next_hop != address
+            and peer.family == prefix.family
             and (source.kind == "rr-client" or peer.kind == "rr-client")}

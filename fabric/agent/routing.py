@@ -156,7 +156,8 @@ class Routing:
 
     def underlay(self) -> set[str]:
         """Addresses BGP itself runs over: a route covering one would cut a session."""
-        return {n.address for n in self.view.nodes} | {self.me.address} | set(self.peers)
+        nodes = [*self.view.nodes, self.me]
+        return {a for n in nodes for a in (n.ipv4, n.ipv6) if a} | set(self.peers)
 
     def _refresh_exports(self, out: Outcome) -> None:
         underlay = [address_int(a) for a in self.underlay()]
@@ -190,7 +191,7 @@ class Routing:
 
         def origin(node_name: str | None) -> policy.Origin | None:
             node = nodes.get(node_name or "")
-            return policy.Origin(node.name, node.address, node.asn) if node else None
+            return policy.Origin(node.name, node.ipv4, node.asn, node.ipv6) if node else None
 
         blocks = {b.cidr: o for b in self.view.blocks if b.affinity
                   for o in [origin(b.affinity)] if o is not None}

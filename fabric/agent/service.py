@@ -98,13 +98,14 @@ class Agent:
         links.enable_forwarding()
         entry = self.store.get(keys.BGP_CONFIG)
         bgp_config = BgpConfig.from_record(entry.value if entry else None)
-        node = Node(config.node_name, config.node_address, config.asn or bgp_config.asn,
-                    dict(config.labels), config.rr_cluster_id, time.time(), __version__)
+        node = Node(config.node_name, config.address, config.asn or bgp_config.asn,
+                    dict(config.labels), config.rr_cluster_id, time.time(), __version__,
+                    config.node_address6 or "", config.router_id or "")
         self.registration = Registration(self.store, node.name, config.lease_ttl)
         self.registration.register(node)
         self.registration.refresh()
         self.speaker = Speaker(config.exabgp_command(), config.run_path,
-                               environment(config.node_address),
+                               environment(config.node_address, config.node_address6),
                                f"@l3fabric/bgp/{config.node_name}", self._from_speaker)
         self.state = AgentState(
             node, self.clock,
@@ -134,7 +135,7 @@ class Agent:
         self._threads["bgp-speaker"] = self.speaker.start(
             self.loop.ask(lambda s: s.initial_config()))
         self._serve()
-        self.log.info("agent started", address=config.node_address, asn=node.asn,
+        self.log.info("agent started", address=config.address, asn=node.asn,
                       routes_taken_over=len(taken))
 
     def _claim(self) -> None:
@@ -203,7 +204,7 @@ class Agent:
         self.dns: DnsServer | None = None
         if config.dns_port:
             try:
-                self.dns = DnsServer(config.node_address, config.dns_port, config.dns_domain,
+                self.dns = DnsServer(config.address, config.dns_port, config.dns_domain,
                                      lambda name: self.state.dns_names.get(name, ()))
                 self._threads["dns"] = self.dns.start()
             except OSError as exc:
@@ -218,7 +219,7 @@ class Agent:
             except OSError as exc:
                 self.log.error("metrics not served; change [metrics] port or free it",
                                port=config.metrics_port, error=exc.strerror)
-        dns = {"nameservers": [config.node_address], "search": [config.dns_domain]} \
+        dns = {"nameservers": [config.address], "search": [config.dns_domain]} \
             if self.dns else {}
         self.cni = CniHandler(config.node_name, self.ipam, self.registry,
                               LoopRoutes(self.loop), dns=dns)

@@ -401,10 +401,12 @@ class AgentState:
         for address in sorted(routing.sessions):
             session = routing.sessions[address]
             counts = routing.rib.counts(address)
-            advertised = len(routing.exports) + len(self.announcer.reflected.get(address, {}))
+            ours = sum(1 for p in routing.exports if (":" in p) == (":" in address))
+            advertised = ours + len(self.announcer.reflected.get(address, {}))
             peers.append({
                 "address": address, "name": session.peer.name, "kind": session.peer.kind,
-                "asn": session.peer.asn, "state": session.state, "since": session.since,
+                "asn": session.peer.asn, "family": f"ipv{session.peer.family}",
+                "state": session.state, "since": session.since,
                 "received": counts["received"], "accepted": counts["accepted"],
                 "rejected": counts["rejected"],
                 "advertised": advertised if session.established else 0,
@@ -415,7 +417,9 @@ class AgentState:
         speaker = self.speaker
         registration = self.registration
         return {
-            "node": routing.me.name, "address": routing.me.address, "asn": routing.me.asn,
+            "node": routing.me.name, "address": routing.me.address,
+            "address6": routing.me.ipv6 or None, "router_id": routing.me.bgp_id,
+            "asn": routing.me.asn,
             "route_reflector": routing.me.rr_cluster_id, "peers": peers,
             "exports": sorted(routing.exports), "refused_blocks": dict(routing.refused_blocks),
             "stale_released": routing.stale_released,
@@ -450,9 +454,12 @@ class AgentState:
                 session = routing.sessions.get(address)
                 if session is None or not session.established:
                     continue
-                rows += [{"prefix": exported, "peer": address, "next_hop": routing.me.address,
-                          "as_path": [], "origin": "local"}
-                         for exported in sorted(routing.exports)]
+                family = 6 if ":" in address else 4
+                rows += [{"prefix": exported, "peer": address,
+                          "next_hop": routing.me.address_of(family), "as_path": [],
+                          "origin": "local"}
+                         for exported in sorted(routing.exports)
+                         if (":" in exported) == (family == 6)]
                 rows += [{"prefix": r.prefix, "peer": address, "next_hop": r.next_hop,
                           "as_path": list(r.as_path), "origin": "reflected"}
                          for _, r in sorted(self.announcer.reflected.get(address, {}).items())]

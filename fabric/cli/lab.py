@@ -13,6 +13,8 @@ from fabric.cli.context import Context, program
 from fabric.cli.output import ERROR, OK, PROBLEM, CliError, emit_json, table
 from fabric.lab.topology import (
     DEFAULT_UNDERLAY,
+    DEFAULT_UNDERLAY6,
+    IP_FAMILIES,
     NOT_READY,
     HostState,
     Lab,
@@ -45,8 +47,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="the speaker as route reflector, or as eBGP ToR with an AS per host")
     up.add_argument("--route-reflectors", type=int, default=0, metavar="K",
                     help="make the first K hosts route reflectors")
-    up.add_argument("--pool", default="10.244.0.0/16", help="IP pool (default 10.244.0.0/16)")
-    up.add_argument("--underlay", default=DEFAULT_UNDERLAY, help="underlay subnet")
+    up.add_argument("--ip-family", choices=tuple(IP_FAMILIES), default="dual",
+                    help="the underlay, sessions and workloads: IPv4, IPv6 or both "
+                         "(default dual)")
+    up.add_argument("--pool", default="10.244.0.0/16", help="IPv4 pool (default 10.244.0.0/16)")
+    up.add_argument("--pool6", default="fd00:244::/64",
+                    help="IPv6 pool (default fd00:244::/64, /122 blocks)")
+    up.add_argument("--underlay", default=DEFAULT_UNDERLAY, help="IPv4 underlay subnet")
+    up.add_argument("--underlay6", default=DEFAULT_UNDERLAY6, help="IPv6 underlay subnet")
     up.set_defaults(handler=up_cmd)
 
     lab_sub.add_parser("status", help="hosts, sessions, routes, workloads"
@@ -134,9 +142,17 @@ def up_cmd(ctx: Context) -> int:
     peer = ctx.peer != "none"
     tor = peer and ctx.peer_role == "tor"
 
+    families = IP_FAMILIES[ctx.ip_family]
+
     def underlay() -> None:
-        lab.create_underlay(ctx.underlay)
+        lab.create_underlay(ctx.underlay, families, ctx.underlay6)
         lab.start_etcd()
+
+    def pools() -> None:
+        if 4 in families:
+            lab.add_pool("default", ctx.pool, nat_outgoing=True)
+        if 6 in families:
+            lab.add_pool("default6", ctx.pool6)
 
     def host(index: int, rr: str | None) -> None:
         lab.add_host(f"h{index}", asn=65000 + index if tor else None, rr_cluster_id=rr)
@@ -147,9 +163,11 @@ def up_cmd(ctx: Context) -> int:
             for _ in range(ctx.containers_per_host):
                 lab.add_workload(name)
 
+    nets = [n for f, n in ((4, ctx.underlay), (6, ctx.underlay6)) if f in families]
+    wanted = [n for f, n in ((4, ctx.pool), (6, ctx.pool6)) if f in families]
     steps: list[tuple[str, Callable[[], Any]]] = [
-        (f"underlay {ctx.underlay} and etcd", underlay),
-        (f"IP pool {ctx.pool}", lambda: lab.add_pool("default", ctx.pool, nat_outgoing=True))]
+        (f"underlay {' + '.join(nets)} and etcd", underlay),
+        (f"IP pool{'s' if len(wanted) > 1 else ''} {' + '.join(wanted)}", pools)]
     if peer:
         steps.append((f"{ctx.peer} as {'eBGP ToR' if tor else 'route reflector'}",
                       lambda: lab.add_peer(ctx.peer, ctx.peer_role)))
@@ -166,14 +184,15 @@ def up_cmd(ctx: Context) -> int:
     try:
         for text, work in steps:
             progress.step(text, work)
-        matrix = progress.step("reachability between workloads (ping)",
-                               lambda: _wait_matrix(lab))
+        matrices = progress.step("reachability between workloads (ping" +
+                                 (", each family)" if len(families) > 1 else ")"),
+                                 lambda: _wait_matrices(lab))
     except (LabError, OSError) as exc:
         raise CliError(f"lab up failed: {exc}\n(everything made so far stays for "
                        f"inspection; `fabricctl lab down --name {lab.name}` removes it)"
                        ) from exc
     lab.mark_complete()
-    return _summary(ctx, lab, matrix)
+    return _summary(ctx, lab, matrices)
 
 
 def _statuses(lab: Lab) -> dict[str, dict[str, Any] | None]:
@@ -216,15 +235,29 @@ def _wait_sessions(lab: Lab, timeout: float = 60.0) -> None:
         time.sleep(0.3)
 
 
-def _wait_matrix(lab: Lab, timeout: float = 30.0) -> dict[str, dict[str, bool]]:
+Matrix = dict[str, dict[str, bool]]
+
+
+def _matrices(lab: Lab) -> dict[str, Matrix]:
+    """Reachability per family: {"ipv4": from -> to -> bool, "ipv6": ...}."""
+    if not lab.state.workloads:
+        return {}
+    return {f"ipv{family}": lab.matrix(family) for family in lab.families}
+
+
+def _green(matrices: dict[str, Matrix]) -> bool:
+    return all(all(row.values()) for m in matrices.values() for row in m.values())
+
+
+def _wait_matrices(lab: Lab, timeout: float = 30.0) -> dict[str, Matrix]:
     deadline = time.monotonic() + timeout
     while True:
-        matrix = lab.matrix()
-        if all(all(row.values()) for row in matrix.values()) or time.monotonic() > deadline:
-            return matrix
+        matrices = _matrices(lab)
+        if _green(matrices) or time.monotonic() > deadline:
+            return matrices
 
 
-def _summary(ctx: Context, lab: Lab, matrix: dict[str, dict[str, bool]]) -> int:
+def _summary(ctx: Context, lab: Lab, matrices: dict[str, Matrix]) -> int:
     statuses = _statuses(lab)
     lab.refresh()  # the supervisors record restarts in the state
     hosts = []
@@ -232,7 +265,8 @@ def _summary(ctx: Context, lab: Lab, matrix: dict[str, dict[str, bool]]) -> int:
         status = statuses.get(name)
         peers = status["peers"] if status else []
         kernel = _kernel_routes(host.netns)
-        hosts.append({"host": name, "address": host.address, "alive": host.alive,
+        hosts.append({"host": name, "address": host.address,
+                      "address6": host.address6 or None, "alive": host.alive,
                       "agent": status is not None,
                       "agent_state": agent_state(host, status is not None),
                       "agent_pid": host.agent_pid, "supervisor_pid": host.supervisor_pid,
@@ -241,25 +275,31 @@ def _summary(ctx: Context, lab: Lab, matrix: dict[str, dict[str, bool]]) -> int:
                       "sessions": len(peers), "routes_installed": kernel,
                       "workloads": [w.name for w in lab.state.workloads.values()
                                     if w.host == name]})
-    green = all(all(row.values()) for row in matrix.values())
+    green = _green(matrices)
+    first = next(iter(matrices.values()), {})
     if ctx.json:
-        emit_json({"lab": lab.name, "hosts": hosts, "matrix": matrix, "all_reachable": green,
-                   "etcd": lab.etcd_local_endpoint})
+        emit_json({"lab": lab.name, "hosts": hosts, "matrix": first, "matrices": matrices,
+                   "all_reachable": green, "etcd": lab.etcd_local_endpoint,
+                   "families": [f"ipv{f}" for f in lab.families]})
         return OK if green else PROBLEM
-    print(f"\nlab {lab.name}: {len(hosts)} host(s) on {lab.state.underlay}"
+    nets = [n for f, n in ((4, lab.state.underlay), (6, lab.state.underlay6))
+            if f in lab.families]
+    print(f"\nlab {lab.name}: {len(hosts)} host(s) on {' + '.join(nets)}"
           + (f", {lab.state.peer.kind} as {lab.state.peer.role}" if lab.state.peer else ""))
-    table(["host", "address", "agent", "restarts", "bgp sessions up", "routes installed",
-           "workloads"],
-          [[h["host"], h["address"], h["agent_state"], h["restarts"],
-            f"{h['sessions_up']}/{h['sessions']}", h["routes_installed"],
+    both = len(lab.families) > 1
+    table(["host", "address", *(["address6"] if both else []), "agent", "restarts",
+           "bgp sessions up", "routes installed", "workloads"],
+          [[h["host"], h["address"], *([h["address6"]] if both else []), h["agent_state"],
+            h["restarts"], f"{h['sessions_up']}/{h['sessions']}", h["routes_installed"],
             " ".join(h["workloads"]) or None] for h in hosts])
     if any(h["agent_state"] not in ("running", "killed") for h in hosts):
         print("\nThe lab starts an agent again when it crashes or is killed (kill -9), as "
               "systemd does on a real host;\none stopped on purpose or that exited cleanly "
               f"stays down: {program()} lab restart-agent HOST starts it.")
-    if matrix:
+    for family, matrix in matrices.items():
         names = sorted(matrix)
-        print("\nreachability (ping from row to column):")
+        label = f", {family[:2].upper()}{family[2:]}" if both else ""
+        print(f"\nreachability (ping from row to column{label}):")
         table(["from \\ to", *names],
               [[a, *["-" if a == b else ("ok" if matrix[a].get(b) else "FAIL")
                      for b in names]] for a in names])
@@ -276,15 +316,17 @@ def _summary(ctx: Context, lab: Lab, matrix: dict[str, dict[str, bool]]) -> int:
 def _kernel_routes(ns: str) -> int:
     import subprocess
 
-    result = subprocess.run(["ip", "-n", ns, "route", "show", "proto", "73"],
-                            capture_output=True, text=True, check=False)
-    return len(result.stdout.splitlines())
+    total = 0
+    for family in ("-4", "-6"):
+        result = subprocess.run(["ip", "-n", ns, family, "route", "show", "proto", "73"],
+                                capture_output=True, text=True, check=False)
+        total += len(result.stdout.splitlines())
+    return total
 
 
 def status_cmd(ctx: Context) -> int:
     lab = _existing(ctx)
-    matrix = lab.matrix() if lab.state.workloads else {}
-    return _summary(ctx, lab, matrix)
+    return _summary(ctx, lab, _matrices(lab))
 
 
 def exec_cmd(ctx: Context) -> int:

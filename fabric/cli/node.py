@@ -57,7 +57,8 @@ def status(ctx: Context) -> int:
     state = "running" if process["running"] else "NOT running"
     rr = f", route reflector (cluster {doc['route_reflector']})" if doc["route_reflector"] \
         else ""
-    kv([("node", f"{doc['node']} ({doc['address']}, AS {doc['asn']}{rr})"),
+    addresses = ", ".join(dict.fromkeys(a for a in (doc["address"], doc.get("address6")) if a))
+    kv([("node", f"{doc['node']} ({addresses}, AS {doc['asn']}{rr})"),
         ("BGP process", f"exabgp {state}, pid {process['pid']}, up {_ago(process['started_at'])}"
                         f", {process['restarts']} restart(s)"),
         ("agent", _health(health)),
@@ -67,11 +68,11 @@ def status(ctx: Context) -> int:
                           f"{doc['kernel']['repaired']} repaired, "
                           f"{doc['kernel']['failures']} refused")])
     print()
-    table(["peer address", "name", "kind", "as", "state", "since", "received", "accepted",
-           "advertised", "last error"],
-          [[p["address"], p["name"], p["kind"], p["asn"], p["state"], _ago(p["since"]),
-            p["received"], p["accepted"], p["advertised"], p["last_error"] or None]
-           for p in peers])
+    table(["peer address", "name", "kind", "as", "family", "state", "since", "received",
+           "accepted", "advertised", "last error"],
+          [[p["address"], p["name"], p["kind"], p["asn"], p["family"], p["state"],
+            _ago(p["since"]), p["received"], p["accepted"], p["advertised"],
+            p["last_error"] or None] for p in peers])
     if not peers:
         print("(no peers: the only node, or the mesh is off and no peer is configured)")
     for cidr, why in sorted(doc.get("refused_blocks", {}).items()):

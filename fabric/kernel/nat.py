@@ -35,27 +35,42 @@ def rules(nat_pools: Iterable[str], all_pools: Iterable[str], family: int = 4) -
 
 
 class OutgoingNat:
+    """Keeps our chain in the nat table of each family (IPv4 with iptables, IPv6 with
+    ip6tables: NAT66 only for IPv6 pools that ask for it). Used from one thread only
+    (the agent's host-jobs worker)."""
+
+    TOOLS = {4: ("iptables", "iptables-restore"), 6: ("ip6tables", "ip6tables-restore")}
+
     def __init__(self) -> None:
         self.log = logs.get("kernel.nat")
-        self.binary = shutil.which("iptables-restore")
-        self._hooked = False
-        self._last = ""
+        self._hooked: set[int] = set()
+        self._last: dict[int, str] = {}
 
     def apply(self, nat_pools: Iterable[str], all_pools: Iterable[str]) -> None:
-        document = rules(nat_pools, all_pools)
-        if document == self._last:
+        nat_pools, all_pools = list(nat_pools), list(all_pools)
+        for family in (4, 6):
+            wanted = [p for p in nat_pools if (":" in p) == (family == 6)]
+            if not wanted and family not in self._last:
+                continue  # never had rules of this family: nothing to write or keep
+            self._apply(family, wanted, all_pools)
+
+    def _apply(self, family: int, nat_pools: list[str], all_pools: list[str]) -> None:
+        document = rules(nat_pools, all_pools, family)
+        if document == self._last.get(family):
             return
-        if self.binary is None:
-            raise NatError("iptables-restore is not installed; nat-outgoing cannot work")
-        self._run([self.binary, "--noflush"], document)
-        if not self._hooked:
-            check = subprocess.run(["iptables", "-t", "nat", "-C", "POSTROUTING", "-j", CHAIN],
+        tool, restore = self.TOOLS[family]
+        binary = shutil.which(restore)
+        if binary is None:
+            raise NatError(f"{restore} is not installed; nat-outgoing cannot work")
+        self._run([binary, "--noflush"], document)
+        if family not in self._hooked:
+            check = subprocess.run([tool, "-t", "nat", "-C", "POSTROUTING", "-j", CHAIN],
                                    capture_output=True, check=False)
             if check.returncode != 0:
-                self._run(["iptables", "-t", "nat", "-A", "POSTROUTING", "-j", CHAIN], "")
-            self._hooked = True
-        self._last = document
-        self.log.info("outgoing NAT rules applied", pools=sorted(nat_pools))
+                self._run([tool, "-t", "nat", "-A", "POSTROUTING", "-j", CHAIN], "")
+            self._hooked.add(family)
+        self._last[family] = document
+        self.log.info("outgoing NAT rules applied", family=family, pools=sorted(nat_pools))
 
     def _run(self, argv: list[str], stdin: str) -> None:
         result = subprocess.run(argv, input=stdin, capture_output=True, text=True, check=False)

@@ -53,7 +53,7 @@ class EtcdServer:
 
     @property
     def endpoint(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"http://{_url_host(self.host)}:{self.port}"
 
     @property
     def unix_endpoint(self) -> str:
@@ -73,25 +73,26 @@ class EtcdServer:
         """`tls` = (server certificate, its key, CA): clients must then present a
         certificate from that CA (https only, no unix socket)."""
         workdir.mkdir(parents=True, exist_ok=True)
+        url_host = _url_host(host)
         data_dir = workdir / "etcd-data"
         log_path = workdir / "etcd.log"
         port = port or free_port()
         peer_port = peer_port or free_port()
         if tls:
-            clients = f"https://{host}:{port}"
+            clients = f"https://{url_host}:{port}"
             security = ["--cert-file", tls[0], "--key-file", tls[1], "--client-cert-auth",
                         "--trusted-ca-file", tls[2]]
         else:
-            clients = f"http://{host}:{port},unix://etcd:{UNIX_PORT}"
+            clients = f"http://{url_host}:{port},unix://etcd:{UNIX_PORT}"
             security = []
             remove_stale_socket(workdir / f"etcd:{UNIX_PORT}")
         argv = [
             etcd_binary(), "--name", name, "--data-dir", str(data_dir), *security,
             "--listen-client-urls", clients,
             "--advertise-client-urls", clients.split(",")[0],
-            "--listen-peer-urls", f"http://{host}:{peer_port}",
-            "--initial-advertise-peer-urls", f"http://{host}:{peer_port}",
-            "--initial-cluster", f"{name}=http://{host}:{peer_port}",
+            "--listen-peer-urls", f"http://{url_host}:{peer_port}",
+            "--initial-advertise-peer-urls", f"http://{url_host}:{peer_port}",
+            "--initial-cluster", f"{name}=http://{url_host}:{peer_port}",
             "--snapshot-count", "100000",
         ]
         if netns:
@@ -162,3 +163,8 @@ def _accepts(path: Path) -> bool:
     finally:
         probe.close()
     return True
+
+
+def _url_host(host: str) -> str:
+    """An address as a URL's host: IPv6 in brackets."""
+    return f"[{host}]" if ":" in host else host

@@ -34,37 +34,48 @@ class Neighbor:
 
 
 def bird_config(router_id: str, asn: int, neighbors: Sequence[Neighbor], role: str,
-                hold_time: int = 9, extra: str = "", password: str | None = None) -> str:
+                hold_time: int = 9, extra: str = "", password: str | None = None,
+                local6: str = "") -> str:
+    """BIRD as a route reflector (`rr`) or eBGP ToR (`tor`) for the neighbors given: a
+    session per neighbor address, IPv4 routes over IPv4 sessions and IPv6 over IPv6
+    ones (`local6` is BIRD's own IPv6 address for those). `router_id` is BIRD's IPv4
+    address, or on an IPv6-only underlay any 32-bit identifier in IPv4 form."""
     reflector = role == "rr"
     channel = ("import all; export all; gateway direct;" if reflector
                else "import all; export all; next hop self;")
-    lines = [
-        f"router id {router_id};",
-        "protocol device {}",
-        "protocol kernel { ipv4 { import none; export all; }; merge paths on; }",
-        "template bgp node {",
-        f"  local {router_id} as {asn};",
-        "  direct;",
-        f"  hold time {hold_time};",
-        "  graceful restart on;",
-    ]
-    if reflector:
-        lines += ["  rr client;", f"  rr cluster id {router_id};"]
-    if password:
-        lines.append(f'  password "{password}";')
-    lines += [f"  ipv4 {{ {channel} }};", "}"]
+    lines = [f"router id {router_id};", "protocol device {}"]
+    families = sorted({6 if ":" in n.address else 4 for n in neighbors}) or [4]
+    for family in families:
+        local = local6 if family == 6 else router_id
+        lines += [
+            f"protocol kernel {{ ipv{family} {{ import none; export all; }}; merge paths on; }}",
+            f"template bgp node{family} {{",
+            f"  local {local} as {asn};",
+            "  direct;",
+            f"  hold time {hold_time};",
+            "  graceful restart on;",
+        ]
+        if reflector:
+            lines += ["  rr client;", f"  rr cluster id {router_id};"]
+        if password:
+            lines.append(f'  password "{password}";')
+        lines += [f"  ipv{family} {{ {channel} }};", "}"]
     for neighbor in neighbors:
-        lines.append(f"protocol bgp {neighbor.name.replace('-', '_')} from node "
+        family = 6 if ":" in neighbor.address else 4
+        lines.append(f"protocol bgp {neighbor.name.replace('-', '_')} from node{family} "
                      f"{{ neighbor {neighbor.address} as {neighbor.asn}; }}")
     return "\n".join(lines) + "\n" + extra
 
 
 def frr_config(router_id: str, asn: int, neighbors: Sequence[Neighbor], role: str,
                log_file: str, hold_time: int = 9, password: str | None = None) -> str:
+    """FRR in the same two roles: IPv4 neighbors in its IPv4 unicast address family,
+    IPv6 neighbors in its IPv6 one."""
     keepalive = max(1, hold_time // 3)
     lines = ["frr defaults datacenter", "hostname l3fabric-peer", f"log file {log_file}",
              "!", f"router bgp {asn}", f" bgp router-id {router_id}",
-             " no bgp ebgp-requires-policy", " bgp graceful-restart"]
+             " no bgp ebgp-requires-policy", " no bgp default ipv4-unicast",
+             " bgp graceful-restart"]
     if role == "rr":
         lines.append(f" bgp cluster-id {router_id}")
     for neighbor in neighbors:
@@ -72,12 +83,17 @@ def frr_config(router_id: str, asn: int, neighbors: Sequence[Neighbor], role: st
                   f" neighbor {neighbor.address} timers {keepalive} {hold_time}"]
         if password:
             lines.append(f" neighbor {neighbor.address} password {password}")
-    lines += [" !", " address-family ipv4 unicast"]
-    for neighbor in neighbors:
-        lines.append(f"  neighbor {neighbor.address} activate")
-        if role == "rr":
-            lines.append(f"  neighbor {neighbor.address} route-reflector-client")
-    lines += [" exit-address-family", "!", ""]
+    for family in (4, 6):
+        members = [n for n in neighbors if (":" in n.address) == (family == 6)]
+        if not members:
+            continue
+        lines += [" !", f" address-family ipv{family} unicast"]
+        for neighbor in members:
+            lines.append(f"  neighbor {neighbor.address} activate")
+            if role == "rr":
+                lines.append(f"  neighbor {neighbor.address} route-reflector-client")
+        lines.append(" exit-address-family")
+    lines += ["!", ""]
     return "\n".join(lines)
 
 

@@ -52,6 +52,8 @@ from fabric.processes import is_running, kill_pid
 
 BASE_DIR = Path("/run/l3fabric-lab")
 DEFAULT_UNDERLAY = "10.99.0.0/24"
+DEFAULT_UNDERLAY6 = "fd99::/64"
+IP_FAMILIES = {"ipv4": (4,), "ipv6": (6,), "dual": (4, 6)}
 ETCD_CLIENT_PORT = 2379
 ETCD_PEER_PORT = 2380
 HOST_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,12}$")  # fits `p-NAME` in 15 characters
@@ -78,7 +80,7 @@ NOT_READY: tuple[type[Exception], ...] = (
 class HostState:
     name: str
     netns: str
-    address: str
+    address: str  # IPv4, or IPv6 on an IPv6-only lab (the node's identity)
     run_dir: str
     agent_pid: int | None = None
     asn: int | None = None
@@ -90,6 +92,15 @@ class HostState:
     wanted: bool = True  # False once stopped on purpose (systemd: inactive, not failed)
     restarts: int = 0  # by the supervisor, after the agent died
     last_exit: str | None = None  # how the agent last ended, e.g. "killed by SIGKILL"
+    address6: str = ""  # its IPv6 underlay address, when the lab has IPv6
+
+    @property
+    def ipv4(self) -> str:
+        return "" if ":" in self.address else self.address
+
+    @property
+    def ipv6(self) -> str:
+        return self.address6 or (self.address if ":" in self.address else "")
 
 
 @dataclass
@@ -105,11 +116,28 @@ class WorkloadState:
 class PeerState:
     kind: str  # bird or frr
     netns: str
-    address: str
+    address: str  # IPv4, or IPv6 on an IPv6-only lab
     asn: int
     pids: list[int] = field(default_factory=list)
     run_dir: str = ""
     role: str = "rr"
+    address6: str = ""  # beside an IPv4 address, on a dual-stack lab
+
+    @property
+    def addresses(self) -> list[str]:
+        return [a for a in (self.address, self.address6) if a]
+
+    @property
+    def router_id(self) -> str:
+        """BIRD's and FRR's identifier: the IPv4 address, or on an IPv6-only lab the
+        low 32 bits of the IPv6 one (as the agents derive theirs)."""
+        if ":" not in self.address:
+            return self.address
+        return str(ipaddress.IPv4Address(int(ipaddress.IPv6Address(self.address)) & 0xFFFFFFFF))
+
+    @property
+    def ipv6(self) -> str:
+        return self.address6 or (self.address if ":" in self.address else "")
 
 
 @dataclass
@@ -122,11 +150,14 @@ class LabState:
     peer: PeerState | None = None
     created_at: float = field(default_factory=time.time)
     complete: bool = False
+    underlay6: str = ""
+    families: list[int] = field(default_factory=lambda: [4])
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> LabState:
         state = cls(doc["name"], doc.get("underlay", DEFAULT_UNDERLAY), doc.get("etcd_pid"),
-                    created_at=doc.get("created_at", 0.0), complete=doc.get("complete", False))
+                    created_at=doc.get("created_at", 0.0), complete=doc.get("complete", False),
+                    underlay6=doc.get("underlay6", ""), families=doc.get("families", [4]))
         state.hosts = {k: _record(HostState, v) for k, v in doc.get("hosts", {}).items()}
         state.workloads = {k: _record(WorkloadState, v)
                            for k, v in doc.get("workloads", {}).items()}
@@ -239,18 +270,37 @@ class Lab:
         network = ipaddress.ip_network(self.state.underlay)
         return str(network.network_address + index)
 
+    def _address6(self, index: int) -> str:
+        network = ipaddress.ip_network(self.state.underlay6 or DEFAULT_UNDERLAY6)
+        return str(network.network_address + index)
+
     @property
     def router(self) -> str:
         return self._address(254)
+
+    @property
+    def router6(self) -> str:
+        return self._address6(254)
 
     @property
     def prefixlen(self) -> int:
         return ipaddress.ip_network(self.state.underlay).prefixlen
 
     @property
+    def prefixlen6(self) -> int:
+        return ipaddress.ip_network(self.state.underlay6 or DEFAULT_UNDERLAY6).prefixlen
+
+    @property
+    def families(self) -> tuple[int, ...]:
+        return tuple(self.state.families)
+
+    @property
     def etcd_endpoint(self) -> str:
-        """How agents reach etcd: over the underlay, like real hosts."""
-        return f"http://{self.router}:{ETCD_CLIENT_PORT}"
+        """How agents reach etcd: over the underlay, like real hosts (over IPv6 in an
+        IPv6-only lab)."""
+        if 4 in self.families:
+            return f"http://{self.router}:{ETCD_CLIENT_PORT}"
+        return f"http://[{self.router6}]:{ETCD_CLIENT_PORT}"
 
     @property
     def etcd_local_endpoint(self) -> str:
@@ -258,16 +308,27 @@ class Lab:
         return f"unix://{self.dir}/etcd/etcd:{ETCD_CLIENT_PORT}"
 
     # -- underlay and etcd -------------------------------------------------------------
-    def create_underlay(self, underlay: str = DEFAULT_UNDERLAY) -> None:
+    def create_underlay(self, underlay: str = DEFAULT_UNDERLAY,
+                        families: tuple[int, ...] = (4,),
+                        underlay6: str = DEFAULT_UNDERLAY6) -> None:
+        """The lab's network: a bridge with the router's addresses of each family."""
         with self.locked() as state:
             state.underlay = underlay
+            state.underlay6 = underlay6 if 6 in families else ""
+            state.families = list(families)
         netns.create(self.net_ns)
         _ip("-n", self.net_ns, "link", "add", "br0", "type", "bridge")
-        _ip("-n", self.net_ns, "addr", "add", f"{self.router}/{self.prefixlen}", "dev", "br0")
+        if 4 in families:
+            _ip("-n", self.net_ns, "addr", "add", f"{self.router}/{self.prefixlen}", "dev",
+                "br0")
+        if 6 in families:
+            _ip("-n", self.net_ns, "addr", "add", f"{self.router6}/{self.prefixlen6}", "dev",
+                "br0", "nodad")
         _ip("-n", self.net_ns, "link", "set", "br0", "up")
 
     def start_etcd(self) -> None:
-        server = EtcdServer.start(self.dir / "etcd", host=self.router, port=ETCD_CLIENT_PORT,
+        host = self.router if 4 in self.families else self.router6
+        server = EtcdServer.start(self.dir / "etcd", host=host, port=ETCD_CLIENT_PORT,
                                   peer_port=ETCD_PEER_PORT, netns=self.net_ns,
                                   name=f"{self.name}-etcd")
         with self.locked() as state:
@@ -277,15 +338,25 @@ class Lab:
         """The bridge port of a host in the underlay namespace (15 characters at most)."""
         return f"p-{host}"[:15]
 
-    def plug(self, ns: str, port: str, address: str, default_route: bool = True) -> None:
-        """Connect a namespace to the underlay bridge as `eth0` with `address`."""
+    def plug(self, ns: str, port: str, address: str, default_route: bool = True,
+             address6: str = "") -> None:
+        """Connect a namespace to the underlay bridge as `eth0` with its addresses (an
+        IPv6 `address` on an IPv6-only lab, or `address6` beside an IPv4 one)."""
         _ip("-n", self.net_ns, "link", "add", port, "type", "veth", "peer", "name", "eth0",
             "netns", ns)
         _ip("-n", self.net_ns, "link", "set", port, "master", "br0", "up")
-        _ip("-n", ns, "addr", "add", f"{address}/{self.prefixlen}", "dev", "eth0")
+        addresses = [a for a in (address, address6) if a]
+        for addr in addresses:
+            if ":" in addr:
+                _ip("-n", ns, "addr", "add", f"{addr}/{self.prefixlen6}", "dev", "eth0", "nodad")
+            else:
+                _ip("-n", ns, "addr", "add", f"{addr}/{self.prefixlen}", "dev", "eth0")
         _ip("-n", ns, "link", "set", "eth0", "up")
-        if default_route:
-            _ip("-n", ns, "route", "add", "default", "via", self.router)
+        for addr in addresses if default_route else ():
+            if ":" in addr:
+                _ip("-n", ns, "-6", "route", "add", "default", "via", self.router6)
+            else:
+                _ip("-n", ns, "route", "add", "default", "via", self.router)
 
     # -- hosts -------------------------------------------------------------------------
     def add_host(self, name: str, *, asn: int | None = None,
@@ -298,14 +369,19 @@ class Lab:
             if name in state.hosts:
                 raise LabError(f"lab {self.name} already has a host {name}")
             index = 10 + len(state.hosts) + 1
-            while any(h.address == self._address(index) for h in state.hosts.values()):
+            taken = {a for h in state.hosts.values() for a in (h.address, h.address6)}
+            while self._address(index) in taken or self._address6(index) in taken:
                 index += 1
-            host = HostState(name, f"{self.name}-{name}", self._address(index),
+            families = state.families
+            address6 = self._address6(index) if 6 in families else ""
+            address = self._address(index) if 4 in families else address6
+            host = HostState(name, f"{self.name}-{name}", address,
                              str(self.dir / name), asn=asn, labels=dict(labels or {}),
-                             rr_cluster_id=rr_cluster_id, agent_args=list(agent_args or []))
+                             rr_cluster_id=rr_cluster_id, agent_args=list(agent_args or []),
+                             address6=address6 if 4 in families else "")
             state.hosts[name] = host
         netns.create(host.netns)
-        self.plug(host.netns, self._port(name), host.address)
+        self.plug(host.netns, self._port(name), host.address, address6=host.address6)
         if start:
             self.start_agent(name)
         if self.state.peer:
@@ -313,9 +389,13 @@ class Lab:
         return host
 
     def agent_argv(self, host: HostState) -> list[str]:
-        argv = [python_bin("fabric-agent"), "--node-name", host.name,
-                "--node-address", host.address, "--etcd-endpoints", self.etcd_endpoint,
-                "--run-dir", host.run_dir, "--config", "/dev/null"]
+        argv = [python_bin("fabric-agent"), "--node-name", host.name]
+        if host.ipv4:
+            argv += ["--node-address", host.ipv4]
+        if host.ipv6:
+            argv += ["--node-address6", host.ipv6]
+        argv += ["--etcd-endpoints", self.etcd_endpoint, "--run-dir", host.run_dir,
+                 "--config", "/dev/null"]
         if host.asn:
             argv += ["--asn", str(host.asn)]
         if host.labels:
@@ -461,29 +541,41 @@ class Lab:
         if kind not in ("bird", "frr") or role not in ("rr", "tor"):
             raise LabError(f"peer {kind!r} as {role!r}: use bird|frr and rr|tor")
         asn = asn or (fabric_asn if role == "rr" else 65100)
-        peer = PeerState(kind, self.peer_ns, self._address(253), asn,
-                         run_dir=str(self.dir / "peer"), role=role)
+        address6 = self._address6(253) if 6 in self.families else ""
+        address = self._address(253) if 4 in self.families else address6
+        peer = PeerState(kind, self.peer_ns, address, asn, run_dir=str(self.dir / "peer"),
+                         role=role, address6=address6 if 4 in self.families else "")
         with self.locked() as state:
             state.peer = peer
         netns.create(peer.netns)
-        self.plug(peer.netns, "p-peer", peer.address)
+        self.plug(peer.netns, "p-peer", peer.address, address6=peer.address6)
         _ip("netns", "exec", peer.netns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        _ip("netns", "exec", peer.netns, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
         with self.locked() as state:
             peer.pids = self._start_peer_daemon(peer)
             state.peer = peer
         store = self.store()
         try:
             store.put(fabric_keys.BGP_CONFIG, BgpConfig(fabric_asn, node_mesh=False).to_record())
-            spec = PeerSpec(f"lab-{kind}", peer.address, asn, route_reflector=role == "rr")
-            store.put(fabric_keys.bgp_peer(spec.name), spec.to_record())
+            for address in peer.addresses:  # a session per family
+                suffix = "-6" if ":" in address and len(peer.addresses) > 1 else ""
+                spec = PeerSpec(f"lab-{kind}{suffix}", address, asn,
+                                route_reflector=role == "rr")
+                store.put(fabric_keys.bgp_peer(spec.name), spec.to_record())
         finally:
             store.close()
         return peer
 
     def _neighbors(self, fabric_asn: int = 64512) -> list[Any]:
+        """The external speaker's sessions: one per host and family."""
         from fabric.lab.peers import Neighbor
-        return [Neighbor(h.name, h.address, h.asn or fabric_asn)
-                for h in self.state.hosts.values()]
+        found = []
+        for host in self.state.hosts.values():
+            if host.ipv4:
+                found.append(Neighbor(host.name, host.ipv4, host.asn or fabric_asn))
+            if host.ipv6:
+                found.append(Neighbor(f"{host.name}_6", host.ipv6, host.asn or fabric_asn))
+        return found
 
     def _start_peer_daemon(self, peer: PeerState) -> list[int]:
         from fabric.lab.peers import Bird, Frr, bird_config, frr_config
@@ -491,9 +583,10 @@ class Lab:
         run_dir = Path(peer.run_dir)
         if peer.kind == "bird":
             return [Bird(peer.netns, run_dir).start(
-                bird_config(peer.address, peer.asn, self._neighbors(), peer.role))]
+                bird_config(peer.router_id, peer.asn, self._neighbors(), peer.role,
+                            local6=peer.ipv6))]
         return Frr(peer.netns, run_dir, peer.netns).start(
-            frr_config(peer.address, peer.asn, self._neighbors(), peer.role,
+            frr_config(peer.router_id, peer.asn, self._neighbors(), peer.role,
                        str(run_dir / "frr.log")))
 
     def refresh_peer(self) -> None:
@@ -506,14 +599,16 @@ class Lab:
         run_dir = Path(peer.run_dir)
         if peer.kind == "bird":
             Bird(peer.netns, run_dir).reconfigure(
-                bird_config(peer.address, peer.asn, self._neighbors(), peer.role))
+                bird_config(peer.router_id, peer.asn, self._neighbors(), peer.role,
+                            local6=peer.ipv6))
             return
         frr = Frr(peer.netns, run_dir, peer.netns)
         commands = ["configure terminal", f"router bgp {peer.asn}"]
         for neighbor in self._neighbors():
+            family = 6 if ":" in neighbor.address else 4
             commands += [f"neighbor {neighbor.address} remote-as {neighbor.asn}",
                          f"neighbor {neighbor.address} timers 3 9",
-                         "address-family ipv4 unicast",
+                         f"address-family ipv{family} unicast",
                          f"neighbor {neighbor.address} activate"]
             if peer.role == "rr":
                 commands.append(f"neighbor {neighbor.address} route-reflector-client")
@@ -546,11 +641,12 @@ class Lab:
 
     def conflist(self) -> dict[str, Any]:
         from cni.install import conflist
-        return conflist("lab")
+        return conflist("lab", families=self.families)
 
     def install_cni(self) -> None:
         from cni.install import install
-        install(str(self.cni_bin), str(self.dir / "cni" / "net.d"), network="lab")
+        install(str(self.cni_bin), str(self.dir / "cni" / "net.d"), network="lab",
+                families=self.families)
 
     def add_workload(self, host_name: str, name: str | None = None,
                      dns_domain: str = "fabric.internal") -> WorkloadState:
@@ -611,15 +707,19 @@ class Lab:
                                 timeout=count * timeout + 10)
         return result.returncode == 0
 
-    def matrix(self) -> dict[str, dict[str, bool]]:
-        """Ping every workload from every other one, in parallel."""
+    def matrix(self, family: int = 4) -> dict[str, dict[str, bool]]:
+        """Ping every workload's address of `family` from every other one, in parallel."""
         from concurrent.futures import ThreadPoolExecutor
 
+        def address(workload: WorkloadState) -> str:
+            return next((ip for ip in workload.ips if (":" in ip) == (family == 6)), "")
+
         workloads = list(self.state.workloads.values())
-        pairs = [(a, b) for a in workloads for b in workloads if a.name != b.name and b.ips]
+        pairs = [(a, b) for a in workloads for b in workloads
+                 if a.name != b.name and address(b)]
         with ThreadPoolExecutor(max_workers=16) as pool:
             results = list(pool.map(
-                lambda pair: self.ping(pair[0].netns, pair[1].ips[0], count=2), pairs))
+                lambda pair: self.ping(pair[0].netns, address(pair[1]), count=2), pairs))
         out: dict[str, dict[str, bool]] = {w.name: {} for w in workloads}
         for (a, b), ok in zip(pairs, results, strict=True):
             out[a.name][b.name] = ok

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
 
 @dataclass(frozen=True)
 class Node:
+    """A node of the fabric.
+
+    `address` is its underlay address and its identity: IPv4 when it has one, else its
+    IPv6 address (an IPv6-only node). `address6` is its IPv6 underlay address when it
+    has one (the same as `address` on an IPv6-only node). BGP runs per family between
+    the addresses two nodes share: IPv4 routes over IPv4 sessions, IPv6 routes over
+    IPv6 sessions, as Calico does.
+    """
+
     name: str
     address: str
     asn: int
@@ -15,22 +25,52 @@ class Node:
     rr_cluster_id: str | None = None
     started_at: float = 0.0
     version: str = ""
+    address6: str = ""
+    router_id: str = ""  # BGP identifier (IPv4 form); derived when empty, see `bgp_id`
 
     @property
     def is_route_reflector(self) -> bool:
         return self.rr_cluster_id is not None
 
+    @property
+    def ipv4(self) -> str:
+        return "" if ":" in self.address else self.address
+
+    @property
+    def ipv6(self) -> str:
+        return self.address6 or (self.address if ":" in self.address else "")
+
+    def address_of(self, family: int) -> str:
+        """Its underlay address of `family` (4 or 6), or "" when it has none."""
+        return self.ipv6 if family == 6 else self.ipv4
+
+    @property
+    def families(self) -> tuple[int, ...]:
+        return tuple(f for f in (4, 6) if self.address_of(f))
+
+    @property
+    def bgp_id(self) -> str:
+        """The BGP identifier: the configured one, else the IPv4 address, else the low 32
+        bits of the IPv6 address (unique among the addresses of one underlay subnet)."""
+        if self.router_id:
+            return self.router_id
+        if self.ipv4:
+            return self.ipv4
+        return str(ipaddress.IPv4Address(int(ipaddress.IPv6Address(self.ipv6)) & 0xFFFFFFFF))
+
     def to_record(self) -> dict[str, Any]:
         return {"name": self.name, "address": self.address, "asn": self.asn,
                 "labels": dict(self.labels), "rr_cluster_id": self.rr_cluster_id,
-                "started_at": self.started_at, "version": self.version}
+                "started_at": self.started_at, "version": self.version,
+                "address6": self.address6, "router_id": self.router_id}
 
     @classmethod
     def from_record(cls, value: dict[str, Any]) -> Node:
         return cls(str(value["name"]), str(value["address"]), int(value["asn"]),
                    {str(k): str(v) for k, v in (value.get("labels") or {}).items()},
                    value.get("rr_cluster_id"), float(value.get("started_at", 0.0)),
-                   str(value.get("version", "")))
+                   str(value.get("version", "")), str(value.get("address6") or ""),
+                   str(value.get("router_id") or ""))
 
 
 @dataclass(frozen=True)

@@ -30,13 +30,16 @@ def speaker_table(lab) -> str:
 
     if peer.kind == "bird":
         return Bird(peer.netns, Path(peer.run_dir)).cli("show", "route")
-    return Frr(peer.netns, Path(peer.run_dir), peer.netns).vtysh("show bgp ipv4 unicast")
+    frr = Frr(peer.netns, Path(peer.run_dir), peer.netns)
+    return frr.vtysh("show bgp ipv4 unicast") + frr.vtysh("show bgp ipv6 unicast")
 
 
 @pytest.mark.parametrize("kind", ["bird", "frr"])
 @pytest.mark.parametrize("role", ["rr", "tor"])
 def test_routes_flow_both_ways_through_bird_and_frr(kind, role):
-    with running_lab(pool="10.244.0.0/16") as lab:
+    """Dual stack: an IPv4 and an IPv6 session between each host and the speaker, each
+    carrying its family (the configs are the ones docs/operations.md shows)."""
+    with running_lab(pool="10.244.0.0/16", families=(4, 6), pool6="fd00:244::/64") as lab:
         lab.add_peer(kind, role)
         tor = role == "tor"
         for index, host in enumerate(("h1", "h2"), start=1):
@@ -45,27 +48,34 @@ def test_routes_flow_both_ways_through_bird_and_frr(kind, role):
             lab.wait_agent(host)
             lab.add_workload(host)
         blocks = blocks_of(lab)
+        speaker = lab.state.peer
         for host in ("h1", "h2"):
             wait_until(lambda h=host: sessions_established(lab, h), f"{host} <-> {kind}", 30)
             peers = status(lab, host)["peers"]
-            assert [(p["address"], p["kind"]) for p in peers] == [
-                (lab.state.peer.address, "reflector" if role == "rr" else "global")]
+            kind_ = "reflector" if role == "rr" else "global"
+            assert sorted((p["address"], p["kind"], p["family"]) for p in peers) == sorted(
+                [(speaker.address, kind_, "ipv4"), (speaker.address6, kind_, "ipv6")])
         for host, other in (("h1", "h2"), ("h2", "h1")):
-            block = next(c for c, o in blocks.items() if o == other)
-            # Through a reflector the next hop stays the originating node; through a ToR
-            # it is the ToR, or (FRR's third-party next hop on a shared segment, RFC 4271
-            # 5.1.3) the originating node.
-            vias = {f"via {lab.state.hosts[other].address}"}
-            if tor:
-                vias.add(f"via {lab.state.peer.address}")
-            wait_until(lambda h=host, b=block, v=vias: kernel_routes(
-                lab.state.hosts[h].netns).get(b) in v, f"{host} learned {block}", 30)
+            for family in (4, 6):
+                block = next(c for c, o in blocks.items()
+                             if o == other and (":" in c) == (family == 6))
+                # Through a reflector the next hop stays the originating node; through a
+                # ToR it is the ToR, or (FRR's third-party next hop on a shared segment,
+                # RFC 4271 5.1.3) the originating node.
+                owner = lab.state.hosts[other]
+                vias = {f"via {owner.ipv6 if family == 6 else owner.ipv4}"}
+                if tor:
+                    vias.add(f"via {speaker.ipv6 if family == 6 else speaker.address}")
+                wait_until(lambda h=host, b=block, v=vias, f=family: kernel_routes(
+                    lab.state.hosts[h].netns, family=f).get(b) in v,
+                    f"{host} learned {block}", 30)
         table = speaker_table(lab)
         for block in blocks:
-            assert block in table, table
+            assert block.split("/")[0] in table, table
         w1, w2 = lab.state.workloads["h1-w1"], lab.state.workloads["h2-w1"]
-        assert lab.ping(w1.netns, w2.ips[0], count=2)
-        assert lab.ping(w2.netns, w1.ips[0], count=2)
+        for index in (0, 1):  # each family
+            assert lab.ping(w1.netns, w2.ips[index], count=2)
+            assert lab.ping(w2.netns, w1.ips[index], count=2)
         if tor and kind == "frr":
             # FRR sends our own block back to us (AS path 65100 65001): loop, rejected.
             own = next(c for c, o in blocks.items() if o == "h1")
@@ -145,6 +155,63 @@ def test_a_rogue_peer_reaches_no_kernel():
         assert metrics  # the other session is unaffected:
         assert next(p for p in metrics if p["address"] == lab.state.hosts["h2"].address
                     )["state"] == "Established"
+
+
+ROGUE6_STATIC = """
+protocol static rogue6 {{
+  ipv6;
+  route ::/0 via {gw};
+  route fd77::/64 via {gw};
+  route {victim} via {gw};
+  route {own} via {gw};
+}}
+"""
+
+
+def test_a_rogue_ipv6_peer_reaches_no_kernel():
+    """The same protections per family: a default route, a prefix outside every pool,
+    another node's block with the wrong next hop, and a prefix over our own block."""
+    with running_lab(pool=None, families=(6,), pool6="fd00:244::/64") as lab:
+        for host in ("h1", "h2"):
+            lab.add_host(host)
+        for host in ("h1", "h2"):
+            lab.wait_agent(host)
+            lab.add_workload(host)
+        owners = blocks_of(lab)
+        victim = next(c for c, o in owners.items() if o == "h2")
+        own = next(c for c, o in owners.items() if o == "h1")
+        h1, h2 = lab.state.hosts["h1"], lab.state.hosts["h2"]
+        wait_until(lambda: kernel_routes(h1.netns, family=6).get(victim) == f"via {h2.ipv6}",
+                   "h1 learned h2's block from h2", 15)
+        from pathlib import Path
+
+        from fabric.kernel import netns as ns_tools
+
+        rogue_ns = f"{lab.name}-rogue"
+        ns_tools.create(rogue_ns)
+        rogue = "fd99::fa"
+        lab.plug(rogue_ns, "p-rogue", rogue)
+        store = lab.store()
+        try:
+            spec = PeerSpec("rogue6", rogue, 64512, node="h1")
+            store.put(keys.bgp_peer(spec.name), spec.to_record())
+        finally:
+            store.close()
+        bird = Bird(rogue_ns, Path(lab.dir) / "rogue")
+        # iBGP with next hop self: every route arrives with the rogue as next hop.
+        bird.start(bird_config("0.0.0.250", 64512, [Neighbor("h1", h1.ipv6, 64512)], "tor",
+                               local6=rogue)
+                   + ROGUE6_STATIC.format(gw=lab.router6, victim=victim, own=own))
+        wait_until(lambda: next((p for p in status(lab, "h1")["peers"]
+                                 if p["address"] == rogue), {}).get("received") == 4,
+                   "h1 received the rogue's four routes", 30)
+        rejected = {r["prefix"]: r["reason"] for r in
+                    agent(lab, "h1", "bgp_routes", peer=rogue, which="rejected")}
+        assert rejected == {"::/0": "default-route", "fd77::/64": "outside-pools",
+                            victim: "next-hop-mismatch", own: "own-block"}
+        table = kernel_routes(h1.netns, family=6)
+        assert "::/0" not in table and "fd77::/64" not in table
+        assert table[victim] == f"via {h2.ipv6}" and table[own] == "blackhole"
 
 
 def test_md5_passwords():

@@ -45,11 +45,13 @@ def podman(tmp_path):
             pytest.fail(f"{tool} is not installed (./run test installs it)")
     if not os.path.exists(BUSYBOX):
         pytest.fail("busybox-static is not installed (./run test installs it)")
-    with running_lab(pool="10.244.0.0/24") as lab:
-        lab.add_host("h1")
-        lab.wait_agent("h1")
+    with running_lab(pool="10.244.0.0/24", families=(4, 6), pool6="fd00:244::/64") as lab:
+        for host in ("h1", "h2"):
+            lab.add_host(host)
+        for host in ("h1", "h2"):
+            lab.wait_agent(host)
         base = lab.dir / "podman"
-        install(str(base / "bin"), str(base / "net.d"), network="l3podman")
+        install(str(base / "bin"), str(base / "net.d"), network="l3podman", families=(4, 6))
         conf = base / "containers.conf"
         conf.write_text(
             "[network]\n"
@@ -99,3 +101,17 @@ def test_podman_containers_ping_and_rm_releases(podman):
         assert not held & {f"{i}.eth0" for i in ids}
     finally:
         store.close()
+
+
+def test_a_dual_stack_container_reaches_another_host_over_ipv6(podman):
+    lab, run = podman
+    other = lab.add_workload("h2")  # through the lab's own CNI call, on the other host
+    target = next(ip for ip in other.ips if ":" in ip)
+    run("run", "-d", "--name", "six", "--network", "l3podman", *LIMITS, "localhost/l3box:1",
+        "sleep", "300")
+    mine = run("inspect", "-f", "{{.NetworkSettings.Networks.l3podman.GlobalIPv6Address}}",
+               "six").stdout.strip()
+    assert mine.startswith("fd00:244:"), mine
+    ping = run("exec", "six", "ping", "-c", "2", "-W", "2", target)
+    assert "2 packets received" in ping.stdout, ping.stdout
+    assert lab.ping(other.netns, mine, count=2)  # and back, from the other host

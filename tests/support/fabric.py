@@ -11,10 +11,12 @@ from fabric import sockets
 from fabric.lab.topology import Lab
 
 
-def kernel_routes(ns: str, protocol: int = 73) -> dict[str, str]:
-    """prefix -> what the kernel does with it ("via A B", "blackhole", "dev X")."""
-    out = subprocess.run(["ip", "-n", ns, "route", "show", "proto", str(protocol)],
-                         capture_output=True, text=True, check=True).stdout
+def kernel_routes(ns: str, protocol: int = 73, family: int = 4) -> dict[str, str]:
+    """prefix -> what the kernel does with it ("via A B", "blackhole", "dev X"), for the
+    routes of one family."""
+    out = subprocess.run(["ip", "-n", ns, f"-{family}", "route", "show", "proto",
+                          str(protocol)], capture_output=True, text=True, check=True).stdout
+    host = 128 if family == 6 else 32
     routes: dict[str, str] = {}
     lines = out.splitlines()
     index = 0
@@ -24,7 +26,7 @@ def kernel_routes(ns: str, protocol: int = 73) -> dict[str, str]:
         if words[0] == "blackhole":
             routes[words[1]] = "blackhole"
             continue
-        prefix = words[0] if "/" in words[0] else f"{words[0]}/32"
+        prefix = words[0] if "/" in words[0] else f"{words[0]}/{host}"
         if "via" in words:
             routes[prefix] = "via " + words[words.index("via") + 1]
         elif "dev" in words and "nexthop" not in lines[index:index + 1]:

@@ -68,3 +68,13 @@ def test_commands():
     assert api.withdraw("10.244.0.0/26", "10.77.0.2") == \
         "neighbor 10.77.0.2 withdraw route 10.244.0.0/26"
     assert api.teardown("10.77.0.2", 1) == "neighbor 10.77.0.2 teardown 1"
+
+
+def test_an_ipv6_route_with_a_link_local_next_hop_too_keeps_the_global_one():
+    line = ('{"type":"update","neighbor":{"address":{"peer":"fd99::fd"},"message":{"update":'
+            '{"attribute":{"as-path":[65100,65002]},"announce":{"ipv6 unicast":{'
+            '"fd99::fd":[{"nlri":"fd00:244::40/122"}],'
+            '"fe80::78:27ff:fe89:eacc":[{"nlri":"fd00:244::40/122"},{"nlri":"fd00:9::/64"}]}}}}}}')
+    [update] = list(api.parse_line(line))
+    assert update.announced == {"fd99::fd": ["fd00:244::40/122"],
+                                "fe80::78:27ff:fe89:eacc": ["fd00:9::/64"]}
