@@ -45,22 +45,25 @@ from fabric.model.prefix import Prefix
 from fabric.store import keys
 from ipam.allocator import Ipam
 
-POOL = "10.64.0.0/10"
+POOL = {4: "10.64.0.0/10", 6: "fd64::/48"}
 BIRD_PROTOCOL = 12  # what BIRD writes its kernel routes with ("proto bird")
 
 
-def prefixes(count: int) -> list[str]:
+def prefixes(count: int, family: int = 4) -> list[str]:
+    """`count` small prefixes inside the bench pool (IPv4 /30s, IPv6 /126s)."""
+    if family == 6:
+        return [f"fd64:0:{i // 65536:x}:{i % 65536:x}::/126" for i in range(count)]
     return [f"10.{64 + i // 16384}.{(i % 16384) // 64}.{(i % 64) * 4}/30"
             for i in range(count)]
 
 
-def static_block(count: int, gateway: str) -> str:
+def static_block(count: int, gateway: str, family: int = 4) -> str:
     """The sender's routes, in a static protocol that starts disabled."""
-    routes = "\n".join(f"  route {p} via {gateway};" for p in prefixes(count))
-    return f"protocol static bulk {{\n  disabled;\n  ipv4;\n{routes}\n}}\n"
+    routes = "\n".join(f"  route {p} via {gateway};" for p in prefixes(count, family))
+    return f"protocol static bulk {{\n  disabled;\n  ipv{family};\n{routes}\n}}\n"
 
 
-def kernel_count(ns: str, protocol: int) -> int:
+def kernel_count(ns: str, protocol: int, family: int = 4) -> int:
     """Routes of `protocol` in the namespace's main table, counted without decoding them.
 
     The kernel filters the dump by protocol (strict checking); counting message headers
@@ -69,18 +72,19 @@ def kernel_count(ns: str, protocol: int) -> int:
     with entered(netns.path(ns)):
         sock = netlink.RouteSocket(protocol)
     try:
-        return sock.count(4)
+        return sock.count(family)
     finally:
         sock.close()
 
 
 def wait_count(ns: str, protocol: int, done: Callable[[int], bool], started: float,
-               timeout: float = 180) -> float:
+               family: int, timeout: float = 180) -> float:
     while time.monotonic() - started < timeout:
-        if done(kernel_count(ns, protocol)):
+        if done(kernel_count(ns, protocol, family)):
             return time.monotonic() - started
         time.sleep(0.05)
-    raise SystemExit(f"{kernel_count(ns, protocol)} routes in {ns} after {timeout:.0f}s")
+    raise SystemExit(f"{kernel_count(ns, protocol, family)} routes in {ns} after "
+                     f"{timeout:.0f}s")
 
 
 @dataclass
@@ -130,17 +134,19 @@ class Run:
 
 
 def measure(sender: Bird, receiver_ns: str, protocol: int, count: int, usage: Usage,
-            baseline: int) -> Run:
+            family: int) -> Run:
     """Enable the sender's routes, wait for the receiver's kernel; disable, wait."""
+    baseline = kernel_count(receiver_ns, protocol, family)
     before = usage.by_process()
     cpu0 = sum(before.values())
     started = time.monotonic()
     sender.cli("enable", "bulk")
-    ingest = wait_count(receiver_ns, protocol, lambda n: n >= baseline + count, started)
+    ingest = wait_count(receiver_ns, protocol, lambda n: n >= baseline + count, started,
+                        family)
     cpu1 = usage.cpu()
     started = time.monotonic()
     sender.cli("disable", "bulk")
-    withdraw = wait_count(receiver_ns, protocol, lambda n: n <= baseline, started)
+    withdraw = wait_count(receiver_ns, protocol, lambda n: n <= baseline, started, family)
     after = usage.by_process()
     cpu2 = sum(after.values())
     spent = {name: round(after[name] - before.get(name, 0.0), 2) for name in after}
@@ -169,20 +175,26 @@ def wait_established(sender: Bird, timeout: float = 60) -> None:
     time.sleep(1.0)  # End-of-RIB exchanged, the receiver idle again
 
 
-def bulk_ours(count: int, profile: Path | None) -> Run:
-    lab = make_lab("l3bbulk", 1, ["--max-prefixes", str(count * 2)])
+SENDER = {4: "10.99.0.250", 6: "fd99::fa"}
+
+
+def bulk_ours(count: int, profile: Path | None, family: int = 4) -> Run:
+    lab = make_lab("l3bbulk", 1, ["--max-prefixes", str(count * 2)], family=family)
     try:
         sender_ns = f"{lab.name}-send"
         netns.create(sender_ns)
-        lab.plug(sender_ns, "p-send", "10.99.0.250")
+        lab.plug(sender_ns, "p-send", "10.99.0.250", address6="fd99::fa")
         store = lab.store()
-        spec = PeerSpec("bulk", "10.99.0.250", 65100, max_prefixes=count * 2)
+        spec = PeerSpec("bulk", SENDER[family], 65100, max_prefixes=count * 2)
         store.put(keys.bgp_peer(spec.name), spec.to_record())
         store.close()
         host = lab.state.hosts["h1"]
         sender = Bird(sender_ns, lab.dir / "send")
-        sender.start(bird_config("10.99.0.250", 65100, [Neighbor("h1", host.address, 64512)],
-                                 "tor") + static_block(count, lab.router))
+        gateway = lab.router6 if family == 6 else lab.router
+        sender.start(bird_config("10.99.0.250", 65100,
+                                 [Neighbor("h1", host.ipv6 if family == 6 else host.ipv4,
+                                           64512)], "tor",
+                                 local6="fd99::fa") + static_block(count, gateway, family))
         wait_established(sender)
         agent_pid = lab.refresh().hosts["h1"].agent_pid
         usage = Usage(descendants(agent_pid))
@@ -198,7 +210,7 @@ def bulk_ours(count: int, profile: Path | None) -> Run:
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             time.sleep(1)
         try:
-            return measure(sender, host.netns, 73, count, usage, kernel_count(host.netns, 73))
+            return measure(sender, host.netns, 73, count, usage, family)
         finally:
             for recorder in recorders:
                 recorder.send_signal(signal.SIGINT)
@@ -207,25 +219,30 @@ def bulk_ours(count: int, profile: Path | None) -> Run:
         lab.down()
 
 
-def bulk_reference(count: int) -> Run:
+def bulk_reference(count: int, family: int = 4) -> Run:
     lab = Lab("l3bref")
     lab.down()
     try:
-        lab.create_underlay()
+        lab.create_underlay(families=(4, 6))
         sender_ns, receiver_ns = f"{lab.name}-send", f"{lab.name}-recv"
-        for ns, port, address in ((sender_ns, "p-send", "10.99.0.250"),
-                                  (receiver_ns, "p-recv", "10.99.0.11")):
+        receiver_address = {4: "10.99.0.11", 6: "fd99::b"}
+        for ns, port, address, address6 in (
+                (sender_ns, "p-send", "10.99.0.250", "fd99::fa"),
+                (receiver_ns, "p-recv", "10.99.0.11", "fd99::b")):
             netns.create(ns)
-            lab.plug(ns, port, address)
+            lab.plug(ns, port, address, address6=address6)
         receiver = Bird(receiver_ns, lab.dir / "recv")
         receiver_pid = receiver.start(bird_config(
-            "10.99.0.11", 64512, [Neighbor("send", "10.99.0.250", 65100)], "tor"))
+            "10.99.0.11", 64512, [Neighbor("send", SENDER[family], 65100)], "tor",
+            local6="fd99::b"))
         sender = Bird(sender_ns, lab.dir / "send")
-        sender.start(bird_config("10.99.0.250", 65100, [Neighbor("h1", "10.99.0.11", 64512)],
-                                 "tor") + static_block(count, lab.router))
+        gateway = lab.router6 if family == 6 else lab.router
+        sender.start(bird_config("10.99.0.250", 65100,
+                                 [Neighbor("h1", receiver_address[family], 64512)], "tor",
+                                 local6="fd99::fa") + static_block(count, gateway, family))
         wait_established(sender)  # BIRD waits its 5 s connect delay here, not on the clock
         return measure(sender, receiver_ns, BIRD_PROTOCOL, count, Usage([receiver_pid]),
-                       kernel_count(receiver_ns, BIRD_PROTOCOL))
+                       family)
     finally:
         lab.down()
 
@@ -235,12 +252,14 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def make_lab(name: str, hosts: int, agent_args: list[str], block_size: int = 26) -> Lab:
+def make_lab(name: str, hosts: int, agent_args: list[str], block_size: int | None = None,
+             family: int = 4) -> Lab:
+    """Dual-stack hosts (`family` picks the pool), sessions Established on return."""
     lab = Lab(name)
     lab.down()
-    lab.create_underlay()
+    lab.create_underlay(families=(4, 6))
     lab.start_etcd()
-    lab.add_pool("bench", POOL, block_size)
+    lab.add_pool("bench", POOL[family], block_size)
     for index in range(1, hosts + 1):
         lab.add_host(f"h{index}", agent_args=agent_args)
     for index in range(1, hosts + 1):
@@ -260,7 +279,8 @@ class RouteWatcher:
 
     def __init__(self, ns: str, protocol: int = 73) -> None:
         with entered(netns.path(ns)):
-            self.sock = netlink.RouteSocket(protocol, groups=netlink.RTMGRP_IPV4_ROUTE)
+            self.sock = netlink.RouteSocket(
+                protocol, groups=netlink.RTMGRP_IPV4_ROUTE | netlink.RTMGRP_IPV6_ROUTE)
         self.protocol = protocol
         self.added: dict[Prefix, float] = {}
         self.deleted: dict[Prefix, float] = {}
@@ -282,8 +302,8 @@ class RouteWatcher:
         self.sock.close()
 
 
-def block_latency(trials: int) -> list[float]:
-    lab = make_lab("l3bblk", 2, [], block_size=32)
+def block_latency(trials: int, family: int = 4) -> list[float]:
+    lab = make_lab("l3bblk", 2, [], block_size=128 if family == 6 else 32, family=family)
     try:
         watcher = RouteWatcher(lab.state.hosts["h2"].netns)
         store = lab.store()
@@ -291,7 +311,8 @@ def block_latency(trials: int) -> list[float]:
         latencies = []
         for trial in range(trials):
             started = time.monotonic()
-            record = ipam.allocate(f"bench-{trial}.eth0", "h1")  # a /32 pool: a new block
+            # A /32 (/128) block size: every allocation claims a new block.
+            record = ipam.allocate(f"bench-{trial}.eth0", "h1", families=(family,))
             prefix = Prefix.parse(record.allocations[0].host_prefix)
             deadline = started + 10
             while prefix not in watcher.added and time.monotonic() < deadline:
@@ -308,7 +329,7 @@ def block_latency(trials: int) -> list[float]:
 
 
 def dead_host(hold_time: int = 9) -> float:
-    lab = make_lab("l3bdead", 3, [])
+    lab = make_lab("l3bdead", 3, [], 26)
     try:
         lab.add_workload("h3")
         block = Prefix.parse(next(b.cidr for b in Ipam(lab.store()).blocks()
@@ -330,14 +351,15 @@ def dead_host(hold_time: int = 9) -> float:
         lab.down()
 
 
-def report(count: int, reference: list[Run], ours: list[Run]) -> None:
+def report(count: int, reference: list[Run], ours: list[Run], family: int) -> None:
     def med(runs: list[Run], field: str) -> float:
         return statistics.median(getattr(r, field) for r in runs)
 
     def runs(values: list[Run], field: str) -> str:
         return ", ".join(f"{getattr(r, field):.2f}" for r in values)
 
-    print(f"1. {count} prefixes, sessions Established on both sides before the clock starts")
+    print(f"1. IPv{family}: {count} prefixes, sessions Established on both sides before the "
+          "clock starts")
     for field, what in (("ingest", "ingest into the kernel"), ("withdraw", "withdraw")):
         ref, our = med(reference, field), med(ours, field)
         print(f"   {what}: BIRD->BIRD {ref:.2f}s (runs {runs(reference, field)}), "
@@ -360,23 +382,28 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--skip", action="append", default=[], choices=("bulk", "block",
                                                                          "dead"))
+    parser.add_argument("--family", choices=("4", "6", "both"), default="both",
+                        help="IPv4, IPv6 or both (default both)")
     parser.add_argument("--profile", type=Path,
                         help="record the agent with py-spy during each bulk run, into DIR")
     args = parser.parse_args()
     logs.configure("console", "warning")
+    families = (4, 6) if args.family == "both" else (int(args.family),)
     if "bulk" not in args.skip:
-        ours: list[Run] = []
-        reference: list[Run] = []
-        for index in range(args.rounds):  # alternate, so machine noise hits both alike
-            reference.append(bulk_reference(args.prefixes))
-            profile = args.profile / f"round{index}" if args.profile else None
-            ours.append(bulk_ours(args.prefixes, profile))
-        report(args.prefixes, reference, ours)
+        for family in families:
+            ours: list[Run] = []
+            reference: list[Run] = []
+            for index in range(args.rounds):  # alternate: machine noise hits both alike
+                reference.append(bulk_reference(args.prefixes, family))
+                profile = args.profile / f"ipv{family}-round{index}" if args.profile else None
+                ours.append(bulk_ours(args.prefixes, profile, family))
+            report(args.prefixes, reference, ours, family)
     if "block" not in args.skip:
-        latencies = block_latency(args.trials)
-        print(f"2. new block on A until in B's kernel ({len(latencies)} trials): "
-              f"p50 {1000 * statistics.median(latencies):.0f} ms, "
-              f"p99 {1000 * pct(latencies, 0.99):.0f} ms (goal p50 < 100 ms)")
+        for family in families:
+            latencies = block_latency(args.trials, family)
+            print(f"2. IPv{family}: new block on A until in B's kernel ({len(latencies)} "
+                  f"trials): p50 {1000 * statistics.median(latencies):.0f} ms, "
+                  f"p99 {1000 * pct(latencies, 0.99):.0f} ms (goal p50 < 100 ms)")
     if "dead" not in args.skip:
         gone = dead_host()
         print(f"3. host killed until its routes are gone elsewhere: {gone:.1f}s "

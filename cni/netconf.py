@@ -19,6 +19,7 @@ PLUGIN = "l3fabric"
 IPAM_PLUGIN = "l3fabric-ipam"
 DEFAULT_MTU = 1500
 MTU_RANGE = (576, 65535)
+IPV6_MIN_MTU = 1280  # RFC 8200: every IPv6 link carries 1280-byte packets
 MAX_IFNAME = 15  # IFNAMSIZ - 1
 # The IPAM handle is `<container id>.<ifname>` and becomes an etcd key segment of at
 # most MAX_HANDLE characters, so the id may use what the longest ifname leaves.
@@ -185,6 +186,9 @@ def parse_conf(raw: bytes, verb: str, plugin: str) -> NetConf:
             any(type(f) is not int or f not in (4, 6) for f in families) or \
             len(set(families)) != len(families):
         raise CniError(INVALID_CONFIG, f"ipam.families {families!r} must be [4], [6] or [4, 6]")
+    if 6 in families and mtu < IPV6_MIN_MTU:
+        raise CniError(INVALID_CONFIG, f"mtu {mtu} is below IPv6's minimum of {IPV6_MIN_MTU} "
+                                       "(ipam.families asks for IPv6)")
     socket_path = doc.get("agent_socket")
     if socket_path is not None and (not isinstance(socket_path, str) or not socket_path):
         raise CniError(INVALID_CONFIG, "agent_socket must be a path or @abstract-name")

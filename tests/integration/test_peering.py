@@ -246,7 +246,8 @@ def test_md5_passwords():
 
 
 def test_agents_as_route_reflectors():
-    with running_lab(pool="10.244.0.0/16") as lab:
+    """Dual stack: the reflector passes each family over the clients' sessions of it."""
+    with running_lab(pool="10.244.0.0/16", families=(4, 6), pool6="fd00:244::/64") as lab:
         lab.add_host("h1", rr_cluster_id="10.255.0.1")
         for host in ("h2", "h3"):
             lab.add_host(host)
@@ -254,16 +255,21 @@ def test_agents_as_route_reflectors():
             lab.wait_agent(host)
         for host in ("h2", "h3"):
             lab.add_workload(host)
-        assert [p["kind"] for p in status(lab, "h2")["peers"]] == ["reflector"]
-        assert sorted(p["kind"] for p in status(lab, "h1")["peers"]) == ["rr-client"] * 2
+        assert [p["kind"] for p in status(lab, "h2")["peers"]] == ["reflector"] * 2
+        assert sorted(p["kind"] for p in status(lab, "h1")["peers"]) == ["rr-client"] * 4
         blocks = blocks_of(lab)
         for host, other in (("h2", "h3"), ("h3", "h2")):
-            block = next(c for c, o in blocks.items() if o == other)
-            wait_until(lambda h=host, b=block, o=other: kernel_routes(
-                lab.state.hosts[h].netns).get(b) == f"via {lab.state.hosts[o].address}",
-                f"{host} learned {other}'s block through the reflector", 20)
+            owner = lab.state.hosts[other]
+            for family in (4, 6):
+                block = next(c for c, o in blocks.items()
+                             if o == other and (":" in c) == (family == 6))
+                via = f"via {owner.ipv6 if family == 6 else owner.ipv4}"
+                wait_until(lambda h=host, b=block, v=via, f=family: kernel_routes(
+                    lab.state.hosts[h].netns, family=f).get(b) == v,
+                    f"{host} learned {other}'s block {block} through the reflector", 20)
         w2, w3 = lab.state.workloads["h2-w1"], lab.state.workloads["h3-w1"]
-        assert lab.ping(w2.netns, w3.ips[0], count=2)
+        for index in (0, 1):
+            assert lab.ping(w2.netns, w3.ips[index], count=2)
 
 
 def test_equal_paths_from_two_peers_become_an_ecmp_route():

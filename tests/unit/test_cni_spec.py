@@ -77,3 +77,16 @@ def test_shim_wire_format_round_trips():
     assert shim._version_of(b'{"cniVersion": "0.4.0", "name": "x"}') == b"0.4.0"
     assert shim._version_of(b"garbage") == b"1.1.0"
     assert shim.socket_address("@l3fabric/cni") == "\0l3fabric/cni"
+
+
+def test_ipv6_needs_an_mtu_of_at_least_1280():
+    from cni.netconf import parse_conf
+
+    def conf(mtu, families):
+        return json.dumps({"cniVersion": "1.0.0", "name": "n", "type": "l3fabric", "mtu": mtu,
+                           "ipam": {"type": "l3fabric-ipam", "families": families}}).encode()
+
+    assert parse_conf(conf(1000, [4]), "ADD", "l3fabric").mtu == 1000
+    with pytest.raises(CniError, match="below IPv6's minimum of 1280") as refused:
+        parse_conf(conf(1000, [4, 6]), "ADD", "l3fabric")
+    assert refused.value.code == 7
