@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -43,6 +44,34 @@ def kill_pid(pid: int, timeout: float = 10.0, sig: int = signal.SIGTERM) -> None
         os.kill(pid, signal.SIGKILL)
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, 0)
+
+
+def kill_pids(pids: Iterable[int], timeout: float = 10.0,
+              sig: int = signal.SIGTERM) -> None:
+    """`kill_pid` for many at once: signal them all, then wait for them together (a lab
+    of 100 hosts stops in seconds, not in 100 times one process's grace)."""
+    waiting = set()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+            waiting.add(pid)
+    deadline = time.monotonic() + timeout
+    while waiting and time.monotonic() < deadline:
+        for pid in list(waiting):
+            with contextlib.suppress(ChildProcessError):
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    waiting.discard(pid)
+                    continue
+            if not is_running(pid):
+                waiting.discard(pid)
+        if waiting:
+            time.sleep(0.05)
+    for pid in waiting:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for pid in waiting:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
 
 
 def is_running(pid: int) -> bool:

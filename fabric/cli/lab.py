@@ -7,6 +7,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fabric.cli.context import Context, program
@@ -20,6 +21,7 @@ from fabric.lab.topology import (
     Lab,
     LabError,
     all_labs,
+    size_neighbour_tables,
 )
 from fabric.processes import is_running
 
@@ -55,6 +57,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="IPv6 pool (default fd00:244::/64, /122 blocks)")
     up.add_argument("--underlay", default=DEFAULT_UNDERLAY, help="IPv4 underlay subnet")
     up.add_argument("--underlay6", default=DEFAULT_UNDERLAY6, help="IPv6 underlay subnet")
+    up.add_argument("--check", choices=("all", "sample", "none"), default=None,
+                    help="reachability check: every pair, a sample that has every host as "
+                         "source and destination, or none (default: all up to 10 hosts, "
+                         "else sample)")
+    up.add_argument("--parallel", type=int, default=8, metavar="N",
+                    help="hosts built at once (default 8)")
+    up.add_argument("--etcd-members", type=int, default=1, choices=(1, 3, 5),
+                    help="etcd cluster members, each in its own namespace (default 1)")
     up.set_defaults(handler=up_cmd)
 
     lab_sub.add_parser("status", help="hosts, sessions, routes, workloads"
@@ -67,9 +77,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     add.add_argument("host_name", nargs="?", metavar="HOST", help="name (default: next hN)")
     add.add_argument("--containers", type=int, default=0, help="workloads on it")
     add.set_defaults(handler=add_host_cmd)
-    kill = lab_sub.add_parser("kill", help="a host dies: link down, processes killed")
-    kill.add_argument("host_name", metavar="HOST")
+    kill = lab_sub.add_parser("kill", help="a host dies (link down, processes killed), or "
+                              "an etcd member (etcd-N) is killed")
+    kill.add_argument("host_name", metavar="HOST|etcd-N")
     kill.set_defaults(handler=kill_cmd)
+    revive = lab_sub.add_parser("restart-etcd", help="start a killed etcd member again: "
+                                "it rejoins the cluster with its data")
+    revive.add_argument("member", metavar="etcd-N")
+    revive.set_defaults(handler=restart_etcd_cmd)
     restart = lab_sub.add_parser("restart-agent", help="stop a host's agent (SIGTERM, or "
                                  "--kill for SIGKILL) and start it again")
     restart.add_argument("host_name", metavar="HOST")
@@ -146,7 +161,7 @@ def up_cmd(ctx: Context) -> int:
 
     def underlay() -> None:
         lab.create_underlay(ctx.underlay, families, ctx.underlay6)
-        lab.start_etcd()
+        lab.start_etcd(ctx.etcd_members)
 
     def pools() -> None:
         if 4 in families:
@@ -155,38 +170,69 @@ def up_cmd(ctx: Context) -> int:
             lab.add_pool("default6", ctx.pool6)
 
     def host(index: int, rr: str | None) -> None:
-        lab.add_host(f"h{index}", asn=65000 + index if tor else None, rr_cluster_id=rr)
-        lab.wait_agent(f"h{index}")
+        own = Lab(lab.name)  # a Lab per thread: each holds its own state and file lock
+        own.add_host(f"h{index}", asn=65000 + index if tor else None, rr_cluster_id=rr)
+        own.wait_agent(f"h{index}")
+
+    def hosts(indexes: list[int]) -> None:
+        with ThreadPoolExecutor(max_workers=max(1, ctx.parallel)) as pool:
+            list(pool.map(lambda i: host(i, reflector(i)), indexes))
+        lab.refresh()
+
+    def reflector(index: int) -> str | None:
+        return f"10.255.0.{index}" if index <= ctx.route_reflectors else None
 
     def workloads() -> None:
-        for name in lab.state.hosts:
+        def attach(name: str) -> None:
+            own = Lab(lab.name)
             for _ in range(ctx.containers_per_host):
-                lab.add_workload(name)
+                own.add_workload(name)
+
+        with ThreadPoolExecutor(max_workers=max(1, ctx.parallel)) as pool:
+            list(pool.map(attach, list(lab.refresh().hosts)))
+        lab.refresh()
 
     nets = [n for f, n in ((4, ctx.underlay), (6, ctx.underlay6)) if f in families]
     wanted = [n for f, n in ((4, ctx.pool), (6, ctx.pool6)) if f in families]
     steps: list[tuple[str, Callable[[], Any]]] = [
-        (f"underlay {' + '.join(nets)} and etcd", underlay),
+        (f"underlay {' + '.join(nets)} and etcd" +
+         (f" ({ctx.etcd_members} members)" if ctx.etcd_members > 1 else ""), underlay),
         (f"IP pool{'s' if len(wanted) > 1 else ''} {' + '.join(wanted)}", pools)]
     if peer:
         steps.append((f"{ctx.peer} as {'eBGP ToR' if tor else 'route reflector'}",
                       lambda: lab.add_peer(ctx.peer, ctx.peer_role)))
-    for index in range(1, ctx.hosts + 1):
-        rr = f"10.255.0.{index}" if index <= ctx.route_reflectors else None
-        steps.append((f"host h{index} with fabric-agent and ExaBGP" +
-                      (" (route reflector)" if rr else ""),
-                      lambda i=index, r=rr: host(i, r)))  # type: ignore[misc]
+    steps.append(("neighbour tables sized for the lab",
+                  lambda: _size_neighbours(ctx.hosts, ctx.containers_per_host, families)))
+    if ctx.hosts <= 5:  # one line per host: what people see in a small lab
+        for index in range(1, ctx.hosts + 1):
+            rr = reflector(index)
+            steps.append((f"host h{index} with fabric-agent and ExaBGP" +
+                          (" (route reflector)" if rr else ""),
+                          lambda i=index, r=rr: host(i, r)))  # type: ignore[misc]
+    else:  # the reflectors first: the others peer with them
+        first = list(range(1, ctx.route_reflectors + 1))
+        rest = list(range(ctx.route_reflectors + 1, ctx.hosts + 1))
+        if first:
+            steps.append((f"{len(first)} route reflector(s) with fabric-agent and ExaBGP",
+                          lambda: hosts(first)))
+        steps.append((f"{len(rest)} hosts with fabric-agent and ExaBGP, {ctx.parallel} at a "
+                      "time", lambda: hosts(rest)))
     steps.append(("BGP sessions established", lambda: _wait_sessions(lab)))
     if ctx.containers_per_host:
         steps.append((f"{ctx.containers_per_host} workload(s) per host through the CNI "
                       "plugin", workloads))
-    progress = Progress(len(steps) + 1, ctx.json)
+    check = ctx.check or ("all" if ctx.hosts <= 10 else "sample")
+    progress = Progress(len(steps) + (check != "none"), ctx.json)
+    matrices: dict[str, Matrix] = {}
     try:
         for text, work in steps:
             progress.step(text, work)
-        matrices = progress.step("reachability between workloads (ping" +
-                                 (", each family)" if len(families) > 1 else ")"),
-                                 lambda: _wait_matrices(lab))
+        if check != "none":
+            what = "every pair" if check == "all" else "a sample: every host as source " \
+                "and destination"
+            matrices = progress.step(f"reachability between workloads (ping, {what}" +
+                                     (", each family)" if len(families) > 1 else ")"),
+                                     lambda: _wait_matrices(lab, sample=check == "sample"))
     except (LabError, OSError) as exc:
         raise CliError(f"lab up failed: {exc}\n(everything made so far stays for "
                        f"inspection; `fabricctl lab down --name {lab.name}` removes it)"
@@ -238,21 +284,27 @@ def _wait_sessions(lab: Lab, timeout: float = 60.0) -> None:
 Matrix = dict[str, dict[str, bool]]
 
 
-def _matrices(lab: Lab) -> dict[str, Matrix]:
+def _matrices(lab: Lab, sample: bool = False) -> dict[str, Matrix]:
     """Reachability per family: {"ipv4": from -> to -> bool, "ipv6": ...}."""
     if not lab.state.workloads:
         return {}
-    return {f"ipv{family}": lab.matrix(family) for family in lab.families}
+    return {f"ipv{family}": lab.matrix(family, sample=sample) for family in lab.families}
 
 
 def _green(matrices: dict[str, Matrix]) -> bool:
     return all(all(row.values()) for m in matrices.values() for row in m.values())
 
 
-def _wait_matrices(lab: Lab, timeout: float = 30.0) -> dict[str, Matrix]:
+def _size_neighbours(hosts: int, per_host: int, families: tuple[int, ...]) -> None:
+    for change in size_neighbour_tables(hosts, per_host, families):
+        print(f"  {change}", file=sys.stderr)
+
+
+def _wait_matrices(lab: Lab, timeout: float = 30.0,
+                   sample: bool = False) -> dict[str, Matrix]:
     deadline = time.monotonic() + timeout
     while True:
-        matrices = _matrices(lab)
+        matrices = _matrices(lab, sample)
         if _green(matrices) or time.monotonic() > deadline:
             return matrices
 
@@ -326,7 +378,7 @@ def _kernel_routes(ns: str) -> int:
 
 def status_cmd(ctx: Context) -> int:
     lab = _existing(ctx)
-    return _summary(ctx, lab, _matrices(lab))
+    return _summary(ctx, lab, _matrices(lab, sample=len(lab.state.hosts) > 10))
 
 
 def exec_cmd(ctx: Context) -> int:
@@ -368,12 +420,26 @@ def add_host_cmd(ctx: Context) -> int:
 
 def kill_cmd(ctx: Context) -> int:
     lab = _existing(ctx)
+    if ctx.host_name.startswith("etcd-"):
+        lab.kill_etcd(ctx.host_name)
+        if not ctx.json:
+            print(f"{ctx.host_name} killed (kill -9); the other members keep etcd going. "
+                  f"{program()} lab restart-etcd {ctx.host_name} brings it back")
+        return OK
     if ctx.host_name not in lab.state.hosts:
         raise CliError(f"lab {lab.name} has no host {ctx.host_name}")
     lab.kill_host(ctx.host_name)
     if not ctx.json:
         print(f"host {ctx.host_name} killed: its underlay link is down and its processes are gone;"
               " peers notice when the hold time runs out")
+    return OK
+
+
+def restart_etcd_cmd(ctx: Context) -> int:
+    lab = _existing(ctx)
+    lab.restart_etcd(ctx.member)
+    if not ctx.json:
+        print(f"{ctx.member} started again; it rejoins the cluster with its data")
     return OK
 
 

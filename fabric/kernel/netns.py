@@ -11,7 +11,7 @@ import contextlib
 import ctypes
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 NETNS_DIR = "/run/netns"
 CLONE_NEWNET = 0x40000000
@@ -49,6 +49,14 @@ def remove(name: str) -> None:
     """Delete a namespace; missing is fine (cleanup paths call this blindly)."""
     if exists(name):
         subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
+
+
+def remove_many(found: Iterable[str]) -> None:
+    """Delete many namespaces with one `ip -batch` (one process, not one per name)."""
+    batch = "".join(f"netns del {name}\n" for name in found if exists(name))
+    if batch:
+        subprocess.run(["ip", "-force", "-batch", "-"], input=batch, text=True, check=False,
+                       capture_output=True)
 
 
 def names(prefix: str = "") -> list[str]:

@@ -69,9 +69,13 @@ class EtcdServer:
     def start(cls, workdir: Path, *, host: str = "127.0.0.1", port: int | None = None,
               peer_port: int | None = None, netns: str | None = None,
               name: str = "l3fabric", timeout: float = 20.0,
-              tls: tuple[str, str, str] | None = None) -> EtcdServer:
+              tls: tuple[str, str, str] | None = None, cluster: str | None = None,
+              wait: bool = True) -> EtcdServer:
         """`tls` = (server certificate, its key, CA): clients must then present a
-        certificate from that CA (https only, no unix socket)."""
+        certificate from that CA (https only, no unix socket). `cluster` is the whole
+        `--initial-cluster` of a cluster this member belongs to; its members must all be
+        started (`wait=False`) before any can be ready (`wait_ready`): etcd serves only
+        once a quorum has elected a leader."""
         workdir.mkdir(parents=True, exist_ok=True)
         url_host = _url_host(host)
         data_dir = workdir / "etcd-data"
@@ -92,9 +96,11 @@ class EtcdServer:
             "--advertise-client-urls", clients.split(",")[0],
             "--listen-peer-urls", f"http://{url_host}:{peer_port}",
             "--initial-advertise-peer-urls", f"http://{url_host}:{peer_port}",
-            "--initial-cluster", f"{name}=http://{url_host}:{peer_port}",
+            "--initial-cluster", cluster or f"{name}=http://{url_host}:{peer_port}",
             "--snapshot-count", "100000",
         ]
+        if cluster:
+            argv += ["--initial-cluster-token", "l3fabric"]
         if netns:
             argv = ["ip", "netns", "exec", netns, *argv]
         with open(log_path, "ab") as log:
@@ -103,10 +109,11 @@ class EtcdServer:
                                        stdin=subprocess.DEVNULL, start_new_session=True,
                                        cwd=workdir)
         server = cls(host, port, peer_port, data_dir, log_path, process, offset)
-        server._wait_ready(timeout)
+        if wait:
+            server.wait_ready(timeout)
         return server
 
-    def _wait_ready(self, timeout: float) -> None:
+    def wait_ready(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -39,7 +39,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -48,7 +48,7 @@ from typing import Any
 from fabric import logs, sockets
 from fabric.kernel import netns
 from fabric.lab.etcd import EtcdServer
-from fabric.processes import is_running, kill_pid
+from fabric.processes import is_running, kill_pid, kill_pids
 
 BASE_DIR = Path("/run/l3fabric-lab")
 DEFAULT_UNDERLAY = "10.99.0.0/24"
@@ -141,6 +141,17 @@ class PeerState:
 
 
 @dataclass
+class EtcdMember:
+    """One member of the lab's etcd cluster (`lab up --etcd-members 3`), in a namespace
+    of its own on the underlay, so that killing it is a real member going away."""
+
+    name: str  # etcd-1, etcd-2, ...
+    netns: str
+    address: str
+    pid: int | None = None
+
+
+@dataclass
 class LabState:
     name: str
     underlay: str = DEFAULT_UNDERLAY
@@ -152,6 +163,7 @@ class LabState:
     complete: bool = False
     underlay6: str = ""
     families: list[int] = field(default_factory=lambda: [4])
+    etcd_members: list[EtcdMember] = field(default_factory=list)  # empty: one etcd
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> LabState:
@@ -162,6 +174,7 @@ class LabState:
         state.workloads = {k: _record(WorkloadState, v)
                            for k, v in doc.get("workloads", {}).items()}
         state.peer = _record(PeerState, doc["peer"]) if doc.get("peer") else None
+        state.etcd_members = [_record(EtcdMember, m) for m in doc.get("etcd_members", [])]
         return state
 
 
@@ -198,6 +211,7 @@ class Lab:
         self._mutex = threading.RLock()
         self._lock_fd: int | None = None
         self._depth = 0
+        self._etcd_members_started: dict[str, EtcdServer] = {}
 
     # -- state -------------------------------------------------------------------------
     def _load(self) -> LabState | None:
@@ -297,15 +311,17 @@ class Lab:
     @property
     def etcd_endpoint(self) -> str:
         """How agents reach etcd: over the underlay, like real hosts (over IPv6 in an
-        IPv6-only lab)."""
-        if 4 in self.families:
-            return f"http://{self.router}:{ETCD_CLIENT_PORT}"
-        return f"http://[{self.router6}]:{ETCD_CLIENT_PORT}"
+        IPv6-only lab); every member of a cluster."""
+        members = self.state.etcd_members
+        hosts = [m.address for m in members] if members else \
+            [self.router if 4 in self.families else self.router6]
+        return ",".join(f"http://{_url(h)}:{ETCD_CLIENT_PORT}" for h in hosts)
 
     @property
     def etcd_local_endpoint(self) -> str:
-        """How tools outside the namespaces reach etcd: its unix socket."""
-        return f"unix://{self.dir}/etcd/etcd:{ETCD_CLIENT_PORT}"
+        """How tools outside the namespaces reach etcd: its unix sockets."""
+        dirs = [self.dir / m.name for m in self.state.etcd_members] or [self.dir / "etcd"]
+        return ",".join(f"unix://{d}/etcd:{ETCD_CLIENT_PORT}" for d in dirs)
 
     # -- underlay and etcd -------------------------------------------------------------
     def create_underlay(self, underlay: str = DEFAULT_UNDERLAY,
@@ -326,13 +342,75 @@ class Lab:
                 "br0", "nodad")
         _ip("-n", self.net_ns, "link", "set", "br0", "up")
 
-    def start_etcd(self) -> None:
+    def start_etcd(self, members: int = 1) -> None:
+        """One etcd on the router, or a cluster of `members`, each in its own namespace."""
+        if members > 1:
+            self._start_cluster(members)
+            return
         host = self.router if 4 in self.families else self.router6
         server = EtcdServer.start(self.dir / "etcd", host=host, port=ETCD_CLIENT_PORT,
                                   peer_port=ETCD_PEER_PORT, netns=self.net_ns,
                                   name=f"{self.name}-etcd")
         with self.locked() as state:
             state.etcd_pid = server.pid
+
+    def _start_cluster(self, count: int) -> None:
+        members = []
+        for index in range(1, count + 1):
+            address = self._address(240 + index) if 4 in self.families \
+                else self._address6(240 + index)
+            member = EtcdMember(f"etcd-{index}", f"{self.name}-etcd{index}", address)
+            netns.create(member.netns)
+            self.plug(member.netns, f"p-etcd{index}", address, default_route=False)
+            members.append(member)
+        with self.locked() as state:
+            state.etcd_members = members
+        for member in members:  # all started before any can be ready (quorum)
+            self._start_member(member, wait=False)
+        for member in members:
+            self._member_server(member).wait_ready()
+
+    def _cluster(self) -> str:
+        return ",".join(f"{m.name}=http://{_url(m.address)}:{ETCD_PEER_PORT}"
+                        for m in self.state.etcd_members)
+
+    def _member_server(self, member: EtcdMember) -> EtcdServer:
+        return self._etcd_members_started[member.name]
+
+    def _start_member(self, member: EtcdMember, wait: bool = True) -> None:
+        server = EtcdServer.start(self.dir / member.name, host=member.address,
+                                  port=ETCD_CLIENT_PORT, peer_port=ETCD_PEER_PORT,
+                                  netns=member.netns, name=member.name,
+                                  cluster=self._cluster(), wait=wait)
+        self._etcd_members_started[member.name] = server
+        with self.locked() as state:
+            for recorded in state.etcd_members:
+                if recorded.name == member.name:
+                    recorded.pid = server.pid
+
+    def kill_etcd(self, name: str) -> None:
+        """An etcd member dies (kill -9); the others keep the cluster going."""
+        member = self._member(name)
+        if member.pid:
+            kill_pid(member.pid, timeout=5, sig=signal.SIGKILL)
+        with self.locked() as state:
+            for recorded in state.etcd_members:
+                if recorded.name == name:
+                    recorded.pid = None
+
+    def restart_etcd(self, name: str) -> None:
+        """A member comes back with its data: it rejoins and catches up."""
+        member = self._member(name)
+        if member.pid and is_running(member.pid):
+            raise LabError(f"{name} is running (pid {member.pid})")
+        self._start_member(member)
+
+    def _member(self, name: str) -> EtcdMember:
+        for member in self.refresh().etcd_members:
+            if member.name == name:
+                return member
+        known = ", ".join(m.name for m in self.state.etcd_members) or "none (one etcd)"
+        raise LabError(f"lab {self.name} has no etcd member {name} (members: {known})")
 
     def _port(self, host: str) -> str:
         """The bridge port of a host in the underlay namespace (15 characters at most)."""
@@ -707,16 +785,21 @@ class Lab:
                                 timeout=count * timeout + 10)
         return result.returncode == 0
 
-    def matrix(self, family: int = 4) -> dict[str, dict[str, bool]]:
-        """Ping every workload's address of `family` from every other one, in parallel."""
+    def matrix(self, family: int = 4, sample: bool = False) -> dict[str, dict[str, bool]]:
+        """Ping every workload's address of `family` from every other one, in parallel;
+        or (`sample`) from each to two others on other hosts, so that every workload, and
+        so every host, is a source and a destination twice: 2N pings instead of N^2."""
         from concurrent.futures import ThreadPoolExecutor
 
         def address(workload: WorkloadState) -> str:
             return next((ip for ip in workload.ips if (":" in ip) == (family == 6)), "")
 
         workloads = list(self.state.workloads.values())
-        pairs = [(a, b) for a in workloads for b in workloads
-                 if a.name != b.name and address(b)]
+        if sample:
+            pairs = sample_pairs(workloads)
+        else:
+            pairs = [(a, b) for a in workloads for b in workloads if a.name != b.name]
+        pairs = [(a, b) for a, b in pairs if address(b)]
         with ThreadPoolExecutor(max_workers=16) as pool:
             results = list(pool.map(
                 lambda pair: self.ping(pair[0].netns, address(pair[1]), count=2), pairs))
@@ -738,23 +821,26 @@ class Lab:
         return removed
 
     def _remove(self, state: LabState) -> list[str]:
+        """Everything at once, not host by host: supervisors, then agents and speakers,
+        then whatever else runs in our namespaces, then etcd and the namespaces."""
         removed: list[str] = []
+        supervisors = [h.supervisor_pid for h in state.hosts.values()
+                       if still_ours(h.supervisor_pid, SUPERVISOR_MODULE)]
         for host in state.hosts.values():
-            self._end_supervision(host)
+            host.supervisor_pid = None
+        kill_pids([p for p in supervisors if p], timeout=5)
         pids = [h.agent_pid for h in state.hosts.values() if still_ours(h.agent_pid, AGENT)]
         if state.peer:
             pids += state.peer.pids
-        for pid in pids:
-            kill_pid(pid, timeout=5)
+        kill_pids([p for p in pids if p], timeout=5)
         namespaces = netns.names(f"{self.name}-")
-        for ns in namespaces:  # anything left running inside our namespaces
-            for pid in netns.pids(ns):
-                kill_pid(pid, timeout=3)
-        if state.etcd_pid:
-            kill_pid(state.etcd_pid, timeout=5)
-        for ns in namespaces:
-            netns.remove(ns)
-            removed.append(ns)
+        # Anything left running inside our namespaces (workload servers, a stray agent).
+        kill_pids([pid for ns in namespaces for pid in netns.pids(ns)], timeout=3)
+        etcds = [m.pid for m in state.etcd_members if m.pid] + \
+            ([state.etcd_pid] if state.etcd_pid else [])
+        kill_pids(etcds, timeout=5)
+        netns.remove_many(namespaces)
+        removed += namespaces
         for ns in namespaces:
             resolv = Path("/etc/netns") / ns
             if resolv.exists():
@@ -764,6 +850,65 @@ class Lab:
             shutil.rmtree(self.dir, ignore_errors=True)
             removed.append(str(self.dir))
         return removed
+
+
+def _url(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def sample_pairs(workloads: list[WorkloadState]) -> list[tuple[WorkloadState, WorkloadState]]:
+    """Each workload to the next and to the one half-way round a ring that takes the
+    hosts in turn (h1-w1, h2-w1, ..., h1-w2, ...): neighbours in it sit on different
+    hosts, and every workload is a source twice and a destination twice."""
+    by_host: dict[str, list[WorkloadState]] = {}
+    for workload in sorted(workloads, key=lambda w: w.name):
+        by_host.setdefault(workload.host, []).append(workload)
+    ring = [w for turn in range(max((len(v) for v in by_host.values()), default=0))
+            for ws in by_host.values() if turn < len(ws) for w in [ws[turn]]]
+    count = len(ring)
+    if count < 2:
+        return []
+    pairs = {(ring[i].name, ring[(i + 1) % count].name) for i in range(count)}
+    pairs |= {(ring[i].name, ring[(i + count // 2) % count].name) for i in range(count)
+              if count > 2}
+    named = {w.name: w for w in ring}
+    return [(named[a], named[b]) for a, b in sorted(pairs) if a != b]
+
+
+NEIGH = "/proc/sys/net/ipv{family}/neigh/default/gc_thresh{level}"
+
+
+def size_neighbour_tables(hosts: int, per_host: int, families: Iterable[int]) -> list[str]:
+    """Raise the kernel's neighbour-table thresholds for a lab of this size; what changed.
+
+    The table is one for every network namespace (gc_thresh3 = 1024 by default): a full
+    mesh of N hosts needs about N^2 entries between the hosts alone, and past the limit
+    every lab on the machine fails ("neighbor table overflow", "No buffer space
+    available"). Only ever raised, never lowered, and only in the initial namespace.
+    """
+    need = hosts * hosts + 4 * hosts + 2 * hosts * per_host + 256
+    changes = []
+    for family in families:
+        wanted = {1: min(need // 4, 8192), 2: need, 3: need * 2}
+        for level in (3, 2, 1):  # the hard limit first: 1 <= 2 <= 3 at every step
+            path = Path(NEIGH.format(family=family, level=level))
+            try:
+                current = int(path.read_text())
+            except (OSError, ValueError):
+                continue  # no such table here (IPv6 disabled, say)
+            if current >= wanted[level]:
+                continue
+            try:
+                path.write_text(str(wanted[level]))
+            except OSError as exc:
+                raise LabError(
+                    f"the neighbour table is too small for {hosts} hosts and cannot be "
+                    f"raised here ({exc.strerror}): as root in the initial network "
+                    f"namespace, sysctl -w net.ipv{family}.neigh.default.gc_thresh{level}"
+                    f"={wanted[level]}") from exc
+            changes.append(f"raised {path} from {current} to {wanted[level]} "
+                           f"(a lab of {hosts} hosts needs about {need} entries)")
+    return changes
 
 
 def all_labs(base_dir: Path = BASE_DIR) -> list[str]:

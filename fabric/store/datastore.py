@@ -178,6 +178,21 @@ class Datastore:
 
     # -- calls -------------------------------------------------------------------------
     def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """One call, mapped to our errors. With several endpoints, a call that finds its
+        endpoint gone is made again on the next one (etcd3 marks the dead one failed):
+        an etcd member going away costs no caller an error. Safe to repeat: reads are,
+        and every write we make is a compare-and-swap (a repeat that finds its own first
+        attempt applied fails its compare, and the caller reads what is there)."""
+        tries = len(self.settings.endpoints)
+        for attempt in range(tries):
+            try:
+                return self._call_once(fn, *args, **kwargs)
+            except Unavailable:
+                if attempt == tries - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _call_once(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except (etcd3.exceptions.ConnectionFailedError,
