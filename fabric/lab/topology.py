@@ -857,20 +857,20 @@ def _url(host: str) -> str:
 
 
 def sample_pairs(workloads: list[WorkloadState]) -> list[tuple[WorkloadState, WorkloadState]]:
-    """Each workload to the next and to the one half-way round a ring that takes the
-    hosts in turn (h1-w1, h2-w1, ..., h1-w2, ...): neighbours in it sit on different
-    hosts, and every workload is a source twice and a destination twice."""
+    """Each workload to the next and to the one half the hosts further round a ring that
+    takes the hosts in turn (h1-w1, h2-w1, ..., h1-w2, ...): those sit on other hosts,
+    and every workload is a source twice and a destination twice."""
     by_host: dict[str, list[WorkloadState]] = {}
     for workload in sorted(workloads, key=lambda w: w.name):
         by_host.setdefault(workload.host, []).append(workload)
     ring = [w for turn in range(max((len(v) for v in by_host.values()), default=0))
             for ws in by_host.values() if turn < len(ws) for w in [ws[turn]]]
-    count = len(ring)
+    count, hosts = len(ring), len(by_host)
     if count < 2:
         return []
-    pairs = {(ring[i].name, ring[(i + 1) % count].name) for i in range(count)}
-    pairs |= {(ring[i].name, ring[(i + count // 2) % count].name) for i in range(count)
-              if count > 2}
+    # Offsets smaller than the number of hosts land on another host of the round.
+    offsets = {1, max(1, hosts // 2)} if hosts > 1 else {1}
+    pairs = {(ring[i].name, ring[(i + k) % count].name) for i in range(count) for k in offsets}
     named = {w.name: w for w in ring}
     return [(named[a], named[b]) for a, b in sorted(pairs) if a != b]
 

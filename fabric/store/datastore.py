@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -135,6 +136,8 @@ def _prefix_end(prefix: str) -> bytes:
 # The rows of several reads (the method `Datastore.list` shadows `list` in the class).
 Rows = builtins.list[builtins.list[Entry | CorruptValue]]
 
+FAILOVER_PATIENCE = 3.0  # seconds a call keeps trying the members of an etcd cluster
+
 # gRPC backs off reconnecting up to 120 s by default, failing every call meanwhile: an
 # etcd back after an outage of a few seconds stayed "unreachable" for many more. Retry
 # the connection within a second instead (etcd is local or on the same network).
@@ -183,14 +186,18 @@ class Datastore:
         an etcd member going away costs no caller an error. Safe to repeat: reads are,
         and every write we make is a compare-and-swap (a repeat that finds its own first
         attempt applied fails its compare, and the caller reads what is there)."""
-        tries = len(self.settings.endpoints)
-        for attempt in range(tries):
+        if len(self.settings.endpoints) == 1:
+            return self._call_once(fn, *args, **kwargs)
+        # A cluster that lost its leader answers nothing until it has elected another
+        # (about a second with etcd's defaults): keep trying the members that long.
+        deadline = time.monotonic() + FAILOVER_PATIENCE
+        while True:
             try:
                 return self._call_once(fn, *args, **kwargs)
             except Unavailable:
-                if attempt == tries - 1:
+                if time.monotonic() >= deadline:
                     raise
-        raise AssertionError("unreachable")
+                time.sleep(0.1)
 
     def _call_once(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
