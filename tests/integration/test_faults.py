@@ -11,13 +11,10 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import re
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import pytest
 
@@ -29,7 +26,7 @@ from fabric.store import keys
 from ipam.allocator import Ipam
 from ipam.check import check
 from tests.conftest import needs_root, running_lab
-from tests.support.fabric import kernel_routes, status, wait_until
+from tests.support.fabric import kernel_routes, pinging, status, wait_until
 
 pytestmark = [needs_root, pytest.mark.root, pytest.mark.slow]
 HOSTS = ("h1", "h2", "h3")
@@ -81,36 +78,6 @@ def ipam_problems(lab) -> list[str]:
     return [f"{f.kind} {f.subject}: {f.detail}" for f in report.findings]
 
 
-@dataclass
-class Loss:
-    sent: int
-    received: int
-
-    @property
-    def lost(self) -> int:
-        return self.sent - self.received
-
-
-@contextlib.contextmanager
-def pinging(lab, source: str, target: str) -> Iterator[list[Loss]]:
-    """Ping `target`'s first address from `source` every 50 ms while the body runs."""
-    result: list[Loss] = []
-    src, dst = lab.state.workloads[source], lab.state.workloads[target]
-    process = subprocess.Popen(["ip", "netns", "exec", src.netns, "ping", "-i", "0.05",
-                                "-W", "1", "-q", dst.ips[0]], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    try:
-        time.sleep(0.5)
-        yield result
-    finally:
-        time.sleep(1.5)  # answers in flight arrive
-        process.send_signal(signal.SIGINT)
-        out, _ = process.communicate(timeout=10)
-        match = re.search(r"(\d+) packets transmitted, (\d+) received", out)
-        assert match, out
-        result.append(Loss(int(match[1]), int(match[2])))
-
-
 def cni(lab, host: str, command: str, container: str, workload_netns: str,
         ifname: str = "eth0") -> invoke.Outcome:
     return invoke.run(str(lab.cni_bin / "l3fabric"), command,
@@ -140,7 +107,7 @@ def test_etcd_killed_during_adds_and_pings_then_restarted(lab, netns_factory):
             assert not doc["registration"]["healthy"]
             assert all(p["state"] == "Established" for p in doc["peers"])
         lab.start_etcd()
-    assert loss[0].lost == 0, loss
+    assert loss.lost == 0, loss
     wait_healthy(lab)
     outcome = cni(lab, "h2", "ADD", "faultetcd", spare)
     assert outcome.ok, outcome.stdout
@@ -155,7 +122,7 @@ def test_etcd_frozen_longer_than_a_lease(lab):
             time.sleep(10)  # the liveness lease (6 s) runs out meanwhile
         finally:
             os.kill(pid, signal.SIGCONT)
-    assert loss[0].lost == 0, loss
+    assert loss.lost == 0, loss
     wait_healthy(lab)
     store = lab.store()
     try:
@@ -174,7 +141,7 @@ def test_agent_kill_9_is_restarted_and_loses_no_ping(lab):
         wait_healthy(lab)
         wait_until(lambda: status(lab, "h2")["stale_released"], "h2 confirmed its routes",
                    20)
-    assert loss[0].lost == 0, loss
+    assert loss.lost == 0, loss
     assert status(lab, "h2")["bgp_process"]["restarts"] == 0  # ExaBGP started first time
 
 
@@ -186,7 +153,7 @@ def test_agent_kill_9_without_restart_keeps_routes_for_the_restart_time(lab):
             stale = next(r for r in status(lab, host)["peers"]
                          if r["address"] == lab.state.hosts["h3"].address)
             assert stale["stale_until"] is not None
-    assert loss[0].lost == 0, loss  # h3's kernel forwards; its peers kept its routes
+    assert loss.lost == 0, loss  # h3's kernel forwards; its peers kept its routes
     lab.start_agent("h3")
 
 
@@ -202,7 +169,7 @@ def test_a_second_agent_for_the_same_node_exits_touching_nothing(lab):
     after = status(lab, "h2")
     assert after["bgp_process"]["pid"] == before["bgp_process"]["pid"]
     assert after["started_at"] == before["started_at"]
-    assert loss[0].lost == 0, loss
+    assert loss.lost == 0, loss
 
 
 def test_exabgp_killed_again_and_again_loses_no_ping(lab):
@@ -219,7 +186,7 @@ def test_exabgp_killed_again_and_again_loses_no_ping(lab):
             time.sleep(rng.uniform(0.05, 0.9))
         wait_until(lambda: status(lab, "h3")["bgp_process"]["connected"], "a new ExaBGP", 20)
         wait_healthy(lab)
-    assert loss[0].lost == 0, loss
+    assert loss.lost == 0, loss
     assert lab.refresh().hosts["h3"].agent_pid == agent_pid  # never died itself
 
 
@@ -232,7 +199,7 @@ def test_node_record_deleted_behind_its_agents_back(lab):
             wait_until(lambda: store.get(keys.node("h2")) is not None,
                        "h2 registered again", 10)
             time.sleep(DEPARTURE_GRACE + 1)  # its peers would have dropped it by now
-        assert loss[0].lost == 0, loss
+        assert loss.lost == 0, loss
     finally:
         store.close()
 
@@ -246,7 +213,7 @@ def test_workload_record_deleted_while_its_container_lives(lab):
             assert store.delete(keys.workload("h2", handle))
             wait_until(lambda: store.get(keys.workload("h2", handle)) is not None,
                        "the registration restored from IPAM", 20)
-        assert loss[0].lost == 0, loss
+        assert loss.lost == 0, loss
     finally:
         store.close()
     assert lab.ping(lab.state.workloads["h3-w1"].netns, workload.ips[0], count=2)
@@ -286,5 +253,5 @@ def test_del_and_add_against_the_host_namespace_touch_nothing(lab):
     links = subprocess.run(["ip", "-n", host.netns, "-o", "link"], capture_output=True,
                            text=True, check=True).stdout
     assert " eth0@" in links
-    assert loss[0].lost == 0, loss
+    assert loss.lost == 0, loss
     assert kernel_routes(host.netns)

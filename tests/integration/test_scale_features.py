@@ -4,8 +4,6 @@ two route reflectors that lose one, while containers ping and new ones are added
 from __future__ import annotations
 
 import contextlib
-import re
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,7 +17,7 @@ from fabric.lab.topology import Lab, sample_pairs
 from ipam.allocator import Ipam
 from ipam.check import check
 from tests.conftest import lab_name, needs_root
-from tests.support.fabric import kernel_routes, status, wait_until
+from tests.support.fabric import kernel_routes, pinging, status, wait_until
 
 pytestmark = [needs_root, pytest.mark.root, pytest.mark.slow]
 
@@ -40,25 +38,6 @@ def lab_with(members: int = 1, reflectors: int = 0, hosts: int = 3) -> Iterator[
         yield lab
     finally:
         lab.down()
-
-
-@contextlib.contextmanager
-def pinging(lab: Lab, source: str, target: str) -> Iterator[list[int]]:
-    """(sent, received) of a 50 ms ping running while the body runs."""
-    result: list[int] = []
-    src, dst = lab.state.workloads[source], lab.state.workloads[target]
-    process = subprocess.Popen(["ip", "netns", "exec", src.netns, "ping", "-i", "0.05", "-W",
-                                "1", "-q", dst.ips[0]], stdout=subprocess.PIPE, text=True)
-    try:
-        time.sleep(0.5)
-        yield result
-    finally:
-        time.sleep(1.5)
-        process.send_signal(signal.SIGINT)
-        out, _ = process.communicate(timeout=10)
-        match = re.search(r"(\d+) packets transmitted, (\d+) received", out)
-        assert match, out
-        result += [int(match[1]), int(match[2])]
 
 
 def test_an_etcd_member_lost_during_adds_fails_no_add_and_comes_back(netns_factory):
@@ -87,7 +66,7 @@ def test_an_etcd_member_lost_during_adds_fails_no_add_and_comes_back(netns_facto
         assert [o.status for o in outcomes] == [0] * 12, [o.stdout for o in outcomes]
         addresses = [o.document["ips"][0]["address"] for o in outcomes]
         assert len(set(addresses)) == 12  # no duplicate
-        assert loss[1] == loss[0], loss  # no route lost
+        assert loss.lost == 0, loss  # no route lost
         store = lab.store()
         try:
             assert check(Ipam(store).snapshot()).findings == []
@@ -116,7 +95,7 @@ def test_losing_one_of_two_route_reflectors_loses_no_route():
             lab.kill_host("h1")  # a reflector dies; its sessions expire after the hold time
             time.sleep(12)
             assert kernel_routes(lab.state.hosts["h3"].netns).get(block) == via
-        assert loss[1] == loss[0], loss
+        assert loss.lost == 0, loss
 
 
 def _blocks(lab: Lab) -> dict[str, str]:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import re
+import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from fabric import sockets
@@ -78,3 +82,47 @@ def sessions_established(lab: Lab, host: str) -> bool:
     except (sockets.AgentUnreachable, sockets.AgentError):
         return False
     return bool(peers) and all(p["state"] == "Established" for p in peers)
+
+
+@dataclass
+class Loss:
+    """What a ping run saw: every echo sent, and the sequence numbers never answered."""
+
+    sent: int = 0
+    unanswered: list[int] = field(default_factory=list)
+
+    @property
+    def lost(self) -> int:
+        return len(self.unanswered)
+
+
+IN_FLIGHT = 1.0  # s: echoes sent this close to the end may still be on their way
+
+
+@contextlib.contextmanager
+def pinging(lab: Lab, source: str, target: str, interval: float = 0.05) -> Iterator[Loss]:
+    """Ping `target`'s first address from `source` every `interval` while the body runs.
+
+    Counts per sequence number rather than ping's summary: the summary counts an echo
+    sent just before the interrupt as lost, which on a loaded machine made a clean run
+    look like a dropped packet. Echoes sent in the last IN_FLIGHT seconds are not judged;
+    the body's own echoes are at least 1.5 s older than that.
+    """
+    loss = Loss()
+    src, dst = lab.state.workloads[source], lab.state.workloads[target]
+    process = subprocess.Popen(["ip", "netns", "exec", src.netns, "ping", "-n", "-i",
+                                str(interval), dst.ips[0]], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)
+        yield loss
+    finally:
+        time.sleep(1.5 + IN_FLIGHT)
+        process.send_signal(signal.SIGINT)
+        out, _ = process.communicate(timeout=10)
+        match = re.search(r"(\d+) packets transmitted", out)
+        assert match, out
+        answered = {int(m) for m in re.findall(r"bytes from .*icmp_seq=(\d+)", out)}
+        loss.sent = int(match[1])
+        judged = loss.sent - int(IN_FLIGHT / interval)
+        loss.unanswered = [seq for seq in range(1, judged + 1) if seq not in answered]
