@@ -1,9 +1,13 @@
-"""The API process ExaBGP runs: joins ExaBGP's stdin/stdout to the agent's socket.
+"""The API process ExaBGP is configured to run: joins its stdin/stdout to the agent's socket.
 
 ExaBGP starts its API processes itself, so the agent cannot hand it a pipe; this
 relay connects to the agent's local socket and copies bytes both ways until either
 side closes. When it exits ExaBGP exits too (`exabgp.api.terminate`), and the agent
 starts a new one. Standard library only, no parsing.
+
+Under `bgp.exabgp_run` (how the agent runs ExaBGP) this process is never started:
+ExaBGP connects to the agent's socket itself (`exabgp_run.AgentConnection`), which
+saves a process per host. The relay is what an ExaBGP not wrapped that way runs.
 
 Both directions are buffered and written only when the other side can take them: a
 relay that blocked writing one way while the other side blocked writing back would
@@ -18,13 +22,31 @@ import socket
 import sys
 from collections.abc import Callable
 
+MODULE = "bgp.relay"
+
+
+def command(socket_name: str) -> list[str]:
+    """The `run` command of ExaBGP's API process for the agent listening on `socket_name`."""
+    return [sys.executable, "-m", MODULE, socket_name]
+
+
+def socket_of(argv: list[str] | tuple[str, ...]) -> str | None:
+    """The agent socket a `command()` connects to; None for any other command."""
+    if len(argv) == 4 and tuple(argv[1:3]) == ("-m", MODULE):
+        return argv[3]
+    return None
+
+
+def address(name: str) -> str:
+    """`@name` is in the abstract namespace (as fabric.sockets has it; stdlib only here)."""
+    return "\0" + name[1:] if name.startswith("@") else name
+
 
 def main() -> int:
     name = sys.argv[1]
-    address = "\0" + name[1:] if name.startswith("@") else name
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.connect(address)
+        sock.connect(address(name))
     except OSError as exc:
         print(f"relay: cannot reach the agent on {name}: {exc}", file=sys.stderr)
         return 1

@@ -29,7 +29,6 @@ import selectors
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -37,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bgp import api
+from bgp import api, relay
 from bgp.reload import ReloadGate
 from fabric import logs
 from fabric.processes import is_running, stop
@@ -135,7 +134,7 @@ class Speaker:
 
     @property
     def relay_command(self) -> list[str]:
-        return [sys.executable, "-m", "bgp.relay", self.relay_socket]
+        return relay.command(self.relay_socket)
 
     # -- requests (any thread) ---------------------------------------------------------
     def configure(self, config: str, reload: bool) -> None:
