@@ -21,20 +21,19 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# This file's folder would shadow the packages it measures.
+# This file's folder would shadow the packages it measures; its parent has bench.common.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import argparse
-import contextlib
-import os
 import signal
 import statistics
 import subprocess
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from bench.common import RouteWatcher, Usage, pct
 from fabric import logs
 from fabric.kernel import netlink, netns
 from fabric.kernel.netns import entered
@@ -88,42 +87,6 @@ def wait_count(ns: str, protocol: int, done: Callable[[int], bool], started: flo
 
 
 @dataclass
-class Usage:
-    """CPU seconds and memory of the processes that receive (agent, ExaBGP, relay; or
-    BIRD), read from /proc."""
-
-    pids: list[int]
-
-    def cpu(self) -> float:
-        return sum(self.by_process().values())
-
-    def by_process(self) -> dict[str, float]:
-        """CPU seconds so far (user + system) per process, named by its command."""
-        found: dict[str, float] = {}
-        for pid in self.pids:
-            with contextlib.suppress(OSError):
-                stat = Path(f"/proc/{pid}/stat").read_text()
-                fields = stat.rpartition(")")[2].split()
-                ticks = int(fields[11]) + int(fields[12])
-                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-                name = next((Path(a.decode()).name for a in argv[1:2] if a), "") or \
-                    stat[stat.index("(") + 1:stat.rindex(")")]
-                if b"bgp.relay" in b" ".join(argv):
-                    name = "relay"
-                found[name] = found.get(name, 0.0) + ticks / os.sysconf("SC_CLK_TCK")
-        return found
-
-    def peak_rss_mb(self) -> float:
-        total = 0
-        for pid in self.pids:
-            with contextlib.suppress(OSError):
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmHWM:"):
-                        total += int(line.split()[1])
-        return total / 1024
-
-
-@dataclass
 class Run:
     ingest: float
     withdraw: float
@@ -154,7 +117,7 @@ def measure(sender: Bird, receiver_ns: str, protocol: int, count: int, usage: Us
 
 
 def descendants(pid: int) -> list[int]:
-    """`pid` and every process below it (the agent, its ExaBGP, ExaBGP's relay)."""
+    """`pid` and every process below it (the agent and its ExaBGP)."""
     found = [pid]
     for child in Path(f"/proc/{pid}/task").glob("*/children"):
         for text in child.read_text().split():
@@ -247,11 +210,6 @@ def bulk_reference(count: int, family: int = 4) -> Run:
         lab.down()
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def make_lab(name: str, hosts: int, agent_args: list[str], block_size: int | None = None,
              family: int = 4) -> Lab:
     """Dual-stack hosts (`family` picks the pool), sessions Established on return."""
@@ -274,38 +232,11 @@ def make_lab(name: str, hosts: int, agent_args: list[str], block_size: int | Non
     return lab
 
 
-class RouteWatcher:
-    """Timestamps of route events (new or deleted) in a namespace, by prefix."""
-
-    def __init__(self, ns: str, protocol: int = 73) -> None:
-        with entered(netns.path(ns)):
-            self.sock = netlink.RouteSocket(
-                protocol, groups=netlink.RTMGRP_IPV4_ROUTE | netlink.RTMGRP_IPV6_ROUTE)
-        self.protocol = protocol
-        self.added: dict[Prefix, float] = {}
-        self.deleted: dict[Prefix, float] = {}
-        self.stop = False
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self.stop:
-            for msg in self.sock.events(timeout=0.2):
-                event = netlink.route_event(msg, self.protocol)
-                if event is not None:
-                    deleted, route = event
-                    (self.deleted if deleted else self.added)[route.prefix] = time.monotonic()
-
-    def close(self) -> None:
-        self.stop = True
-        self.thread.join()
-        self.sock.close()
-
-
 def block_latency(trials: int, family: int = 4) -> list[float]:
     lab = make_lab("l3bblk", 2, [], block_size=128 if family == 6 else 32, family=family)
     try:
-        watcher = RouteWatcher(lab.state.hosts["h2"].netns)
+        receiver = lab.state.hosts["h2"].netns
+        watcher = RouteWatcher([receiver])
         store = lab.store()
         ipam = Ipam(store)
         latencies = []
@@ -314,12 +245,10 @@ def block_latency(trials: int, family: int = 4) -> list[float]:
             # A /32 (/128) block size: every allocation claims a new block.
             record = ipam.allocate(f"bench-{trial}.eth0", "h1", families=(family,))
             prefix = Prefix.parse(record.allocations[0].host_prefix)
-            deadline = started + 10
-            while prefix not in watcher.added and time.monotonic() < deadline:
-                time.sleep(0.001)
-            if prefix not in watcher.added:
+            arrived = watcher.wait(prefix, [receiver], timeout=10)
+            if arrived is None:
                 raise SystemExit(f"{prefix} never reached h2")
-            latencies.append(watcher.added[prefix] - started)
+            latencies.append(arrived[receiver] - started)
             time.sleep(0.05)
         store.close()
         watcher.close()
@@ -334,7 +263,8 @@ def dead_host(hold_time: int = 9) -> float:
         lab.add_workload("h3")
         block = Prefix.parse(next(b.cidr for b in Ipam(lab.store()).blocks()
                                   if b.affinity == "h3"))
-        watcher = RouteWatcher(lab.state.hosts["h1"].netns)
+        observer = lab.state.hosts["h1"].netns
+        watcher = RouteWatcher([observer])
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if subprocess.run(["ip", "-n", lab.state.hosts["h1"].netns, "route", "show",
@@ -343,10 +273,9 @@ def dead_host(hold_time: int = 9) -> float:
             time.sleep(0.05)
         started = time.monotonic()
         lab.kill_host("h3")
-        while block not in watcher.deleted and time.monotonic() - started < 60:
-            time.sleep(0.01)
+        gone = watcher.wait(block, [observer], deleted=True, timeout=60)
         watcher.close()
-        return watcher.deleted.get(block, float("nan")) - started
+        return gone[observer] - started if gone else float("nan")
     finally:
         lab.down()
 
@@ -367,11 +296,11 @@ def report(count: int, reference: list[Run], ours: list[Run], family: int) -> No
               f"ratio {our / ref:.2f} (goal <= 1)")
     for field, what in (("cpu_ingest", "ingest"), ("cpu_withdraw", "withdraw")):
         ref, our = med(reference, field), med(ours, field)
-        print(f"   receiver CPU seconds, {what}: BIRD {ref:.2f}, agent+ExaBGP+relay {our:.2f}; "
+        print(f"   receiver CPU seconds, {what}: BIRD {ref:.2f}, agent+ExaBGP {our:.2f}; "
               f"ratio {our / max(ref, 0.01):.2f} (goal <= 2)")
     print(f"   receiver CPU seconds by process, ingest + withdraw: BIRD "
           f"{reference[-1].cpu_by_process}, ours {ours[-1].cpu_by_process} (last round)")
-    print(f"   receiver peak RSS: BIRD {med(reference, 'rss_mb'):.0f} MB, agent+ExaBGP+relay "
+    print(f"   receiver peak RSS: BIRD {med(reference, 'rss_mb'):.0f} MB, agent+ExaBGP "
           f"{med(ours, 'rss_mb'):.0f} MB (goal <= 150 MB)")
 
 

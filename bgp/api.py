@@ -49,6 +49,8 @@ class Attributes:
     local_pref: int | None = None
     med: int | None = None
     origin: str = ""
+    originator_id: str = ""  # RFC 4456: set by the first reflector, the route's source
+    cluster_list: tuple[str, ...] = ()  # RFC 4456: the reflectors it went through
 
 
 @dataclass(frozen=True)
@@ -140,8 +142,12 @@ def as_path_of(value: Any) -> tuple[int, ...]:
 
 def _update(peer: str, body: dict[str, Any]) -> Update:
     attrs = body.get("attribute") or {}
+    clusters = attrs.get("cluster-list")
     attributes = Attributes(as_path_of(attrs.get("as-path")), attrs.get("local-preference"),
-                            attrs.get("med"), str(attrs.get("origin", "")))
+                            attrs.get("med"), str(attrs.get("origin", "")),
+                            str(attrs.get("originator-id") or ""),
+                            tuple(str(c) for c in clusters) if isinstance(clusters, list)
+                            else ())
     announced: dict[str, list[str]] = {}
     for family, by_hop in (body.get("announce") or {}).items():
         if not family.endswith("unicast") or not isinstance(by_hop, dict):
@@ -184,13 +190,14 @@ BATCH = 1000
 
 @dataclass(frozen=True)
 class Reflected:
-    """A route reflected to a client: the original next hop and path, plus RR marks."""
+    """A route reflected to a neighbor: the original next hop and path, plus RR marks
+    (the originator, and the cluster list with ours first)."""
 
     prefix: str
     next_hop: str
     as_path: tuple[int, ...]
     originator_id: str
-    cluster_id: str
+    cluster_list: tuple[str, ...]
 
 
 def _target(peer: str | None) -> str:
@@ -211,7 +218,8 @@ def withdraw_self(prefixes: Iterable[str], peer: str | None = None) -> list[str]
 def announce_reflected(peer: str, route: Reflected) -> str:
     path = f" as-path [ {' '.join(map(str, route.as_path))} ]" if route.as_path else ""
     return (f"neighbor {peer} announce route {route.prefix} next-hop {route.next_hop}{path} "
-            f"originator-id {route.originator_id} cluster-list [ {route.cluster_id} ]")
+            f"originator-id {route.originator_id} "
+            f"cluster-list [ {' '.join(route.cluster_list)} ]")
 
 
 def withdraw(prefix: str, peer: str | None = None) -> str:

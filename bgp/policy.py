@@ -4,7 +4,9 @@ A fabric node trusts BGP only for what etcd says can exist: prefixes inside an
 enabled IP pool, never a default route, never anything covering an underlay address
 (a route to a peer through itself would take the session down), never a path that
 already went through our AS (ExaBGP does no loop detection: an eBGP ToR echoes our
-own routes back), never our own blocks. A claimed block or a borrowed address is only
+own routes back), never our own blocks, never a reflected route that went through our
+cluster or names us as its originator (RFC 4456 8: ExaBGP does not check those
+either). A claimed block or a borrowed address is only
 accepted from where etcd says it lives: with an empty AS path the next hop must be
 its node; through other ASes the path must originate in its node's AS. Everything
 rejected keeps its reason, for counters and `fabricctl bgp routes --rejected`.
@@ -27,8 +29,10 @@ NEXT_HOP = "next-hop-mismatch"
 ORIGIN = "origin-mismatch"
 MAX_PREFIX = "max-prefix"
 BAD_PREFIX = "malformed-prefix"
+CLUSTER_LOOP = "cluster-list-loop"
+ORIGINATOR_LOOP = "originator-is-us"
 REASONS = (DEFAULT_ROUTE, OUTSIDE_POOLS, UNDERLAY, AS_LOOP, OWN_BLOCK, NOT_BORROWED,
-           NEXT_HOP, ORIGIN, MAX_PREFIX, BAD_PREFIX)
+           NEXT_HOP, ORIGIN, MAX_PREFIX, BAD_PREFIX, CLUSTER_LOOP, ORIGINATOR_LOOP)
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,8 @@ class PolicyContext:
     underlay: frozenset[tuple[int, int]] = frozenset()  # (family, address int)
     blocks: Mapping[Prefix, Origin] = field(default_factory=dict)
     borrowed: Mapping[Prefix, Origin] = field(default_factory=dict)
+    router_id: str = ""  # ours (a reflected route naming it came from us)
+    cluster_id: str = ""  # ours when we reflect ("": we are no reflector)
     # (family, prefix length) -> the underlay addresses cut to that length: one set
     # lookup per route instead of a walk over every node (filled as lengths come up).
     _underlay_nets: dict[tuple[int, int], frozenset[int]] = field(
@@ -69,13 +75,15 @@ class PolicyContext:
     @classmethod
     def build(cls, local_as: int, pools: Iterable[tuple[str, int]],
               own_blocks: Iterable[str], underlay: Iterable[str],
-              blocks: Mapping[str, Origin], borrowed: Mapping[str, Origin]) -> PolicyContext:
+              blocks: Mapping[str, Origin], borrowed: Mapping[str, Origin],
+              router_id: str = "", cluster_id: str = "") -> PolicyContext:
         return cls(local_as,
                    tuple((Prefix.parse(c), size) for c, size in pools),
                    tuple(Prefix.parse(b) for b in own_blocks),
                    frozenset(address_int(a) for a in underlay),
                    {Prefix.parse(k): v for k, v in blocks.items()},
-                   {Prefix.parse(k): v for k, v in borrowed.items()})
+                   {Prefix.parse(k): v for k, v in borrowed.items()},
+                   router_id, cluster_id)
 
 
 def _inside(inner: Prefix, outer: Prefix) -> bool:
@@ -88,10 +96,16 @@ def _inside(inner: Prefix, outer: Prefix) -> bool:
 
 
 def evaluate(prefix: Prefix, next_hop: str, as_path: tuple[int, ...],
-             ctx: PolicyContext) -> str | None:
-    """None when the route is accepted, else the reason it is not."""
+             ctx: PolicyContext, originator: str = "",
+             cluster_list: tuple[str, ...] = ()) -> str | None:
+    """None when the route is accepted, else the reason it is not. `originator` is the
+    route's ORIGINATOR_ID attribute when it has one."""
     if prefix.length == 0:
         return DEFAULT_ROUTE
+    if cluster_list and ctx.cluster_id in cluster_list:
+        return CLUSTER_LOOP
+    if originator and originator == ctx.router_id:
+        return ORIGINATOR_LOOP
     block_size = None
     for pool, size in ctx.pools:
         if _inside(prefix, pool):

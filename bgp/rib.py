@@ -3,8 +3,19 @@
 Per peer we keep everything it sent (Adj-RIB-In) with the policy verdict, so a change
 in etcd (a block claimed, a pool enabled) re-evaluates what is already here instead
 of waiting for the peer to send it again. The best path for a prefix is the one with
-the shortest AS path, then the lowest peer address; with ECMP on, every accepted
-path as short as the best is used.
+the shortest AS path, then (RFC 4271 9.1.2.2 with RFC 4456 9) the lowest BGP
+identifier of its source (its ORIGINATOR_ID when reflected, else the peer's router
+id), then the shortest CLUSTER_LIST, then the lowest peer address; with ECMP on, every
+accepted path as short as the best is used.
+
+Why the identifier and the cluster list matter: with two reflectors, each also hears
+a client's route from the other reflector. Ranked by peer address alone, a reflector
+could prefer its twin's copy, stop reflecting to that twin (never back to the
+source), the twin then lose its own preferred copy and do the same: the two traded
+the route back and forth forever, flooding every session (measured: 280 KB per
+client per minute in a 6-host lab, and a dead host's hold timer never firing behind
+the full send queue). The copy heard directly has the same originator and a shorter
+cluster list, so it wins on both sides and the twins agree.
 
 Graceful restart: when a peer that advertised it drops the session without a
 NOTIFICATION, its paths are marked stale and stay usable; once it is back, the paths
@@ -17,6 +28,7 @@ the kernel incrementally.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -32,15 +44,32 @@ class Path:
     as_path: tuple[int, ...] = ()
     rejected: str | None = None  # policy verdict: None means accepted
     stale: bool = False
+    originator: str = ""  # BGP identifier of the source: ORIGINATOR_ID, or the peer's
+    cluster_list: tuple[str, ...] = ()
 
     @property
     def accepted(self) -> bool:
         return self.rejected is None
 
 
+@functools.lru_cache(maxsize=4096)
 def _peer_key(peer: str) -> tuple[int, int]:
     address = ipaddress.ip_address(peer)
     return address.version, int(address)
+
+
+@functools.lru_cache(maxsize=4096)
+def _id_key(identifier: str) -> int:
+    try:
+        return int(ipaddress.IPv4Address(identifier))
+    except ValueError:
+        return 0  # unknown (no OPEN seen yet): ranks first, then by the other rules
+
+
+def rank(path: Path) -> tuple[int, int, int, tuple[int, int]]:
+    """Smaller is better: AS path length, source identifier, cluster list, peer."""
+    return (len(path.as_path), _id_key(path.originator), len(path.cluster_list),
+            _peer_key(path.peer))
 
 
 class Rib:
@@ -188,7 +217,7 @@ class Rib:
             if len(candidates) == 1:
                 new = candidates[0]
             else:
-                candidates.sort(key=lambda p: (len(p.as_path), _peer_key(p.peer)))
+                candidates.sort(key=rank)
                 best = candidates[0]
                 chosen = [best]
                 if self.ecmp:

@@ -149,8 +149,9 @@ def _reflected_for(routing: Routing, prefix: Prefix, ibgp: dict[str, Peer]
     if source is None:
         return {}
     session = routing.sessions.get(best.peer)
-    originator = (session.router_id if session else "") or best.peer
-    route = api.Reflected(str(prefix), best.next_hop, best.as_path, originator, cluster)
+    originator = best.originator or (session.router_id if session else "") or best.peer
+    route = api.Reflected(str(prefix), best.next_hop, best.as_path, originator,
+                          (cluster, *best.cluster_list))
     return {address: route for address, peer in ibgp.items()
             if address != best.peer and best.next_hop != address
             and peer.family == prefix.family

@@ -200,7 +200,7 @@ class Routing:
         ctx = policy.PolicyContext.build(
             self.me.asn, [(p.cidr, p.block_size) for p in self.view.pools if not p.disabled],
             [b.cidr for b in self.view.blocks if b.affinity == self.me.name],
-            self.underlay(), blocks, borrowed)
+            self.underlay(), blocks, borrowed, self.me.bgp_id, self.me.rr_cluster_id or "")
         if ctx == self.ctx:
             return
         self.ctx = ctx
@@ -209,7 +209,9 @@ class Routing:
     def _judge(self, prefix: Prefix, path: Path) -> str | None:
         if path.rejected == policy.MAX_PREFIX:
             return path.rejected
-        return policy.evaluate(prefix, path.next_hop, path.as_path, self.ctx)
+        return policy.evaluate(prefix, path.next_hop, path.as_path, self.ctx,
+                               path.originator if path.cluster_list else "",
+                               path.cluster_list)
 
     # -- ExaBGP events -----------------------------------------------------------------
     def on_event(self, event: api.Event) -> Outcome:
@@ -252,7 +254,11 @@ class Routing:
         if incoming and have + incoming > limit:
             self._trip_max_prefix(session, limit, have + incoming, changed, out)
             return
-        as_path = update.attributes.as_path
+        attrs = update.attributes
+        as_path, clusters = attrs.as_path, attrs.cluster_list
+        # The source's BGP identifier: the ORIGINATOR_ID of a reflected route, else the
+        # peer's own router id (from its OPEN); best-path selection ranks by it.
+        originator = attrs.originator_id or session.router_id
         ctx, parse, evaluate, announce = self.ctx, Prefix.parse, policy.evaluate, self.rib.announce
         for next_hop, prefixes in update.announced.items():
             for text in prefixes:
@@ -261,10 +267,12 @@ class Routing:
                 except ValueError:
                     session.rejected[policy.BAD_PREFIX] += 1
                     continue
-                verdict = evaluate(prefix, next_hop, as_path, ctx)
+                verdict = evaluate(prefix, next_hop, as_path, ctx, attrs.originator_id,
+                                   clusters)
                 if verdict is not None:
                     self._count_rejection(session, verdict, text, next_hop)
-                if announce(peer, prefix, Path(peer, next_hop, as_path, verdict)):
+                if announce(peer, prefix, Path(peer, next_hop, as_path, verdict, False,
+                                               originator, clusters)):
                     changed.add(prefix)
         self._changed(changed, out)
 

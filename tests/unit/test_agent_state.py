@@ -489,3 +489,80 @@ def test_a_route_reflector_passes_client_routes_to_other_clients_incrementally()
     jobs = fab.up("192.0.2.3")  # a client (re)connects: it gets everything again
     sent = [c for j in jobs if isinstance(j, m.Send) for c in j.commands]
     assert any("announce route 10.244.0.64/26" in c for c in sent)
+
+
+def _wire(sender: Fabric, receiver: Fabric, receiver_address: str) -> int:
+    """Deliver `sender`'s reflection commands meant for `receiver` as UPDATEs, as
+    ExaBGP would put them on the wire; returns how many were delivered."""
+    delivered = 0
+    source = sender.state.routing.me.ipv4
+    for command in sender.commands():
+        words = command.split()
+        if words[:2] != ["neighbor", receiver_address]:
+            continue
+        delivered += 1
+        if words[2] == "withdraw":
+            receiver.event(api.Update(source, {}, [words[4]]))
+            continue
+        prefix, next_hop = words[4], words[6]
+        originator = words[words.index("originator-id") + 1]
+        start = words.index("cluster-list") + 2
+        clusters = tuple(words[start:words.index("]", start)])
+        receiver.event(api.Update(source, {next_hop: [prefix]}, [], api.Attributes(
+            originator_id=originator, cluster_list=clusters)))
+    sender.jobs.clear()
+    return delivered
+
+
+def test_two_reflectors_agree_on_a_clients_route_instead_of_trading_it_forever():
+    # The client's address is above both reflectors': ranked by peer address alone,
+    # each reflector preferred its twin's copy and the two traded the route forever.
+    r1 = Node("r1", "192.0.2.11", 64512, rr_cluster_id="10.255.0.1")
+    r2 = Node("r2", "192.0.2.12", 64512, rr_cluster_id="10.255.0.2")
+    client = Node("c", "192.0.2.15", 64512)
+    nodes = (r1, r2, client)
+    rrs = {r1.ipv4: Fabric(r1, max_prefixes=100, nodes=nodes),
+           r2.ipv4: Fabric(r2, max_prefixes=100, nodes=nodes)}
+    block = "10.244.0.128/26"
+    for fab in rrs.values():
+        fab.snapshot("blocks", {block: Block(block, "p", "c").to_record()})
+        for peer in (client.ipv4, *[a for a in rrs if a != fab.state.routing.me.ipv4]):
+            fab.up(peer)
+        fab.jobs.clear()
+        fab.announce(client.ipv4, block)  # the client's session to each reflector
+    rounds = 0
+    while _wire(rrs[r1.ipv4], rrs[r2.ipv4], r2.ipv4) + \
+            _wire(rrs[r2.ipv4], rrs[r1.ipv4], r1.ipv4):
+        rounds += 1
+        assert rounds < 10, "the reflectors keep sending each other the client's route"
+    for fab in rrs.values():
+        best = fab.state.routing.rib.best(P(block))
+        assert [p.peer for p in best] == [client.ipv4]  # the copy heard directly
+        assert fab.learned() == {block: (client.ipv4,)}
+
+
+def test_a_reflected_route_through_our_cluster_or_from_us_is_refused():
+    rr = Node("rr", "192.0.2.9", 64512, rr_cluster_id="10.255.0.9")
+    fab = Fabric(rr, max_prefixes=100, nodes=(rr, B, C))
+    fab.up("192.0.2.2")
+    fab.event(api.Update("192.0.2.2", {"192.0.2.2": ["10.244.0.64/26"]}, [], api.Attributes(
+        originator_id="192.0.2.2", cluster_list=("10.255.0.7", "10.255.0.9"))))
+    assert fab.learned() == {}
+    assert fab.peer("192.0.2.2")["rejected_by_reason"] == {"cluster-list-loop": 1}
+    fab.event(api.Update("192.0.2.2", {"192.0.2.2": ["10.244.0.64/26"]}, [], api.Attributes(
+        originator_id=rr.bgp_id, cluster_list=("10.255.0.7",))))
+    assert fab.learned() == {}
+    assert fab.peer("192.0.2.2")["rejected_by_reason"]["originator-is-us"] == 1
+
+
+def test_reflecting_a_reflected_route_puts_our_cluster_first():
+    rr = Node("rr", "192.0.2.9", 64512, rr_cluster_id="10.255.0.9")
+    fab = Fabric(rr, max_prefixes=100, nodes=(rr, B, C))
+    fab.up("192.0.2.2")
+    fab.up("192.0.2.3")
+    fab.jobs.clear()
+    fab.event(api.Update("192.0.2.2", {"192.0.2.2": ["10.244.0.64/26"]}, [], api.Attributes(
+        originator_id="192.0.2.2", cluster_list=("10.255.0.7",))))
+    assert fab.commands() == [
+        "neighbor 192.0.2.3 announce route 10.244.0.64/26 next-hop 192.0.2.2 "
+        "originator-id 192.0.2.2 cluster-list [ 10.255.0.9 10.255.0.7 ]"]

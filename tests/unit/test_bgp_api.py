@@ -78,3 +78,15 @@ def test_an_ipv6_route_with_a_link_local_next_hop_too_keeps_the_global_one():
     [update] = list(api.parse_line(line))
     assert update.announced == {"fd99::fd": ["fd00:244::40/122"],
                                 "fe80::78:27ff:fe89:eacc": ["fd00:9::/64"]}
+
+
+def test_a_reflected_update_carries_its_originator_and_cluster_list():
+    line = HEAD + '"type": "update", ' + NEIGHBOR + (
+        '"direction": "receive", "message": { "update": { "attribute": { "origin": "igp", '
+        '"local-preference": 100, "originator-id": "10.99.0.15", "cluster-list": '
+        '[ "10.255.0.2", "10.255.0.1" ] }, "announce": { "ipv4 unicast": { "10.99.0.15": '
+        '[ { "nlri": "10.244.0.0/26" } ] } } } } } }')
+    [update] = parse(line)
+    assert update.attributes.originator_id == "10.99.0.15"
+    assert update.attributes.cluster_list == ("10.255.0.2", "10.255.0.1")
+    assert update.announced == {"10.99.0.15": ["10.244.0.0/26"]}

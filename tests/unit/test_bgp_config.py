@@ -41,7 +41,7 @@ def test_rendering_is_deterministic_and_graceful_restart_optional():
 
 
 def test_reflected_routes_keep_next_hop_and_carry_rr_attributes():
-    route = api.Reflected("10.244.1.0/26", "192.0.2.3", (65001,), "192.0.2.3", "1.1.1.1")
+    route = api.Reflected("10.244.1.0/26", "192.0.2.3", (65001,), "192.0.2.3", ("1.1.1.1",))
     assert api.announce_reflected("192.0.2.2", route) == (
         "neighbor 192.0.2.2 announce route 10.244.1.0/26 next-hop 192.0.2.3 "
         "as-path [ 65001 ] originator-id 192.0.2.3 cluster-list [ 1.1.1.1 ]")
