@@ -15,6 +15,7 @@ from fabric.cli.output import ERROR, OK, PROBLEM, CliError, emit_json, table
 from fabric.lab.topology import (
     DEFAULT_UNDERLAY,
     DEFAULT_UNDERLAY6,
+    FIRST_RESERVED,
     IP_FAMILIES,
     NOT_READY,
     HostState,
@@ -143,11 +144,17 @@ class Progress:
         return result
 
 
+MAX_HOSTS = FIRST_RESERVED - 11
+
+
 def up_cmd(ctx: Context) -> int:
     if ctx.hosts < 1 or ctx.containers_per_host < 0 or ctx.route_reflectors < 0:
         raise CliError("--hosts must be at least 1, the other counts at least 0")
     if ctx.route_reflectors > ctx.hosts:
         raise CliError("--route-reflectors cannot exceed --hosts")
+    if ctx.hosts > MAX_HOSTS:
+        raise CliError(f"--hosts {ctx.hosts}: a lab has room for {MAX_HOSTS} hosts on its "
+                       "underlay (.11 to .240)")
     if os.geteuid() != 0:
         raise CliError("the lab needs root (network namespaces)")
     lab = Lab(_name(ctx))
@@ -357,7 +364,9 @@ def _summary(ctx: Context, lab: Lab, matrices: dict[str, Matrix]) -> int:
                      for b in names]] for a in names])
     ctl = program()
     lab_opt = "" if lab.name == DEFAULT_LAB else f"--lab {lab.name} "
-    print(f"\n{'all workloads reach each other' if green else 'SOME PINGS FAILED'}. Next:"
+    verdict = ("reachability not checked (--check none)" if not matrices else
+               "all workloads reach each other" if green else "SOME PINGS FAILED")
+    print(f"\n{verdict}. Next:"
           f"\n  {ctl} {lab_opt}--host h1 node status\n  {ctl} {lab_opt}--host h1 bgp routes"
           f"\n  {ctl} {lab_opt}--host h1 routes\n  {ctl} --lab {lab.name} nodes"
           f"\n  {ctl} {lab_opt}lab exec h1-w1 -- ping -c1 h2-w1.fabric.internal"

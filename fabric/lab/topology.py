@@ -53,6 +53,7 @@ from fabric.processes import is_running, kill_pid, kill_pids
 BASE_DIR = Path("/run/l3fabric-lab")
 DEFAULT_UNDERLAY = "10.99.0.0/24"
 DEFAULT_UNDERLAY6 = "fd99::/64"
+FIRST_RESERVED = 241  # underlay .241 and up: etcd members, the external peer, the router
 IP_FAMILIES = {"ipv4": (4,), "ipv6": (6,), "dual": (4, 6)}
 ETCD_CLIENT_PORT = 2379
 ETCD_PEER_PORT = 2380
@@ -357,8 +358,8 @@ class Lab:
     def _start_cluster(self, count: int) -> None:
         members = []
         for index in range(1, count + 1):
-            address = self._address(240 + index) if 4 in self.families \
-                else self._address6(240 + index)
+            address = self._address(FIRST_RESERVED - 1 + index) if 4 in self.families \
+                else self._address6(FIRST_RESERVED - 1 + index)
             member = EtcdMember(f"etcd-{index}", f"{self.name}-etcd{index}", address)
             netns.create(member.netns)
             self.plug(member.netns, f"p-etcd{index}", address, default_route=False)
@@ -446,10 +447,7 @@ class Lab:
         with self.locked() as state:
             if name in state.hosts:
                 raise LabError(f"lab {self.name} already has a host {name}")
-            index = 10 + len(state.hosts) + 1
-            taken = {a for h in state.hosts.values() for a in (h.address, h.address6)}
-            while self._address(index) in taken or self._address6(index) in taken:
-                index += 1
+            index = self._host_index(name, state)
             families = state.families
             address6 = self._address6(index) if 6 in families else ""
             address = self._address(index) if 4 in families else address6
@@ -465,6 +463,27 @@ class Lab:
         if self.state.peer:
             self.refresh_peer()
         return host
+
+    def _host_index(self, name: str, state: LabState) -> int:
+        """The host's place on the underlay: hN is .(10+N) whenever that is free (hosts
+        built in parallel keep the address their name promises), others the first free.
+        .241 and up belong to etcd members, the peer and the router."""
+        taken = {a for h in state.hosts.values() for a in (h.address, h.address6)}
+
+        def free(index: int) -> bool:
+            return self._address(index) not in taken and self._address6(index) not in taken
+
+        number = re.fullmatch(r"h(\d+)", name)
+        if number and 10 + int(number[1]) < FIRST_RESERVED and free(10 + int(number[1])):
+            return 10 + int(number[1])
+        index = 11
+        while not free(index):
+            index += 1
+        size = ipaddress.ip_network(state.underlay).num_addresses
+        if index >= min(FIRST_RESERVED, size - 1):
+            raise LabError(f"no underlay address left for host {name}: hosts use .11 to "
+                           f".{FIRST_RESERVED - 1} of {state.underlay}")
+        return index
 
     def agent_argv(self, host: HostState) -> list[str]:
         argv = [python_bin("fabric-agent"), "--node-name", host.name]

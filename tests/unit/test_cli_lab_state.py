@@ -118,3 +118,20 @@ def test_a_recorded_pid_is_signalled_only_while_it_runs_what_we_recorded():
         sleeper.wait()
     assert not still_ours(sleeper.pid, "sleep")
     assert not still_ours(None, "sleep")
+
+
+def test_a_host_built_out_of_order_gets_the_address_its_name_promises(tmp_path):
+    from fabric.lab.topology import LabError
+
+    lab = Lab("addr", tmp_path)
+    state = lab.state
+    assert lab._host_index("h7", state) == 17  # h7 first (parallel build): still .17
+    assert lab._host_index("h1", state) == 11
+    state.hosts["other"] = host("other")  # host() gives .11
+    assert lab._host_index("h1", state) == 12  # .11 taken: the first free one
+    assert lab._host_index("db", state) == 12  # no number in the name: the first free
+    for index in range(12, 241):
+        state.hosts[f"x{index}"] = host(f"x{index}")
+        state.hosts[f"x{index}"].address = lab._address(index)
+    with pytest.raises(LabError, match="no underlay address left for host late"):
+        lab._host_index("late", state)
