@@ -26,6 +26,7 @@ from bgp.peers import Peer
 
 API_PROCESS = "fabric-agent"
 _SAFE_PASSWORD = re.compile(r"[!#-:<-z|~]{1,80}")  # no space, quote, ';', '{', '}'
+_UNSAFE_TEXT = re.compile(r"[^A-Za-z0-9 ._:@/+-]")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,12 @@ class SpeakerSettings:
 
 def password_ok(password: str) -> bool:
     return bool(_SAFE_PASSWORD.fullmatch(password))
+
+
+def _description(peer: Peer) -> str:
+    """Names come from etcd records: whatever is not plain text is left out, so no
+    record can break the file (a quote in a name once did, on every node)."""
+    return _UNSAFE_TEXT.sub("_", f"{peer.kind} {peer.name}")
 
 
 def _route(prefix: str) -> str:
@@ -66,7 +73,7 @@ def render(settings: SpeakerSettings, peers: Mapping[str, Peer], exports: Iterab
         peer = peers[address]
         lines += [
             f"neighbor {address} {{",
-            f"    description \"{peer.kind} {peer.name}\";",
+            f"    description \"{_description(peer)}\";",
             f"    router-id {settings.router_id};",
             f"    local-address {settings.local(peer.family)};",
             f"    local-as {settings.local_as};",

@@ -10,8 +10,9 @@ Two facts of ExaBGP 5.0.15 shape this (both reproduced against the real process)
   (`reactor/loop.py`: the signal is cleared, then `_pending_adjribout()` skips it).
   So a reload counts as done only when ExaBGP logs "loaded new configuration
   successfully"; without that within `retry` seconds it is asked again (doubling up
-  to `max_retry`). A reload that ExaBGP refuses (a bad file) is not retried: the next
-  configuration will be.
+  to `max_retry`). A reload that ExaBGP refuses (a bad file) is not retried: it
+  leaves ExaBGP 5.0.15 refusing every later reload, even of a valid file, so the
+  speaker restarts ExaBGP instead (a new process reads the file as it is then).
 
 A new ExaBGP process reads the file itself; if the file changed after the process was
 started, it may have read either version, so it is reloaded once its API is up.

@@ -1,9 +1,18 @@
 """The ExaBGP adapter: runs one ExaBGP process and talks to it over its API.
 
-One thread does all of it, around one selector: the relay's connection (ExaBGP's API
-process, `bgp.relay`, connects back to our socket), ExaBGP's log output, the process
-itself (a pidfd: readable when it exits), and a wake-up socket for requests from the
-agent's owner loop (`configure`, `send`). Nothing here blocks on ExaBGP: what we send
+One thread does all of it, around one selector: ExaBGP's API connection (ExaBGP, run
+by `bgp.exabgp_run`, connects back to our socket; an unwrapped one runs `bgp.relay`,
+which does), ExaBGP's log output, the process itself (a pidfd: readable when it
+exits), and a wake-up socket for requests from the agent's owner loop (`configure`,
+`send`).
+
+Only our ExaBGP may be the API: a connection from any other process (checked by the
+kernel's peer credentials: ExaBGP's pid, or its child's for the relay) is closed at
+once, and never replaces the real one. ExaBGP is restarted (SIGTERM: peers keep our
+routes, graceful restart) when it cannot go on working: its API connection is gone
+(it never reconnects by itself), it refused a reload (ExaBGP 5.0.15 is left refusing
+every later one, even of a valid file), or it stopped answering (`bgp.watchdog`;
+SIGKILL then, a stopped process ignores SIGTERM). Nothing here blocks on ExaBGP: what we send
 is buffered and written when the connection can take it, so ExaBGP, blocked writing
 updates to us, can never wait on us while we wait on it.
 
@@ -38,12 +47,15 @@ from typing import Any
 
 from bgp import api, relay
 from bgp.reload import ReloadGate
+from bgp.watchdog import PROBE, ApiWatchdog
 from fabric import logs
 from fabric.processes import is_running, stop
-from fabric.sockets import address
+from fabric.sockets import address, peer_credentials
 
 PR_SET_PDEATHSIG = 1
 RESTART_BACKOFF = (0.5, 10.0)  # first and longest delay before starting ExaBGP again
+TERM_GRACE = 5.0  # seconds after SIGTERM before SIGKILL
+MAX_LINE = 16 << 20  # an API line longer than this is not ExaBGP's: drop the connection
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -65,6 +77,14 @@ class Connected:
 class Exited:
     generation: int
     code: int | None
+
+
+@dataclass(frozen=True)
+class Restarting:
+    """ExaBGP is being stopped to be started again, and why."""
+
+    generation: int
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -118,6 +138,8 @@ class Speaker:
         self._logfile: Any = None
         self._started_at = 0.0
         self._gate = ReloadGate()
+        self._watchdog = ApiWatchdog()
+        self._kill_at: float | None = None  # SIGTERM sent; SIGKILL then if still there
         self._respawn_at: float | None = None
         self._backoff = RESTART_BACKOFF[0]
         self._config = ""
@@ -202,7 +224,9 @@ class Speaker:
     def _run(self) -> None:
         while not self._stopping.is_set():
             now = time.monotonic()
-            deadlines = [d for d in (self._gate.deadline(), self._respawn_at) if d is not None]
+            watchdog = self._watchdog.deadline() if self._conn is not None else None
+            deadlines = [d for d in (self._gate.deadline(), self._respawn_at, self._kill_at,
+                                     watchdog) if d is not None]
             timeout = max(0.0, min(deadlines) - now) if deadlines else 1.0
             for key, mask in self._selector.select(min(timeout, 1.0)):
                 try:
@@ -213,6 +237,16 @@ class Speaker:
             if self._gate.poll(now):
                 self.log.info("reload not confirmed by ExaBGP; asking again")
                 self._write(api.RELOAD)
+            if self._conn is not None and self._kill_at is None:
+                if self._watchdog.hung(now):
+                    self._restart("exabgp stopped answering its API for "
+                                  f"{now - self._watchdog.last_answer:.0f}s", hard=True)
+                elif self._watchdog.probe_due(now):
+                    self._write(PROBE)
+                    self._watchdog.probed(now)
+            if self._kill_at is not None and now >= self._kill_at:
+                self._kill_at = None
+                self._signal(signal.SIGKILL)
             if self._respawn_at is not None and now >= self._respawn_at and \
                     not self._stopping.is_set():
                 self._respawn_at = None
@@ -285,6 +319,7 @@ class Speaker:
         process = self._process
         assert process is not None
         code = process.wait()
+        self._kill_at = None
         self._selector.unregister(self._pidfd)
         os.close(self._pidfd)
         self._pidfd = -1
@@ -307,6 +342,25 @@ class Speaker:
         if process is not None and process.poll() is None:
             stop(process)
         self._drain_log()
+
+    def _restart(self, reason: str, hard: bool = False) -> None:
+        """Stop ExaBGP so that it is started again (the exit handler does that)."""
+        if self._process is None or self._process.poll() is not None or self._stopping.is_set():
+            return
+        self.log.error("restarting exabgp", reason=reason, pid=self._process.pid)
+        self.report(Restarting(self._generation, reason))
+        self._drop_connection()
+        if hard:
+            self._signal(signal.SIGKILL)
+        else:
+            self._signal(signal.SIGTERM)
+            self._kill_at = time.monotonic() + TERM_GRACE
+
+    def _signal(self, sig: int) -> None:
+        process = self._process
+        if process is not None and process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, sig)
 
     def _kill_leftover(self) -> None:
         """An ExaBGP of ours still running from an earlier agent: stop it by its PID."""
@@ -357,10 +411,12 @@ class Speaker:
     def _log_line(self, line: str) -> None:
         outcome, again = self._gate.log_line(line, time.monotonic())
         if outcome is not None:
+            self.report(Reloaded(outcome, line.strip()))
             if not outcome:
                 self.log.error("exabgp refused the new configuration", line=line.strip(),
                                config=str(self.config_path))
-            self.report(Reloaded(outcome, line.strip()))
+                self._restart("exabgp refused a reload (it would refuse every later one); "
+                              "a new process reads the file")
         if again:
             self._write(api.RELOAD)
 
@@ -371,6 +427,12 @@ class Speaker:
             conn, _ = self._listener.accept()
         except BlockingIOError:
             return
+        pid, uid, _ = peer_credentials(conn)
+        if not self._ours(pid):
+            self.log.warning("refused an api connection that is not our exabgp's",
+                             pid=pid, uid=uid)
+            conn.close()
+            return
         self._drop_connection()
         conn.setblocking(False)
         self._conn = conn
@@ -378,12 +440,33 @@ class Speaker:
         self._selector.register(conn, selectors.EVENT_READ, "conn")
         self.log.info("exabgp api connected", generation=self._generation)
         self.report(Connected(self._generation))
+        now = time.monotonic()
+        self._watchdog.connected(now)
         waiting, self._waiting = self._waiting, []
-        if self._gate.api_connected(time.monotonic()):
+        if self._gate.api_connected(now):
             self._write(api.RELOAD)
         for line in waiting:
             self._outbuf += line
+        self._watchdog.sent(len(waiting), now)
         self._flush()
+
+    def _ours(self, pid: int) -> bool:
+        """`pid` is our ExaBGP, or its child (the relay, where ExaBGP is not wrapped)."""
+        process = self._process
+        if process is None or process.poll() is not None or pid <= 0:
+            return False
+        if pid == process.pid:
+            return True
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        return int(stat.rpartition(")")[2].split()[1]) == process.pid
+
+    def _lost_connection(self, why: str) -> None:
+        """The API connection ended while ExaBGP runs: it will never come back by itself."""
+        self._drop_connection()
+        self._restart(f"exabgp's api connection {why}")
 
     def _drop_connection(self) -> None:
         if self._conn is None:
@@ -402,6 +485,7 @@ class Speaker:
             self._waiting.append(line)
             return
         self._outbuf += line
+        self._watchdog.sent(1, time.monotonic())
         self._flush()
 
     def _flush(self) -> None:
@@ -413,7 +497,7 @@ class Speaker:
             except BlockingIOError:
                 break
             except OSError:
-                self._drop_connection()
+                self._lost_connection("failed")
                 return
             del self._outbuf[:sent]
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self._outbuf else 0)
@@ -429,12 +513,17 @@ class Speaker:
         except OSError:
             data = b""
         if not data:
-            self._drop_connection()
+            self._lost_connection("closed")
             return
         *lines, self._inbuf = (self._inbuf + data).split(b"\n")
-        generation = self._generation
+        if len(self._inbuf) > MAX_LINE:
+            self._lost_connection(f"sent a line longer than {MAX_LINE} bytes")
+            return
+        generation, now = self._generation, time.monotonic()
         for line in lines:
             for event in api.parse_line(line):
-                if isinstance(event, api.Ack) and event.ok:
-                    continue  # one per command: only refusals are worth a message
+                if isinstance(event, api.Ack):
+                    self._watchdog.answered(now)
+                    if event.ok:
+                        continue  # one per command: only refusals are worth a message
                 self.report(Event(generation, event))

@@ -48,8 +48,14 @@ def address(name: str) -> str:
 
 
 def peer_uid(sock: socket.socket) -> int:
+    return peer_credentials(sock)[1]
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end, as the kernel saw it connect."""
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-    return _UCRED.unpack(creds)[1]
+    pid, uid, gid = _UCRED.unpack(creds)
+    return pid, uid, gid
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):

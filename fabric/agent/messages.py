@@ -38,12 +38,13 @@ class BgpEvent:
 
 @dataclass(frozen=True)
 class SpeakerStatus:
-    """ExaBGP's process: started, its API relay connected, or exited."""
+    """ExaBGP's process: started, its API connected, being restarted (and why), exited."""
 
     generation: int
-    state: str  # "started", "connected", "exited"
+    state: str  # "started", "connected", "restarting", "exited"
     pid: int | None = None
     code: int | None = None
+    reason: str = ""
 
 
 @dataclass(frozen=True)

@@ -87,7 +87,8 @@ def families(status: Mapping[str, Any], counters: Mapping[str, int]) -> list[Fam
         Family("agent_threads_alive", "gauge", "agent threads alive (1) or dead (0)",
                tuple(Sample("agent_threads_alive", int(alive), {"thread": name})
                      for name, alive in sorted(health.get("threads", {}).items()))),
-        Family("agent_healthy", "gauge", "1 while every agent thread runs and the loop beats",
+        Family("agent_healthy", "gauge", "1 while every agent thread runs, the loop beats "
+               "and nothing is degraded (ExaBGP down, registration failing)",
                (Sample("agent_healthy", int(bool(health.get("healthy", False)))),)),
     ]
 

@@ -244,6 +244,9 @@ class Agent:
             self.loop.post(m.SpeakerStatus(report.generation, "connected"))
         elif isinstance(report, bgp_speaker.Exited):
             self.loop.post(m.SpeakerStatus(report.generation, "exited", code=report.code))
+        elif isinstance(report, bgp_speaker.Restarting):
+            self.loop.post(m.SpeakerStatus(report.generation, "restarting",
+                                           reason=report.reason))
         elif isinstance(report, bgp_speaker.Reloaded):
             self.loop.post(m.ReloadStatus(report.ok, report.line))
 
@@ -352,7 +355,10 @@ class Agent:
         doc["version"] = __version__
         doc["started_at"] = self.started_at
         doc["bgp_process"]["log"] = str(self.speaker.log_path)
-        doc["health"] = self.health()
+        health = self.health()
+        health["degraded"] = doc.pop("degraded")
+        health["healthy"] = health["healthy"] and not health["degraded"]
+        doc["health"] = health
         return doc
 
     def _bgp_routes(self, peer: str | None = None, which: str = "received") -> list[Any]:
@@ -404,7 +410,9 @@ class Agent:
 
     # -- stop --------------------------------------------------------------------------
     def stop(self) -> None:
-        """Close sessions with a Cease, stop ExaBGP; the kernel keeps every route."""
+        """Stop ExaBGP (SIGTERM: it closes its sessions without a NOTIFICATION, so peers
+        keep our routes for the graceful-restart time) and every thread; the kernel
+        keeps every route."""
         self._stopping = True
         self.log.info("agent stopping")
         for server in self._servers:

@@ -43,6 +43,7 @@ from fabric.store import keys
 
 T = TypeVar("T")
 MIRRORS = ("pools", "nodes", "blocks", "borrowed", "bgp-config", "bgp-peers", "workloads")
+SPEAKER_GRACE = 15.0  # seconds ExaBGP may be down or unconnected (a restart) unreported
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,8 @@ class SpeakerInfo:
     reloads: int = 0
     reloads_refused: int = 0
     api_errors: int = 0
+    last_restart_reason: str = ""  # why the agent last restarted ExaBGP itself
+    down_since: float | None = None  # monotonic: not running, or its API not connected
 
 
 @dataclass
@@ -305,10 +308,16 @@ class AgentState:
             return
         elif status.state == "connected":
             info.connected = True
+            info.down_since = None
+        elif status.state == "restarting":
+            info.connected = False
+            info.last_restart_reason = status.reason
         elif status.state == "exited":
             info.running = info.connected = False
             info.restarts += 1
             self._carry_out(self.routing.on_speaker_exit(), jobs)
+        if not info.connected and info.down_since is None:
+            info.down_since = self.clock.monotonic()
 
     # -- the kernel --------------------------------------------------------------------
     def _apply(self, batch: KernelBatch, jobs: list[m.Job], reply: Any = None) -> None:
@@ -395,6 +404,21 @@ class AgentState:
             self.log.warning("could not list host links", error=done.error)
 
     # -- reading (control socket, metrics) ---------------------------------------------
+    def degraded(self) -> list[str]:
+        """What keeps this node from doing its job though every thread runs: shown by
+        `node status` and the health metric; restarting the agent would not fix it."""
+        found = []
+        info, now = self.speaker, self.clock.monotonic()
+        if self.speaker_live and info.down_since is not None and \
+                now - info.down_since > SPEAKER_GRACE:
+            what = "ExaBGP's API not connected" if info.running else "ExaBGP not running"
+            found.append(f"{what} for {now - info.down_since:.0f}s ({info.restarts} "
+                         "restart(s)" + (f"; last restarted because {info.last_restart_reason}"
+                                         if info.last_restart_reason else "") + ")")
+        if self.registration.last_error:
+            found.append(f"registration: {self.registration.last_error}")
+        return found
+
     def status(self) -> dict[str, Any]:
         routing = self.routing
         peers = []
@@ -432,7 +456,9 @@ class AgentState:
                             "pid": speaker.pid, "started_at": speaker.started_at,
                             "restarts": speaker.restarts, "reloads": speaker.reloads,
                             "reloads_refused": speaker.reloads_refused,
-                            "api_errors": speaker.api_errors},
+                            "api_errors": speaker.api_errors,
+                            "last_restart_reason": speaker.last_restart_reason},
+            "degraded": self.degraded(),
             "kernel": dict(self.kernel.__dict__),
             "route_kinds": dict(collections.Counter(
                 r.kind for r in self.desired.effective().values())),

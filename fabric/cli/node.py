@@ -86,8 +86,10 @@ def _health(health: dict[str, Any]) -> str:
     dead = [name for name, alive in health["threads"].items() if not alive]
     if dead:
         return f"UNHEALTHY: thread(s) {', '.join(dead)} died (it exits to be restarted)"
-    if not health["healthy"]:
+    if health["loop_beat_age"] >= 60:
         return f"UNHEALTHY: owner loop stuck for {health['loop_beat_age']:.0f}s"
+    if health.get("degraded"):
+        return "DEGRADED: " + "; ".join(health["degraded"])
     return f"healthy, {len(health['threads'])} threads"
 
 

@@ -175,3 +175,76 @@ def test_exabgp_killed_is_started_again_and_reported(speaker, bird):
     reports.wait(lambda r: isinstance(r, bgp_speaker.Connected) and r.generation == 2,
                  "the new API connected")
     wait_until(lambda: bird_state(bird).get("p0") == "Established", "session up again", 20)
+
+
+FOREIGN = """
+import socket, sys, time
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.connect("\\0" + sys.argv[1][1:])
+time.sleep(0.5)
+try:
+    sock.sendall(b'{"type":"update","neighbor":{"address":{"peer":"10.77.0.2"},"message":'
+                 b'{"update":{"withdraw":{"ipv4 unicast":[{"nlri":"10.244.1.0/26"}]}}}}}\\n')
+    print(sock.recv(100) == b"")
+except (BrokenPipeError, ConnectionResetError):
+    print(True)
+"""
+
+
+def test_a_process_that_is_not_our_exabgp_cannot_be_its_api(speaker, bird):
+    """A local process (here an unprivileged one) connecting to the API socket is
+    turned away; it neither replaces nor joins ExaBGP's connection."""
+    reports = speaker.reports
+    start(speaker, config(speaker, [PEER_ONE], ["10.244.1.0/26"]))
+    reports.wait(lambda r: isinstance(r, bgp_speaker.Connected), "API connected")
+    foreign = subprocess.run(
+        ["ip", "netns", "exec", speaker.netns, "setpriv", "--reuid=65534", "--regid=65534",
+         "--clear-groups", sys.executable, "-c", FOREIGN, speaker.relay_socket],
+        capture_output=True, text=True, timeout=30)
+    assert foreign.stdout.strip() == "True", foreign.stderr  # closed on it at once
+    time.sleep(0.5)
+    assert not any(isinstance(r, bgp_speaker.Event) and isinstance(r.event, api.Update)
+                   for r in _drain(reports))  # its UPDATE never reached the agent
+    speaker.send(["# still our exabgp"])
+    wait_until(lambda: "10.244.1.0/26" in bird_routes(bird), "our route still at BIRD", 10)
+    assert not any(isinstance(r, (bgp_speaker.Exited, bgp_speaker.Restarting))
+                   for r in reports.all)
+
+
+def test_a_stopped_exabgp_is_noticed_and_restarted(speaker, bird):
+    reports = speaker.reports
+    start(speaker, config(speaker, [PEER_ONE], ["10.244.1.0/26"]))
+    first = reports.wait(lambda r: isinstance(r, bgp_speaker.Started), "start")
+    reports.wait(lambda r: isinstance(r, bgp_speaker.Connected), "API connected")
+    stopped = time.monotonic()
+    subprocess.run(["kill", "-STOP", str(first.pid)], check=True)
+    restarting = reports.wait(lambda r: isinstance(r, bgp_speaker.Restarting),
+                              "the watchdog restarting ExaBGP", 30)
+    assert "stopped answering" in restarting.reason
+    assert time.monotonic() - stopped < 15
+    reports.wait(lambda r: isinstance(r, bgp_speaker.Started) and r.generation == 2,
+                 "a new ExaBGP")
+    wait_until(lambda: bird_state(bird).get("p0") == "Established", "session up again", 30)
+
+
+def test_a_refused_reload_restarts_exabgp_which_then_takes_valid_ones(speaker, bird):
+    """ExaBGP 5.0.15 refuses every reload after one it refused, even of a valid file."""
+    reports = speaker.reports
+    start(speaker, config(speaker, [PEER_ONE], ["10.244.1.0/26"]))
+    reports.wait(lambda r: isinstance(r, bgp_speaker.Connected), "API connected")
+    good = config(speaker, [PEER_ONE], ["10.244.1.0/26"])
+    speaker.configure(good.replace("hold-time 9;", "hold-time x;"), reload=True)
+    refused = reports.wait(lambda r: isinstance(r, bgp_speaker.Reloaded), "the reload outcome")
+    assert not refused.ok
+    reports.wait(lambda r: isinstance(r, bgp_speaker.Restarting), "a restart")
+    speaker.configure(config(speaker, [PEER_ONE, PEER_TWO], ["10.244.1.0/26"]), reload=True)
+    wait_until(lambda: bird_state(bird) == {"p0": "Established", "p1": "Established"},
+               "both sessions up: the valid configuration was taken", 40)
+
+
+def _drain(reports: Reports) -> list[object]:
+    while True:
+        try:
+            reports.all.append(reports.seen.get_nowait())
+        except queue.Empty:
+            return reports.all

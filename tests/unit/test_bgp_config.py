@@ -70,3 +70,9 @@ def test_environment_keeps_exabgp_tied_to_the_agent():
     assert env["exabgp.api.terminate"] == "true" and env["exabgp.api.respawn"] == "false"
     assert env["exabgp.tcp.bind"] == "192.0.2.1" and env["exabgp.api.cli"] == "false"
     assert env["exabgp.daemon.pid"] == ""  # a stale pid file once blocked the restart
+
+
+def test_a_peer_name_with_a_quote_cannot_break_the_file():
+    peers = {"192.0.2.9": Peer("192.0.2.9", 65100, "global", 'ev"il;}')}
+    text = render(SETTINGS, peers, [])
+    assert 'description "global ev_il__";' in text

@@ -26,6 +26,7 @@ PURE = {
     "fabric.agent.desired", "fabric.agent.sessions", "fabric.agent.exports",
     "fabric.agent.routing", "fabric.agent.workloads",
     "bgp", "bgp.api", "bgp.config", "bgp.peers", "bgp.policy", "bgp.rib", "bgp.reload",
+    "bgp.watchdog",
     "ipam", "ipam.blocks", "ipam.check",
     "cni", "cni.spec", "cni.netconf", "cni.shim",
 }
