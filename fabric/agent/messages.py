@@ -24,10 +24,13 @@ from fabric.model.prefix import Prefix
 
 @dataclass(frozen=True)
 class Snapshot:
-    """The complete contents of one mirrored etcd prefix (key -> record)."""
+    """The complete contents of one mirrored etcd prefix (key -> record), and the keys
+    whose value could not be read (key -> why; their last readable value is in
+    `records`, if there was one)."""
 
     name: str
     records: Mapping[str, Mapping[str, Any]]
+    unreadable: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -151,8 +151,9 @@ class Routing:
             self.sessions.pop(address, None)
             self._changed(self.rib.drop_peer(address), out)
             out.peers_changed = True
-        if out.peers_changed:
-            self._refresh_policy(out)  # the underlay (peer addresses) changed
+        if out.peers_changed:  # the underlay (peer addresses) changed
+            self._refresh_policy(out)
+            self._refresh_exports(out)
 
     def underlay(self) -> set[str]:
         """Addresses BGP itself runs over: a route covering one would cut a session."""

@@ -185,8 +185,9 @@ class Agent:
             self._threads[f"watch-{name}"] = mirror.start()
             self._mirrors.append(mirror)
 
-    def _poster(self, name: str) -> Callable[[dict[str, Any]], None]:
-        return lambda snapshot: self.loop.post(m.Snapshot(name, snapshot))
+    def _poster(self, name: str) -> Callable[[dict[str, Any], dict[str, str]], None]:
+        return lambda records, unreadable: self.loop.post(m.Snapshot(name, records,
+                                                                     unreadable))
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + READY_WAIT

@@ -34,6 +34,7 @@ from fabric.agent.exports import Announcer
 from fabric.agent.routing import Outcome, Routing, Settings
 from fabric.agent.workloads import Workloads, names
 from fabric.kernel.routes import Applied, Drift, EventsLost, Resynced, RouteEvent, blackhole
+from fabric.model import checks
 from fabric.model.blocks import Block
 from fabric.model.nodes import Node, Workload
 from fabric.model.peers import BgpConfig, PeerSpec
@@ -119,6 +120,8 @@ class AgentState:
         self.announcer = Announcer(self.relay_command)
         self.dns_names: Mapping[str, tuple[str, ...]] = {}  # replaced whole, never mutated
         self.mirrors_seen: set[str] = set()
+        self.ignored: dict[str, dict[str, str]] = {}  # mirror -> key -> why not used
+        self._good: dict[str, dict[str, Any]] = {}  # mirror -> key -> last usable record
         self.speaker_live = False  # ExaBGP was started with `initial_config()`
         self.kernel = KernelStats()
         self.drift: collections.deque[Drift] = collections.deque(maxlen=100)
@@ -222,38 +225,65 @@ class AgentState:
     # -- etcd mirrors ------------------------------------------------------------------
     def _on_snapshot(self, snap: m.Snapshot, jobs: list[m.Job]) -> None:
         self.mirrors_seen.add(snap.name)
-        records = snap.records
         if snap.name == "pools":
-            pools = _parse(records, Pool.from_record)
+            pools = self._decode(snap, _value(Pool.from_record))
             self._carry_out(self.routing.set_view(pools=pools), jobs)
             self._nat(pools, jobs)
         elif snap.name == "nodes":
-            nodes = _parse(records, Node.from_record)
+            nodes = self._decode(snap, _value(Node.from_record))
             self._carry_out(self.routing.set_view(nodes=nodes), jobs)
             self._check_registration(nodes, jobs)
         elif snap.name == "blocks":
-            self._carry_out(self.routing.set_view(blocks=_parse(records, Block.from_record)),
-                            jobs)
+            blocks = self._decode(snap, _value(Block.from_record))
+            self._carry_out(self.routing.set_view(blocks=blocks), jobs)
         elif snap.name == "borrowed":
-            self._carry_out(self.routing.set_view(borrowed=borrowed_records(records)), jobs)
+            borrowed = dict(self._decode(snap, borrowed_record))
+            self._carry_out(self.routing.set_view(borrowed=borrowed), jobs)
         elif snap.name == "bgp-config":
-            config = BgpConfig.from_record(next(iter(records.values()), None))
+            configs = self._decode(snap, _value(BgpConfig.from_record))
+            config = configs[0] if configs else BgpConfig()
             self._carry_out(self.routing.set_view(config=config), jobs)
         elif snap.name == "bgp-peers":
-            specs = _parse(records, PeerSpec.from_record)
+            specs = self._decode(snap, _value(PeerSpec.from_record))
             self._carry_out(self.routing.set_view(specs=specs), jobs)
         elif snap.name == "workloads":
-            everyone = _parse(records, Workload.from_record)
+            everyone = self._decode(snap, _value(Workload.from_record))
             self.dns_names = names(everyone)
             self.workloads.on_registrations(w for w in everyone if w.node == self.me.name)
             self._apply(self._workload_routes(), jobs)
         else:
             raise ValueError(f"unknown mirror {snap.name!r}")
 
+    def _decode(self, snap: m.Snapshot, parse: Callable[[str, dict[str, Any]], T]
+                ) -> tuple[T, ...]:
+        """Every record of a mirror that is usable. One that is not (unreadable, or a
+        field that is not what it must be) is not acted on: its key keeps its last
+        usable record, if it had one (an unreadable node record must not look like the
+        node leaving), and it is reported (`ignored_records` in status)."""
+        good = self._good.get(snap.name, {})
+        ignored = dict(snap.unreadable)
+        usable: dict[str, Any] = {}
+        for key, value in snap.records.items():
+            try:
+                usable[key] = parse(key, dict(value))
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                ignored[key] = str(exc) or type(exc).__name__
+                if key in good:
+                    usable[key] = good[key]
+        before = self.ignored.get(snap.name, {})
+        for key in sorted(set(ignored) - set(before)):
+            self.log.warning("ignoring an etcd record", key=key, reason=ignored[key])
+        self.ignored[snap.name] = ignored
+        self._good[snap.name] = usable
+        return tuple(usable.values())
+
     def _check_registration(self, nodes: Iterable[Node], jobs: list[m.Job]) -> None:
-        """Our record must be in etcd as we wrote it: deleted or changed behind our back,
-        it is written again (unless another host holds the name: that is refused)."""
+        """Our record must be in etcd as we wrote it: deleted, changed or made
+        unreadable behind our back, it is written again (unless another host holds the
+        name: that is refused)."""
         ours = next((n for n in nodes if n.name == self.me.name), None)
+        if keys.node(self.me.name) in self.ignored.get("nodes", {}):
+            ours = None  # what is there is not our record, whatever we read before
         self.registration.registered = ours == self.registered_record
         if not self.registration.registered and not self.registration.in_flight:
             if ours is None:
@@ -417,7 +447,15 @@ class AgentState:
                                          if info.last_restart_reason else "") + ")")
         if self.registration.last_error:
             found.append(f"registration: {self.registration.last_error}")
+        ignored = self.ignored_records()
+        if ignored:
+            key, why = next(iter(sorted(ignored.items())))
+            more = f" and {len(ignored) - 1} more" if len(ignored) > 1 else ""
+            found.append(f"etcd record ignored: {key}: {why}{more} (see ignored_records)")
         return found
+
+    def ignored_records(self) -> dict[str, str]:
+        return {k: why for records in self.ignored.values() for k, why in records.items()}
 
     def status(self) -> dict[str, Any]:
         routing = self.routing
@@ -459,6 +497,7 @@ class AgentState:
                             "api_errors": speaker.api_errors,
                             "last_restart_reason": speaker.last_restart_reason},
             "degraded": self.degraded(),
+            "ignored_records": self.ignored_records(),
             "kernel": dict(self.kernel.__dict__),
             "route_kinds": dict(collections.Counter(
                 r.kind for r in self.desired.effective().values())),
@@ -504,23 +543,14 @@ class AgentState:
         return rows
 
 
-def _parse(records: Mapping[str, Mapping[str, Any]],
-           parse: Callable[[dict[str, Any]], T]) -> tuple[T, ...]:
-    """Every record of a mirror that parses; unreadable ones were logged by the mirror."""
-    found = []
-    for value in records.values():
-        try:
-            found.append(parse(dict(value)))
-        except (KeyError, TypeError, ValueError):
-            continue
-    return tuple(found)
+def _value(parse: Callable[[dict[str, Any]], T]) -> Callable[[str, dict[str, Any]], T]:
+    """A record parser that needs only the value, for `_decode`."""
+    return lambda _key, value: parse(value)
 
 
-def borrowed_records(snapshot: Mapping[str, Any]) -> dict[str, str]:
-    """ipam/borrowed/<node>/<address> keys -> {address: node}."""
-    out = {}
-    for key in snapshot:
-        node, _, address = key[len(keys.BORROWED):].partition("/")
-        if node and address:
-            out[address] = node
-    return out
+def borrowed_record(key: str, _value: dict[str, Any]) -> tuple[str, str]:
+    """ipam/borrowed/<node>/<address> -> (address, node); ValueError when malformed."""
+    node, _, address = key[len(keys.BORROWED):].partition("/")
+    if not node:
+        raise ValueError(f"{key}: no node in the key")
+    return checks.address(address, "borrowed address"), node

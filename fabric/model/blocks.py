@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from fabric.model import checks
+
 
 @dataclass(frozen=True)
 class Block:
@@ -19,6 +21,8 @@ class Block:
 
     @classmethod
     def from_record(cls, value: dict[str, Any]) -> Block:
+        """Raises ValueError naming the field that is not what a block needs."""
         affinity = value.get("affinity")
-        return cls(str(value["cidr"]), str(value["pool"]),
-                   None if affinity is None else str(affinity))
+        return cls(checks.network(value.get("cidr"), "cidr"),
+                   checks.text(value.get("pool"), "pool"),
+                   None if affinity is None else checks.text(affinity, "affinity"))

@@ -6,6 +6,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
+from fabric.model import checks
+
 
 @dataclass(frozen=True)
 class Node:
@@ -66,11 +68,17 @@ class Node:
 
     @classmethod
     def from_record(cls, value: dict[str, Any]) -> Node:
-        return cls(str(value["name"]), str(value["address"]), int(value["asn"]),
-                   {str(k): str(v) for k, v in (value.get("labels") or {}).items()},
-                   value.get("rr_cluster_id"), float(value.get("started_at", 0.0)),
-                   str(value.get("version", "")), str(value.get("address6") or ""),
-                   str(value.get("router_id") or ""))
+        """Raises ValueError naming the field that is not what a node needs."""
+        cluster = value.get("rr_cluster_id")
+        return cls(checks.text(value.get("name"), "name"),
+                   checks.address(value.get("address"), "address"),
+                   checks.asn(value.get("asn")),
+                   {str(k): str(v) for k, v in _mapping(value.get("labels"), "labels")},
+                   None if cluster is None else checks.ipv4(cluster, "rr_cluster_id"),
+                   float(value.get("started_at", 0.0)),
+                   str(value.get("version", "")),
+                   checks.ipv6(value.get("address6"), "address6", empty_ok=True),
+                   checks.ipv4(value.get("router_id"), "router_id", empty_ok=True))
 
 
 @dataclass(frozen=True)
@@ -94,8 +102,25 @@ class Workload:
 
     @classmethod
     def from_record(cls, value: dict[str, Any]) -> Workload:
-        return cls(str(value["handle"]), str(value["node"]), str(value["container_id"]),
-                   str(value["ifname"]), str(value.get("netns", "")),
-                   tuple(str(i) for i in value.get("ips", [])), value.get("name"),
+        """Raises ValueError naming the field that is not what a workload needs."""
+        ips = value.get("ips", [])
+        if not isinstance(ips, list):
+            raise ValueError(f"ips {ips!r} is not a list")
+        for ip in ips:
+            checks.address(str(ip).partition("/")[0], "ips entry")
+        return cls(checks.text(value.get("handle"), "handle"),
+                   checks.text(value.get("node"), "node"),
+                   checks.text(value.get("container_id"), "container_id", empty_ok=True),
+                   checks.text(value.get("ifname"), "ifname", empty_ok=True),
+                   str(value.get("netns", "")),
+                   tuple(str(i) for i in ips), value.get("name"),
                    value.get("host_ifname"), float(value.get("created_at", 0.0)),
                    str(value.get("network", "")))
+
+
+def _mapping(value: Any, what: str) -> list[tuple[Any, Any]]:
+    if value is None:
+        return []
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} {value!r} is not a mapping")
+    return list(value.items())

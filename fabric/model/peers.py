@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fabric.model import checks
 from fabric.model.nodes import Node
 
 DEFAULT_AS = 64512
@@ -29,7 +30,10 @@ class BgpConfig:
     def from_record(cls, value: Mapping[str, Any] | None) -> BgpConfig:
         if not value:
             return cls()
-        return cls(int(value.get("asn", DEFAULT_AS)), bool(value.get("node_mesh", True)))
+        mesh = value.get("node_mesh", True)
+        if not isinstance(mesh, bool):
+            raise ValueError(f"node_mesh {mesh!r} is not true or false")
+        return cls(checks.asn(value.get("asn", DEFAULT_AS)), mesh)
 
     def to_record(self) -> dict[str, Any]:
         return {"asn": self.asn, "node_mesh": self.node_mesh}
@@ -56,11 +60,24 @@ class PeerSpec:
 
     @classmethod
     def from_record(cls, value: Mapping[str, Any]) -> PeerSpec:
-        return cls(str(value["name"]), str(value["address"]), int(value["asn"]),
-                   value.get("node"), {str(k): str(v) for k, v in
-                                       (value.get("node_selector") or {}).items()},
-                   value.get("password"), value.get("max_prefixes"),
-                   bool(value.get("route_reflector", False)))
+        """Raises ValueError naming the field that is not what a peer needs."""
+        limit = value.get("max_prefixes")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
+                                  or limit < 1):
+            raise ValueError(f"max_prefixes {limit!r} is not a count of at least 1")
+        password = value.get("password")
+        if password is not None and not isinstance(password, str):
+            raise ValueError("password is not text")
+        selector = value.get("node_selector") or {}
+        if not isinstance(selector, dict):
+            raise ValueError(f"node_selector {selector!r} is not a mapping")
+        node = value.get("node")
+        return cls(checks.text(value.get("name"), "name"),
+                   checks.address(value.get("address"), "address"),
+                   checks.asn(value.get("asn")),
+                   None if node is None else checks.text(node, "node"),
+                   {str(k): str(v) for k, v in selector.items()},
+                   password, limit, bool(value.get("route_reflector", False)))
 
     def applies_to(self, node: Node) -> bool:
         if self.node is not None:

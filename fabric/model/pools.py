@@ -60,14 +60,12 @@ class Pool:
 
     @classmethod
     def from_record(cls, value: dict[str, Any]) -> Pool:
-        return cls(
-            name=str(value["name"]),
-            cidr=str(value["cidr"]),
-            block_size=int(value["block_size"]),
-            nat_outgoing=bool(value.get("nat_outgoing", False)),
-            disabled=bool(value.get("disabled", False)),
-            strict_affinity=bool(value.get("strict_affinity", False)),
-        )
+        """Checked as `fabricctl ipam pool add` checks its input (PoolError, a
+        ValueError, names what is wrong)."""
+        return parse_pool(str(value["name"]), str(value["cidr"]), int(value["block_size"]),
+                          nat_outgoing=bool(value.get("nat_outgoing", False)),
+                          disabled=bool(value.get("disabled", False)),
+                          strict_affinity=bool(value.get("strict_affinity", False)))
 
 
 def parse_pool(name: str, cidr: str, block_size: int | None = None, *,

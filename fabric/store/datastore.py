@@ -141,11 +141,16 @@ FAILOVER_PATIENCE = 3.0  # seconds a call keeps trying the members of an etcd cl
 # gRPC backs off reconnecting up to 120 s by default, failing every call meanwhile: an
 # etcd back after an outage of a few seconds stayed "unreachable" for many more. Retry
 # the connection within a second instead (etcd is local or on the same network).
+# gRPC refuses replies over 4 MiB by default: a listing of about 13,000 workloads
+# could never be read, and the agent could not start. Listings are read in pages
+# (`list`); the larger limit covers transactions that read several prefixes at once.
 CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.max_receive_message_length", 256 << 20),
 ]
+PAGE = 1000  # keys per Range call of a listing
 
 _UNAVAILABLE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
@@ -235,9 +240,23 @@ class Datastore:
                      meta.lease_id)
 
     def list(self, prefix: str, keys_only: bool = False) -> Listing:
-        """Every record under `prefix`. Corrupt ones are reported, not raised."""
-        response = self._call(self._client.get_prefix_response, prefix, keys_only=keys_only)
-        return _listing(response.kvs, response.header.revision, keys_only)
+        """Every record under `prefix`, read in pages of PAGE keys, all at the revision
+        of the first page (one consistent view however large). Corrupt ones are
+        reported, not raised."""
+        end = _prefix_end(prefix)
+        start: bytes = prefix.encode()
+        revision: int | None = None
+        kvs: builtins.list[Any] = []
+        while True:
+            response = self._call(self._client.get_range_response, start, end,
+                                  sort_order="ascend", sort_target="key", limit=PAGE,
+                                  revision=revision, keys_only=keys_only)
+            if revision is None:
+                revision = response.header.revision
+            kvs.extend(response.kvs)
+            if not response.more or not response.kvs:
+                return _listing(kvs, revision, keys_only)
+            start = response.kvs[-1].key + b"\0"
 
     def keys(self, prefix: str) -> builtins.list[str]:
         return [e.key for e in self.list(prefix, keys_only=True).entries]

@@ -20,6 +20,7 @@ from fabric import logs
 from fabric.model.nodes import Node, Workload
 from fabric.store import keys
 from fabric.store.datastore import Datastore, absent, delete, put, unchanged
+from fabric.store.errors import CorruptValue
 
 T = TypeVar("T")
 
@@ -60,11 +61,19 @@ class Registry:
         """Write our node record (no lease: it stays until the node is removed).
 
         Refused when another host (different underlay address) holds the name: two
-        agents fighting over one name would announce each other's blocks.
+        agents fighting over one name would announce each other's blocks. A value that
+        is no record at all (not JSON, unknown schema) is nobody's: it is replaced.
         """
         key = keys.node(node.name)
         for _ in range(20):
-            current = self.store.get(key)
+            try:
+                current = self.store.get(key)
+            except CorruptValue:
+                revision = self._revision(key)
+                ok, _ = self.store.txn([unchanged(key, revision)], [put(key, node.to_record())])
+                if ok:
+                    return
+                continue
             if current is not None:
                 holder = str(current.value.get("address"))
                 if holder != node.address:
@@ -77,6 +86,11 @@ class Registry:
             if ok:
                 return
         raise RegistrationError(f"could not register node {node.name!r}: concurrent writers")
+
+    def _revision(self, key: str) -> int:
+        """The mod revision of `key` whatever its value (0 when absent)."""
+        return next((e.mod_revision for e in self.store.list(key, keys_only=True).entries
+                     if e.key == key), 0)
 
     def remove_node(self, name: str) -> bool:
         """Forget a node (it left the fabric for good): its record and liveness key."""

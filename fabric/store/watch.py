@@ -4,6 +4,11 @@ The agent reacts to etcd (nodes joining, blocks claimed, peers configured) throu
 these mirrors. When the watch breaks (etcd restarted, compacted, unreachable) the
 mirror lists again and carries on from the new revision; the callback always sees
 the complete current contents, so consumers stay pure functions of a snapshot.
+
+A value that cannot be read (not JSON, another schema version) does not delete its
+key from the copy: the last readable value stays, and the key is passed on as
+unreadable with the reason, so a consumer can say so rather than act as if the
+record (a node, a block) had gone.
 """
 
 from __future__ import annotations
@@ -18,17 +23,19 @@ from fabric.store.datastore import Datastore
 from fabric.store.errors import DatastoreError
 
 Snapshot = dict[str, dict[str, Any]]
+Unreadable = dict[str, str]  # key -> why its value cannot be read
 
 
 class Mirror:
     def __init__(self, store: Datastore, prefix: str,
-                 on_change: Callable[[Snapshot], None], name: str) -> None:
+                 on_change: Callable[[Snapshot, Unreadable], None], name: str) -> None:
         self.store = store
         self.prefix = prefix
         self.on_change = on_change
         self.name = name
         self.log = logs.get("watch", mirror=name)
         self._data: Snapshot = {}
+        self._unreadable: Unreadable = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._cancel: Callable[[], None] | None = None
@@ -55,8 +62,10 @@ class Mirror:
             self._thread.join(timeout=5)
 
     def _publish(self) -> None:
+        with self._lock:
+            data, unreadable = dict(self._data), dict(self._unreadable)
         try:
-            self.on_change(self.snapshot())
+            self.on_change(data, unreadable)
         except Exception:
             self.log.exception("mirror consumer failed")
 
@@ -66,7 +75,12 @@ class Mirror:
             try:
                 listing = self.store.list(self.prefix)
                 with self._lock:
-                    self._data = {e.key: e.value for e in listing.entries}
+                    data = {e.key: e.value for e in listing.entries}
+                    for bad in listing.corrupt:  # keep what we could read before
+                        if bad.key in self._data:
+                            data[bad.key] = self._data[bad.key]
+                    self._data = data
+                    self._unreadable = {bad.key: bad.reason for bad in listing.corrupt}
                 for bad in listing.corrupt:
                     self.log.error("unreadable record", key=bad.key, reason=bad.reason)
                 self._publish()
@@ -82,11 +96,13 @@ class Mirror:
                             if event.error is not None:
                                 self.log.error("unreadable record", key=event.key,
                                                reason=event.error.reason)
-                                self._data.pop(event.key, None)
+                                self._unreadable[event.key] = event.error.reason
                             elif event.value is None:
                                 self._data.pop(event.key, None)
+                                self._unreadable.pop(event.key, None)
                             else:
                                 self._data[event.key] = event.value
+                                self._unreadable.pop(event.key, None)
                     self._publish()
             except DatastoreError as exc:
                 self.errors += 1

@@ -566,3 +566,64 @@ def test_reflecting_a_reflected_route_puts_our_cluster_first():
     assert fab.commands() == [
         "neighbor 192.0.2.3 announce route 10.244.0.64/26 next-hop 192.0.2.2 "
         "originator-id 192.0.2.2 cluster-list [ 10.255.0.9 10.255.0.7 ]"]
+
+
+# -- records from etcd that are not usable: ignored, reported, never thrown -------------
+def test_a_peer_record_that_is_not_a_peer_is_ignored_and_reported(fab):
+    good = PeerSpec("tor", "192.0.2.254", 65000).to_record()
+    fab.snapshot("bgp-peers", {keys.bgp_peer("tor"): good,
+                               keys.bgp_peer("junk"): {**good, "name": "junk",
+                                                       "address": "junk"}})
+    assert "192.0.2.254" in fab.state.routing.peers
+    assert fab.state.ignored_records() == {
+        keys.bgp_peer("junk"): "address 'junk' is not an IP address"}
+    assert any("etcd record ignored" in d for d in fab.state.degraded())
+
+
+@pytest.mark.parametrize("mirror,key,record", [
+    ("nodes", keys.node("x"), {"name": "x", "address": "x", "asn": 64512}),
+    ("blocks", "/l3fabric/v1/ipam/blocks/10.244.9.0-33",
+     {"cidr": "10.244.9.0/33", "pool": "p", "affinity": "a"}),
+    ("bgp-config", keys.BGP_CONFIG, {"asn": "x"}),
+    ("bgp-config", keys.BGP_CONFIG, {"asn": -1}),
+    ("workloads", keys.workload("a", "h.eth0"), {"handle": "h.eth0", "node": "a",
+                                                 "container_id": "c", "ifname": "eth0",
+                                                 "ips": ["x"]}),
+    ("borrowed", keys.BORROWED + "b/junk", {}),
+    ("pools", "/l3fabric/v1/ipam/pools/q", {"name": "q", "cidr": "10.0.0.0/33",
+                                             "block_size": 26}),
+])
+def test_no_malformed_record_throws_in_the_owner_loop(fab, mirror, key, record):
+    before = dict(fab.records[mirror])
+    fab.snapshot(mirror, {**before, key: record})  # raised inside handle() before
+    assert key in fab.state.ignored_records()
+    fab.snapshot(mirror, before)
+    assert key not in fab.state.ignored_records()
+
+
+def test_a_node_record_gone_bad_keeps_its_last_good_version(fab):
+    fab.up("192.0.2.2")
+    fab.announce("192.0.2.2", "10.244.0.64/26")
+    nodes = dict(fab.records["nodes"])
+    fab.snapshot("nodes", {**nodes, keys.node("b"): {"garbage": True}})
+    fab.clock.advance(DEPARTURE_GRACE + 1)
+    fab.tick()
+    assert "192.0.2.2" in fab.state.routing.peers  # not taken for a node that left
+    assert fab.learned() == {"10.244.0.64/26": ("192.0.2.2",)}
+    fab.send(m.Snapshot("nodes", nodes, {keys.node("c"): "not JSON"}))  # unreadable
+    fab.clock.advance(DEPARTURE_GRACE + 1)
+    fab.tick()
+    assert "192.0.2.3" in fab.state.routing.peers
+
+
+def test_our_own_record_gone_bad_is_written_again(fab):
+    nodes = dict(fab.records["nodes"])
+    fab.jobs.clear()
+    fab.snapshot("nodes", {**nodes, keys.node("a"): {"name": "a", "address": "junk"}})
+    assert [j for j in fab.jobs if isinstance(j, m.RegisterNode)]
+
+
+def test_a_bgp_config_gone_bad_keeps_the_last_good_one(fab):
+    fab.snapshot("bgp-config", {keys.BGP_CONFIG: BgpConfig(64600).to_record()})
+    fab.snapshot("bgp-config", {keys.BGP_CONFIG: {"asn": "x"}})
+    assert fab.state.routing.view.config.asn == 64600

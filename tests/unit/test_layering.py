@@ -18,7 +18,7 @@ PACKAGES = ("fabric", "bgp", "ipam", "cni")
 CLIENT_LIBRARIES = ("etcd3", "grpc", "pyroute2")
 
 PURE = {
-    "fabric", "fabric.model", "fabric.model.blocks", "fabric.model.handles",
+    "fabric", "fabric.model", "fabric.model.blocks", "fabric.model.checks", "fabric.model.handles",
     "fabric.model.nodes", "fabric.model.peers", "fabric.model.pools", "fabric.model.prefix",
     "fabric.store", "fabric.store.errors", "fabric.store.keys",
     "fabric.kernel", "fabric.kernel.routes", "fabric.settings",
