@@ -1,0 +1,578 @@
+"""Policies, labels and workloads -> one host's rule model -> an nftables document. Pure.
+
+The shape (see docs/policy.md for a listing): one table, `inet l3fabric`, that the
+agent owns whole.
+
+    chain forward   hook forward: replies of allowed connections pass (conntrack);
+                    packets from a local workload (iifname l3f*) go through `egress`,
+                    packets to one (oifname l3f*) through `ingress`
+    chain egress    one rule per (policy, rule, peer kind, protocol, family):
+                    `ip saddr @<selected> ip daddr @<peers> tcp dport 80 return`;
+                    then `ip saddr @iso_egress_4 jump deny`
+    chain ingress   the same with the addresses' roles swapped
+    chain deny      reject: TCP reset, else ICMP administratively prohibited
+
+Only the forward hook is used, so traffic between a workload and its own host (input
+and output hooks) always passes, and each direction is enforced where the workload
+lives: egress on the source's host, ingress on the destination's.
+
+Every address set is named after what it selects (a hash of namespace and selector),
+never after the workloads in it: the ruleset grows with the policies, and a workload
+that comes, goes or changes labels changes set elements only (`element_changes`),
+never a rule. Sets of peers hold every matching workload of the fabric; sets of
+selected workloads hold this host's only. ipBlock peers and multi-port matches are
+static interval sets, part of the structure.
+
+`evaluate()` runs a packet through a ruleset as `nft -j list table` printed it: the
+independent check that what the kernel holds agrees with `fabric.model.policy.decide`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fabric.model.policy import (
+    Endpoint,
+    NetworkPolicy,
+    Peer,
+    Rule,
+    Selector,
+    namespace_labels,
+)
+
+TABLE = "l3fabric"
+FAMILY = "inet"
+WORKLOAD_IFACES = "l3f*"  # fabric.kernel.links.HOST_PREFIX + wildcard
+DIRECTIONS = ("ingress", "egress")
+COMMENT_MAX = 127
+
+
+@dataclass(frozen=True)
+class AddressSet:
+    name: str
+    family: int
+    elements: frozenset[str] = frozenset()  # addresses; prefixes when `interval`
+    interval: bool = False  # static (ipBlock): part of the structure
+
+
+@dataclass(frozen=True)
+class NftRule:
+    direction: str  # ingress or egress
+    family: int
+    subject: str  # set of this host's workloads the policy selects
+    peer: str | None  # set of peer addresses; None: any
+    protocol: str | None  # tcp, udp, sctp; None: any
+    ports: tuple[tuple[int, int], ...] | str | None  # inline ranges, a port set, or any
+    comment: str
+
+
+@dataclass(frozen=True)
+class HostRules:
+    """What one host enforces; equal rule models give equal rulesets."""
+
+    families: tuple[int, ...]
+    sets: tuple[AddressSet, ...] = ()
+    port_sets: tuple[tuple[str, tuple[tuple[int, int], ...]], ...] = ()
+    rules: tuple[NftRule, ...] = ()
+    policies: int = 0
+    local: int = 0
+
+    def structure(self) -> tuple[Any, ...]:
+        """Everything but the elements of dynamic sets: equal structures mean an update
+        is set elements only."""
+        return (self.families, tuple((s.name, s.family, s.interval,
+                                      s.elements if s.interval else None)
+                                     for s in self.sets), self.port_sets, self.rules)
+
+    def dynamic(self) -> dict[str, frozenset[str]]:
+        return {s.name: s.elements for s in self.sets if not s.interval}
+
+    def digest(self) -> str:
+        text = json.dumps([repr(self.structure()), sorted(
+            (k, sorted(v)) for k, v in self.dynamic().items())])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _hash(*parts: Any) -> str:
+    return hashlib.sha1(repr(parts).encode()).hexdigest()[:10]
+
+
+def _family(address: str) -> int:
+    return 6 if ":" in address else 4
+
+
+@dataclass
+class _Builder:
+    namespaces: Mapping[str, Mapping[str, str]]
+    endpoints: Sequence[Endpoint]
+    local: Sequence[Endpoint]
+    families: tuple[int, ...]
+    sets: dict[str, AddressSet] = field(default_factory=dict)
+    port_sets: dict[str, tuple[tuple[int, int], ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.by_namespace: dict[str, list[Endpoint]] = {}
+        for endpoint in self.endpoints:
+            self.by_namespace.setdefault(endpoint.namespace, []).append(endpoint)
+        self.local_by_namespace: dict[str, list[Endpoint]] = {}
+        for endpoint in self.local:
+            self.local_by_namespace.setdefault(endpoint.namespace, []).append(endpoint)
+        self.ns_labels = {ns: namespace_labels(ns, self.namespaces)
+                          for ns in set(self.by_namespace) | set(self.namespaces)}
+
+    def _add(self, name: str, family: int, addresses: Iterable[str],
+             interval: bool = False) -> str:
+        if name not in self.sets:
+            self.sets[name] = AddressSet(name, family, frozenset(
+                a for a in addresses if _family(a) == family), interval)
+        return name
+
+    def subject(self, namespace: str, selector: Selector, family: int) -> str:
+        name = f"sel_{_hash(namespace, selector)}_{family}"
+        if name not in self.sets:
+            chosen = [a for e in self.local_by_namespace.get(namespace, ())
+                      if selector.matches(e.labels) for a in e.ips]
+            self._add(name, family, chosen)
+        return name
+
+    def peers(self, namespace: str, peers: tuple[Peer, ...], family: int) -> str:
+        name = f"peer_{_hash(namespace, peers)}_{family}"
+        if name not in self.sets:
+            chosen: list[str] = []
+            for peer in peers:
+                if peer.namespaces is None:
+                    spaces = [namespace]
+                else:
+                    selector = peer.namespaces
+                    spaces = [ns for ns, labels in self.ns_labels.items()
+                              if selector.matches(labels)]
+                for ns in spaces:
+                    chosen += [a for e in self.by_namespace.get(ns, ())
+                               if peer.pods is None or peer.pods.matches(e.labels)
+                               for a in e.ips]
+            self._add(name, family, chosen)
+        return name
+
+    def blocks(self, peers: tuple[Peer, ...], family: int) -> str | None:
+        networks = [n for p in peers if p.block is not None and p.block.family == family
+                    for n in p.block.networks()]
+        if not networks:
+            return None
+        merged = sorted(ipaddress.collapse_addresses(networks),  # type: ignore[type-var]
+                        key=lambda n: (int(n.network_address), n.prefixlen))
+        elements = [str(n) for n in merged]
+        return self._add(f"cidr_{_hash(elements)}_{family}", family, elements, interval=True)
+
+    def ports(self, rule: Rule) -> list[tuple[str | None, Any]]:
+        """(protocol, ports) pairs one rule allows; empty: it allows nothing."""
+        if not rule.ports:
+            return [(None, None)]
+        out: list[tuple[str | None, Any]] = []
+        for protocol in ("TCP", "UDP", "SCTP"):
+            entries = [p for p in rule.ports if p.protocol == protocol]
+            if not entries:
+                continue
+            if any(p.port is None for p in entries):
+                out.append((protocol.lower(), None))
+                continue
+            ranges = _merge([(p.port, p.end or p.port) for p in entries
+                             if isinstance(p.port, int)])
+            if not ranges:
+                continue  # only named ports: they match nothing
+            if len(ranges) == 1:
+                out.append((protocol.lower(), ranges))
+            else:
+                name = f"ports_{_hash(ranges)}"
+                self.port_sets[name] = ranges
+                out.append((protocol.lower(), name))
+        return out
+
+
+def _merge(ranges: list[tuple[Any, Any]]) -> tuple[tuple[int, int], ...]:
+    merged: list[tuple[int, int]] = []
+    for low, high in sorted(ranges):
+        if merged and low <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], high))
+        else:
+            merged.append((low, high))
+    return tuple(merged)
+
+
+def compile_host(policies: Iterable[NetworkPolicy],
+                 namespaces: Mapping[str, Mapping[str, str]],
+                 endpoints: Sequence[Endpoint], local: Sequence[Endpoint],
+                 families: tuple[int, ...] = (4, 6)) -> HostRules:
+    """The rule model of one host: `endpoints` are every workload of the fabric,
+    `local` this host's (also among `endpoints`)."""
+    builder = _Builder(namespaces, endpoints, local, families)
+    rules: list[NftRule] = []
+    isolated: dict[tuple[str, int], set[str]] = {(d, f): set() for d in DIRECTIONS
+                                                 for f in families}
+    ordered = sorted(policies, key=lambda p: p.key)
+    for policy in ordered:
+        for direction in DIRECTIONS:
+            if not policy.applies(direction):
+                continue
+            for family in families:
+                subject = builder.subject(policy.namespace, policy.selector, family)
+                isolated[(direction, family)] |= builder.sets[subject].elements
+                for index, rule in enumerate(policy.rules(direction)):
+                    comment = f"{policy.key} {direction}[{index}]"[:COMMENT_MAX]
+                    rules += _rules(builder, policy, rule, direction, family, subject, comment)
+    for (direction, family), addresses in sorted(isolated.items()):
+        builder._add(f"iso_{direction}_{family}", family, addresses)
+    sets = tuple(sorted(builder.sets.values(), key=lambda s: s.name))
+    return HostRules(families, sets, tuple(sorted(builder.port_sets.items())), tuple(rules),
+                     len(ordered), len(local))
+
+
+def _rules(builder: _Builder, policy: NetworkPolicy, rule: Rule, direction: str, family: int,
+           subject: str, comment: str) -> list[NftRule]:
+    peers: list[str | None]
+    if not rule.peers:
+        peers = [None]
+    else:
+        peers = []
+        selectors = tuple(p for p in rule.peers if p.block is None)
+        if selectors:
+            peers.append(builder.peers(policy.namespace, selectors, family))
+        cidr = builder.blocks(rule.peers, family)
+        if cidr:
+            peers.append(cidr)
+    return [NftRule(direction, family, subject, peer, protocol, ports, comment)
+            for peer in peers for protocol, ports in builder.ports(rule)]
+
+
+# -- rendering ---------------------------------------------------------------------------
+def _addr_field(family: int, role: str) -> dict[str, Any]:
+    return {"payload": {"protocol": "ip" if family == 4 else "ip6", "field": role}}
+
+
+def _match(left: dict[str, Any], right: Any, op: str = "==") -> dict[str, Any]:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def _element(address: str, interval: bool) -> Any:
+    if interval:
+        network = ipaddress.ip_network(address)
+        return {"prefix": {"addr": str(network.network_address), "len": network.prefixlen}}
+    return address
+
+
+def _port_value(ranges: tuple[tuple[int, int], ...]) -> Any:
+    low, high = ranges[0]
+    return low if low == high else {"range": [low, high]}
+
+
+def _rule_exprs(rule: NftRule) -> list[dict[str, Any]]:
+    local, remote = ("daddr", "saddr") if rule.direction == "ingress" else ("saddr", "daddr")
+    exprs = [_match(_addr_field(rule.family, local), f"@{rule.subject}")]
+    if rule.peer is not None:
+        exprs.append(_match(_addr_field(rule.family, remote), f"@{rule.peer}"))
+    if rule.protocol is not None:
+        if rule.ports is None:
+            exprs.append(_match({"meta": {"key": "l4proto"}}, rule.protocol))
+        else:
+            right = f"@{rule.ports}" if isinstance(rule.ports, str) else _port_value(rule.ports)
+            exprs.append(_match({"payload": {"protocol": rule.protocol, "field": "dport"}},
+                                right))
+    exprs.append({"return": None})
+    return exprs
+
+
+def _set_command(verb: str, name: str, elements: Iterable[Any]) -> dict[str, Any]:
+    return {verb: {"element": {"family": FAMILY, "table": TABLE, "name": name,
+                               "elem": list(elements)}}}
+
+
+def render(rules: HostRules) -> list[dict[str, Any]]:
+    """The whole table as one nftables JSON batch: created if absent, then deleted and
+    built again, all in one transaction (the kernel swaps it whole or not at all)."""
+    table = {"family": FAMILY, "name": TABLE}
+    cmds: list[dict[str, Any]] = [{"add": {"table": table}}, {"delete": {"table": table}},
+                                  {"add": {"table": table}}]
+
+    def chain(name: str, **base: Any) -> None:
+        cmds.append({"add": {"chain": {"family": FAMILY, "table": TABLE, "name": name,
+                                       **base}}})
+
+    def rule(chain_name: str, exprs: list[dict[str, Any]], comment: str | None = None) -> None:
+        body: dict[str, Any] = {"family": FAMILY, "table": TABLE, "chain": chain_name,
+                                "expr": exprs}
+        if comment:
+            body["comment"] = comment
+        cmds.append({"add": {"rule": body}})
+
+    chain("forward", type="filter", hook="forward", prio=0, policy="accept")
+    for name in ("egress", "ingress", "deny"):
+        chain(name)
+    for name, ranges in rules.port_sets:
+        cmds.append({"add": {"set": {
+            "family": FAMILY, "table": TABLE, "name": name, "type": "inet_service",
+            "flags": ["interval"], "elem": [_port_value((r,)) for r in ranges]}}})
+    for address_set in rules.sets:
+        body: dict[str, Any] = {"family": FAMILY, "table": TABLE, "name": address_set.name,
+                                "type": "ipv4_addr" if address_set.family == 4 else "ipv6_addr"}
+        if address_set.interval:
+            body["flags"] = ["interval"]
+        if address_set.elements:
+            body["elem"] = [_element(a, address_set.interval)
+                            for a in sorted(address_set.elements)]
+        cmds.append({"add": {"set": body}})
+    rule("forward", [_match({"ct": {"key": "state"}}, ["established", "related"], "in"),
+                     {"accept": None}], "replies of allowed connections")
+    rule("forward", [_match({"meta": {"key": "iifname"}}, WORKLOAD_IFACES),
+                     {"jump": {"target": "egress"}}], "from a workload of this host")
+    rule("forward", [_match({"meta": {"key": "oifname"}}, WORKLOAD_IFACES),
+                     {"jump": {"target": "ingress"}}], "to a workload of this host")
+    for nft_rule in rules.rules:
+        rule(nft_rule.direction, _rule_exprs(nft_rule), nft_rule.comment)
+    for direction in ("egress", "ingress"):
+        role = "saddr" if direction == "egress" else "daddr"
+        for family in rules.families:
+            rule(direction, [_match(_addr_field(family, role), f"@iso_{direction}_{family}"),
+                             {"jump": {"target": "deny"}}], f"isolated for {direction}")
+    rule("deny", [_match({"meta": {"key": "l4proto"}}, "tcp"),
+                  {"reject": {"type": "tcp reset"}}], "denied by network policy")
+    rule("deny", [{"reject": {"type": "icmpx", "expr": "admin-prohibited"}}],
+         "denied by network policy")
+    return cmds
+
+
+def element_changes(old: HostRules, new: HostRules) -> list[dict[str, Any]]:
+    """Set element deletions and additions turning `old` into `new` (same structure)."""
+    before, after = old.dynamic(), new.dynamic()
+    cmds = []
+    for name in sorted(after):
+        gone = before.get(name, frozenset()) - after[name]
+        if gone:
+            cmds.append(_set_command("delete", name, sorted(gone)))
+    for name in sorted(after):
+        came = after[name] - before.get(name, frozenset())
+        if came:
+            cmds.append(_set_command("add", name, sorted(came)))
+    return cmds
+
+
+@dataclass(frozen=True)
+class PolicyReport:
+    """What one apply or check did (reported to the owner loop)."""
+
+    ok: bool
+    full: bool = False  # the whole table was replaced
+    changes: int = 0  # commands in the batch
+    seconds: float = 0.0
+    error: str = ""
+    drift: tuple[str, ...] = ()  # what a check found different
+    digest: str = ""  # of the rules applied
+
+
+# -- reading a listed ruleset back -------------------------------------------------------
+@dataclass(frozen=True)
+class Listed:
+    """A table as `nft -j list table` gave it: chains' rules in order, sets' elements."""
+
+    chains: Mapping[str, tuple[Mapping[str, Any], ...]]
+    sets: Mapping[str, tuple[Any, ...]]
+
+    @classmethod
+    def parse(cls, listing: Iterable[Mapping[str, Any]]) -> Listed:
+        chains: dict[str, list[Mapping[str, Any]]] = {}
+        sets: dict[str, tuple[Any, ...]] = {}
+        for item in listing:
+            if "chain" in item and item["chain"].get("table") == TABLE:
+                chains.setdefault(item["chain"]["name"], [])
+            elif "rule" in item and item["rule"].get("table") == TABLE:
+                chains.setdefault(item["rule"]["chain"], []).append(item["rule"])
+            elif "set" in item and item["set"].get("table") == TABLE:
+                sets[item["set"]["name"]] = tuple(item["set"].get("elem") or ())
+        return cls({k: tuple(v) for k, v in chains.items()}, sets)
+
+    def summary(self) -> dict[str, Any]:
+        """What drift is judged on: chains with their rules' comments, sets' elements."""
+        return {"chains": {name: [r.get("comment", "") for r in rules]
+                           for name, rules in sorted(self.chains.items())},
+                "sets": {name: sorted(_element_key(e) for e in elements)
+                         for name, elements in sorted(self.sets.items())}}
+
+
+def _element_key(element: Any) -> str:
+    if isinstance(element, dict) and "prefix" in element:
+        prefix = element["prefix"]
+        return str(ipaddress.ip_network(f"{prefix['addr']}/{prefix['len']}"))
+    if isinstance(element, dict) and "range" in element:
+        low, high = element["range"]
+        return f"{low}-{high}"
+    if isinstance(element, dict) and "elem" in element:
+        return _element_key(element["elem"]["val"])
+    return str(element)
+
+
+def expected_summary(rules: HostRules) -> dict[str, Any]:
+    """The summary `Listed.summary()` gives for a faithfully applied `rules`."""
+    chains: dict[str, list[str]] = {"forward": ["replies of allowed connections",
+                                                "from a workload of this host",
+                                                "to a workload of this host"],
+                                    "egress": [], "ingress": [],
+                                    "deny": ["denied by network policy"] * 2}
+    for rule in rules.rules:
+        chains[rule.direction].append(rule.comment)
+    for direction in ("egress", "ingress"):
+        chains[direction] += [f"isolated for {direction}"] * len(rules.families)
+    sets: dict[str, list[str]] = {name: sorted(
+        f"{low}-{high}" if low != high else str(low) for low, high in ranges)
+        for name, ranges in rules.port_sets}
+    for address_set in rules.sets:
+        sets[address_set.name] = sorted(
+            str(ipaddress.ip_network(e)) if address_set.interval else
+            str(ipaddress.ip_address(e)) for e in address_set.elements)
+    return {"chains": dict(sorted(chains.items())), "sets": dict(sorted(sets.items()))}
+
+
+@dataclass(frozen=True)
+class Packet:
+    """The first packet of a connection as the forward hook sees it on one host."""
+
+    saddr: str
+    daddr: str
+    protocol: str  # tcp, udp, sctp
+    dport: int
+    iifname: str  # l3f... when it comes from a workload of this host
+    oifname: str  # l3f... when it goes to one
+    ct_state: str = "new"
+
+
+class UnknownExpression(ValueError):
+    """The listed ruleset holds something this reader does not know: not ours."""
+
+
+def _in_set(value: Any, elements: Iterable[Any]) -> bool:
+    for element in elements:
+        if isinstance(element, dict) and "elem" in element:
+            element = element["elem"]["val"]
+        if isinstance(element, dict) and "prefix" in element:
+            prefix = element["prefix"]
+            try:
+                if ipaddress.ip_address(value) in ipaddress.ip_network(
+                        f"{prefix['addr']}/{prefix['len']}"):
+                    return True
+            except (TypeError, ValueError):
+                continue
+        elif isinstance(element, dict) and "range" in element:
+            low, high = element["range"]
+            if isinstance(value, int) and isinstance(low, int) and low <= value <= high:
+                return True
+            if isinstance(value, str) and not isinstance(low, int):
+                ip = ipaddress.ip_address(value)
+                if ipaddress.ip_address(low) <= ip <= ipaddress.ip_address(high):
+                    return True
+        elif isinstance(value, str) and isinstance(element, str) and ":" in value + element:
+            try:
+                if ipaddress.ip_address(value) == ipaddress.ip_address(element):
+                    return True
+            except ValueError:
+                continue
+        elif element == value:
+            return True
+    return False
+
+
+def _field(left: Mapping[str, Any], packet: Packet) -> tuple[bool, Any]:
+    """(applies, value): a payload match on another protocol does not apply (fails)."""
+    family = 6 if ":" in packet.saddr else 4
+    if "meta" in left:
+        key = left["meta"]["key"]
+        if key == "iifname":
+            return True, packet.iifname
+        if key == "oifname":
+            return True, packet.oifname
+        if key == "l4proto":
+            return True, packet.protocol
+        if key == "nfproto":
+            return True, "ipv6" if family == 6 else "ipv4"
+    elif "ct" in left and left["ct"]["key"] == "state":
+        return True, packet.ct_state
+    elif "payload" in left:
+        protocol, name = left["payload"]["protocol"], left["payload"]["field"]
+        if protocol in ("ip", "ip6"):
+            if (protocol == "ip6") != (family == 6):
+                return False, None
+            if name in ("saddr", "daddr"):
+                return True, getattr(packet, name)
+        elif protocol in ("tcp", "udp", "sctp", "th") and name == "dport":
+            if protocol != "th" and protocol != packet.protocol:
+                return False, None
+            return True, packet.dport
+    raise UnknownExpression(f"unknown match {json.dumps(left)}")
+
+
+def _matches(match: Mapping[str, Any], packet: Packet, sets: Mapping[str, tuple[Any, ...]]
+             ) -> bool:
+    applies, value = _field(match["left"], packet)
+    if not applies:
+        return False
+    right, op = match["right"], match.get("op", "==")
+    if isinstance(right, str) and right.startswith("@"):
+        hit = _in_set(value, sets.get(right[1:], ()))
+    elif isinstance(right, dict) and "set" in right:
+        hit = _in_set(value, right["set"])
+    elif isinstance(right, list):
+        hit = value in right if op == "in" else _in_set(value, right)
+    elif isinstance(right, dict) and "range" in right:
+        hit = _in_set(value, [right])
+    elif isinstance(right, str) and right.endswith("*") and isinstance(value, str):
+        hit = value.startswith(right[:-1])
+    else:
+        hit = _in_set(value, [right])
+    return not hit if op == "!=" else hit
+
+
+def evaluate(listed: Listed, packet: Packet) -> tuple[str, list[str]]:
+    """The verdict of the forward hook for `packet` ("accept" or "reject"/"drop") and
+    the comments of the rules that decided along the way."""
+    trail: list[str] = []
+
+    def run(chain: str, depth: int = 0) -> str | None:
+        if depth > 16:
+            raise UnknownExpression("jumps nest too deep")
+        for rule in listed.chains.get(chain, ()):
+            verdict = None
+            matched = True
+            for expr in rule["expr"]:
+                if "match" in expr:
+                    if not _matches(expr["match"], packet, listed.sets):
+                        matched = False
+                        break
+                elif "counter" in expr:
+                    continue
+                else:
+                    verdict = expr
+                    break
+            if not matched or verdict is None:
+                continue
+            comment = rule.get("comment", "")
+            if "return" in verdict:
+                trail.append(f"{chain}: {comment} (allowed)")
+                return None
+            if "jump" in verdict or "goto" in verdict:
+                target = (verdict.get("jump") or verdict.get("goto"))["target"]
+                if comment:
+                    trail.append(f"{chain}: {comment}")
+                outcome = run(target, depth + 1)
+                if outcome is not None or "goto" in verdict:
+                    return outcome
+                continue
+            for final in ("accept", "drop", "reject"):
+                if final in verdict:
+                    trail.append(f"{chain}: {comment} ({final})")
+                    return final
+            raise UnknownExpression(f"unknown verdict {json.dumps(verdict)}")
+        return None
+
+    outcome = run("forward")
+    return outcome or "accept", trail
