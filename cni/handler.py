@@ -80,8 +80,10 @@ class WorkloadRoutes(Protocol):
 
     Each call returns once the kernel has the change, with what the kernel refused."""
 
-    def attach(self, handle: str, ips: Sequence[str], host_ifname: str,
-               index: int) -> list[Failure]: ...
+    def attach(self, handle: str, ips: Sequence[str], host_ifname: str, index: int,
+               namespace: str = "", labels: Mapping[str, str] | None = None,
+               name: str = "") -> list[Failure]:
+        """Also enforces the workload's network policy, before its route exists."""
 
     def detach(self, handle: str, ips: Sequence[str],
                host_ifname: str | None) -> list[Failure]: ...
@@ -189,7 +191,8 @@ class CniHandler:
                 self.registry.register_workload(Workload(
                     req.handle, self.node, req.container_id, req.ifname, req.netns,
                     tuple(addresses), req.workload_name, host_if,
-                    network=req.conf.name))
+                    network=req.conf.name, namespace=req.pod_namespace,
+                    labels=dict(req.conf.labels)))
             if registered is None:
                 undo.push("deregister",
                           lambda: self.registry.deregister_workload(self.node, req.handle))
@@ -213,7 +216,9 @@ class CniHandler:
         undo.push("remove veth", lambda: links.detach(host_if, req.netns_path, req.ifname))
         undo.push("remove host routes",
                   lambda: self.routes.detach(req.handle, addresses, host_if))
-        failures = self.routes.attach(req.handle, addresses, host_if, attachment.host_index)
+        failures = self.routes.attach(req.handle, addresses, host_if, attachment.host_index,
+                                      req.pod_namespace, req.conf.labels,
+                                      req.workload_name or "")
         if failures:
             raise CniError(IO_FAILURE, f"host route: {failures[0]}")
         return attachment
@@ -356,7 +361,9 @@ class CniHandler:
     # -- helpers -----------------------------------------------------------------------
     def _allocate(self, req: Request) -> Handle:
         attrs = {"netns": req.netns, "network": req.conf.name,
-                 "container_id": req.container_id, "ifname": req.ifname}
+                 "container_id": req.container_id, "ifname": req.ifname,
+                 "namespace": req.pod_namespace,
+                 "labels": json.dumps(req.conf.labels, sort_keys=True)}
         try:
             return self.ipam.allocate(req.handle, self.node, families=req.conf.families,
                                       pools=req.conf.pools, attrs=attrs)

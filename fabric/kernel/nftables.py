@@ -126,7 +126,7 @@ class PolicyTable:
             started = time.perf_counter()
             old = self.applied
             whole = full or old is None or old.structure() != rules.structure()
-            commands = render(rules) if whole else element_changes(old, rules)  # type: ignore[arg-type]
+            commands = render(rules) if whole or old is None else element_changes(old, rules)
             try:
                 self.nft.batch(commands)
             except NftError as exc:

@@ -360,8 +360,8 @@ def _ip_block(doc: object, path: str) -> IpBlock:
             cut = None
         if cut is None:
             raise PolicyError(where, f"{text!r} is not a valid CIDR")
-        if cut.version != network.version or not cut.subnet_of(network) \
-                or cut == network:  # type: ignore[arg-type]
+        if cut.version != network.version or cut == network \
+                or not cut.subnet_of(network):  # type: ignore[arg-type]
             raise PolicyError(where, f"must be a strict subset of `cidr` {network}")
         excepts.append(str(cut))
     return IpBlock(str(network), tuple(excepts))
@@ -473,6 +473,7 @@ def parse_policy(doc: object, default_namespace: str = DEFAULT_NAMESPACE) -> Net
     egress = tuple(_rule(r, f"spec.egress[{i}]", "to")
                    for i, r in enumerate(_list(spec, "egress", "spec")))
     raw_types = spec.get("policyTypes")
+    types: tuple[str, ...]
     if raw_types is None:
         types = ("Ingress", "Egress") if egress else ("Ingress",)
     else:

@@ -468,8 +468,8 @@ def _in_set(value: Any, elements: Iterable[Any]) -> bool:
             if isinstance(value, int) and isinstance(low, int) and low <= value <= high:
                 return True
             if isinstance(value, str) and not isinstance(low, int):
-                ip = ipaddress.ip_address(value)
-                if ipaddress.ip_address(low) <= ip <= ipaddress.ip_address(high):
+                ip, first, last = (int(ipaddress.ip_address(x)) for x in (value, low, high))
+                if (":" in value) == (":" in str(low)) and first <= ip <= last:
                     return True
         elif isinstance(value, str) and isinstance(element, str) and ":" in value + element:
             try:
