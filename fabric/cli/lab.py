@@ -66,6 +66,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="hosts built at once (default 8)")
     up.add_argument("--etcd-members", type=int, default=1, choices=(1, 3, 5),
                     help="etcd cluster members, each in its own namespace (default 1)")
+    up.add_argument("--workloads", metavar="NS/NAME,...", type=_workload_list, default=[],
+                    help="workloads NS/NAME placed round robin on the hosts, labelled "
+                         "pod=NAME, serving TCP and UDP on ports 80 and 81 (as the "
+                         "Kubernetes network-policy tests); instead of "
+                         "--containers-per-host")
     up.set_defaults(handler=up_cmd)
 
     lab_sub.add_parser("status", help="hosts, sessions, routes, workloads"
@@ -91,6 +96,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     restart.add_argument("host_name", metavar="HOST")
     restart.add_argument("--kill", action="store_true", help="kill -9, as in a crash")
     restart.set_defaults(handler=restart_cmd)
+    add_workload = lab_sub.add_parser(
+        "add-workload", help="a workload NS/NAME labelled pod=NAME, serving TCP and UDP on "
+                             "ports 80 and 81, on --host HOST (default: the host with fewest)")
+    add_workload.add_argument("workload", metavar="NS/NAME", type=_workload_ref)
+    add_workload.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                              help="another label (repeatable)")
+    add_workload.set_defaults(handler=add_workload_cmd)
+    probe = lab_sub.add_parser("probe", help="connectivity truth table: connect from every "
+                               "workload (row) to every other one (column)")
+    probe.add_argument("--port", type=int, default=80, help="port (default 80)")
+    probe.add_argument("--protocol", choices=("tcp", "udp"), default="tcp",
+                       help="tcp (connect and read) or udp (datagram and answer)")
+    probe.add_argument("--family", type=int, choices=(4, 6), default=4,
+                       help="the address family probed (default 4)")
+    probe.set_defaults(handler=probe_cmd)
     lab_sub.add_parser("down", help="remove everything the lab made (safe to repeat)"
                        ).set_defaults(handler=down_cmd)
     lab_sub.add_parser("env", help="shell exports to use fabricctl against the lab's etcd"
@@ -199,6 +219,22 @@ def up_cmd(ctx: Context) -> int:
             list(pool.map(attach, list(lab.refresh().hosts)))
         lab.refresh()
 
+    def named_workloads() -> None:
+        hosts = sorted(lab.refresh().hosts, key=lambda h: int(h[1:]) if h[1:].isdigit() else 0)
+        placed: dict[str, list[tuple[str, str]]] = {}
+        for index, ref in enumerate(ctx.workloads):
+            placed.setdefault(hosts[index % len(hosts)], []).append(ref)
+
+        def attach(host: str) -> None:
+            own = Lab(lab.name)  # a Lab per thread, as for the hosts
+            for namespace, name in placed[host]:
+                own.add_workload(host, name, namespace=namespace, labels={"pod": name},
+                                 serve=True)
+
+        with ThreadPoolExecutor(max_workers=max(1, ctx.parallel)) as pool:
+            list(pool.map(attach, list(placed)))
+        lab.refresh()
+
     nets = [n for f, n in ((4, ctx.underlay), (6, ctx.underlay6)) if f in families]
     wanted = [n for f, n in ((4, ctx.pool), (6, ctx.pool6)) if f in families]
     steps: list[tuple[str, Callable[[], Any]]] = [
@@ -209,7 +245,8 @@ def up_cmd(ctx: Context) -> int:
         steps.append((f"{ctx.peer} as {'eBGP ToR' if tor else 'route reflector'}",
                       lambda: lab.add_peer(ctx.peer, ctx.peer_role)))
     steps.append(("neighbour tables sized for the lab",
-                  lambda: _size_neighbours(ctx.hosts, ctx.containers_per_host, families)))
+                  lambda: _size_neighbours(ctx.hosts, max(ctx.containers_per_host, -(
+                      -len(ctx.workloads) // ctx.hosts)), families)))
     if ctx.hosts <= 5:  # one line per host: what people see in a small lab
         for index in range(1, ctx.hosts + 1):
             rr = reflector(index)
@@ -225,7 +262,10 @@ def up_cmd(ctx: Context) -> int:
         steps.append((f"{len(rest)} hosts with fabric-agent and ExaBGP, {ctx.parallel} at a "
                       "time", lambda: hosts(rest)))
     steps.append(("BGP sessions established", lambda: _wait_sessions(lab)))
-    if ctx.containers_per_host:
+    if ctx.workloads:
+        steps.append((f"{len(ctx.workloads)} workload(s) round robin through the CNI plugin, "
+                      "serving TCP and UDP on 80 and 81", named_workloads))
+    elif ctx.containers_per_host:
         steps.append((f"{ctx.containers_per_host} workload(s) per host through the CNI "
                       "plugin", workloads))
     check = ctx.check or ("all" if ctx.hosts <= 10 else "sample")
@@ -481,6 +521,69 @@ def down_cmd(ctx: Context) -> int:
         emit_json({"removed": removed})
     else:
         print("removed: " + (", ".join(removed) if removed else "nothing (no lab was up)"))
+    return OK
+
+
+def _workload_ref(text: str) -> tuple[str, str]:
+    from fabric.model.policy import namespace_problem
+
+    namespace, slash, name = text.partition("/")
+    if not slash or namespace_problem(namespace) or namespace_problem(name):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: use NAMESPACE/NAME (lower-case letters, digits and '-')")
+    return namespace, name
+
+
+def _workload_list(text: str) -> list[tuple[str, str]]:
+    return [_workload_ref(item) for item in text.split(",") if item]
+
+
+def add_workload_cmd(ctx: Context) -> int:
+    from fabric.model.policy import PolicyError, parse_label_assignments
+
+    lab = _existing(ctx)
+    namespace, name = ctx.workload
+    try:
+        extra, _ = parse_label_assignments(ctx.label)
+    except PolicyError as exc:
+        raise CliError(f"--label: {exc}") from exc
+    host = getattr(ctx.args, "host", None)  # the global --host: which lab host
+    if host is None:
+        counts = {h: 0 for h in lab.state.hosts}
+        for workload in lab.state.workloads.values():
+            counts[workload.host] = counts.get(workload.host, 0) + 1
+        host = min(sorted(counts), key=lambda h: counts[h])
+    elif host not in lab.state.hosts:
+        raise CliError(f"lab {lab.name} has no host {host}")
+    try:
+        made = lab.add_workload(host, name, namespace=namespace,
+                                labels={"pod": name, **extra}, serve=True)
+    except LabError as exc:
+        raise CliError(str(exc)) from exc
+    if ctx.json:
+        emit_json({"workload": made.name, "host": host, "ips": made.ips,
+                   "labels": made.labels})
+    else:
+        print(f"workload {made.name} on {host} ({' '.join(made.ips)}), labels "
+              + ",".join(f"{k}={v}" for k, v in made.labels.items()))
+    return OK
+
+
+def probe_cmd(ctx: Context) -> int:
+    lab = _existing(ctx)
+    if not lab.state.workloads:
+        raise CliError(f"lab {lab.name} has no workloads (lab add-workload NS/NAME)")
+    matrix = lab.probe(ctx.port, ctx.protocol, family=ctx.family)
+    if ctx.json:
+        emit_json({"port": ctx.port, "protocol": ctx.protocol, "family": ctx.family,
+                   "matrix": matrix})
+        return OK
+    names = sorted(matrix)
+    print(f"{ctx.protocol} port {ctx.port}, IPv{ctx.family}, from row to column "
+          "(ok: answered, X: refused or dropped):")
+    table(["from \\ to", *names],
+          [[a, *["-" if a == b else ("ok" if matrix[a].get(b) else "X") for b in names]]
+           for a in names])
     return OK
 
 
