@@ -12,9 +12,9 @@ from cni.netconf import parse_request
 from cni.spec import INVALID_CONFIG, INVALID_ENV, CniError
 
 
-def request(args: str = "", **conf):
+def request(cni_args: str = "", **conf):
     env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_NETNS": "/run/netns/n",
-           "CNI_IFNAME": "eth0", "CNI_ARGS": args}
+           "CNI_IFNAME": "eth0", "CNI_ARGS": cni_args}
     doc = {"cniVersion": "1.0.0", "name": "net", "type": "l3fabric", **conf}
     return parse_request(env, json.dumps(doc).encode())
 
