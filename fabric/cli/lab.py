@@ -99,7 +99,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_workload = lab_sub.add_parser(
         "add-workload", help="a workload NS/NAME labelled pod=NAME, serving TCP and UDP on "
                              "ports 80 and 81, on --host HOST (default: the host with fewest)")
-    add_workload.add_argument("workload", metavar="NS/NAME", type=_workload_ref)
+    add_workload.add_argument("workload", metavar="NS/NAME")
     add_workload.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
                               help="another label (repeatable)")
     add_workload.set_defaults(handler=add_workload_cmd)
@@ -542,7 +542,10 @@ def add_workload_cmd(ctx: Context) -> int:
     from fabric.model.policy import PolicyError, parse_label_assignments
 
     lab = _existing(ctx)
-    namespace, name = ctx.workload
+    try:
+        namespace, name = _workload_ref(ctx.workload)
+    except argparse.ArgumentTypeError as exc:
+        raise CliError(str(exc)) from exc
     try:
         extra, _ = parse_label_assignments(ctx.label)
     except PolicyError as exc:
