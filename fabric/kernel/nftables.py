@@ -1,9 +1,10 @@
 """The agent's nftables table: applied as one transaction, checked, repaired.
 
 libnftables (the Debian `nftables` package's library, the one `nft` itself uses) is
-called through ctypes with JSON batches: one `nft_run_cmd_from_buffer` call is one
-netlink transaction, which the kernel commits whole or not at all, so there is never a
-moment with half a ruleset.
+called through ctypes: one `nft_run_cmd_from_buffer` call is one netlink transaction,
+which the kernel commits whole or not at all, so there is never a moment with half a
+ruleset. Rulesets go in as nft's own language (it parses faster than JSON); listings
+come back as JSON.
 
 `PolicyTable` owns the table `inet l3fabric` the way the kernel writer owns routes:
 
@@ -37,9 +38,9 @@ from fabric.policy.compiler import (
     HostRules,
     Listed,
     PolicyReport,
-    element_changes,
+    element_changes_text,
     expected_summary,
-    render,
+    render_text,
 )
 
 OUTPUT_JSON = 1 << 4  # NFT_CTX_OUTPUT_JSON
@@ -126,24 +127,26 @@ class PolicyTable:
             started = time.perf_counter()
             old = self.applied
             whole = full or old is None or old.structure() != rules.structure()
-            commands = render(rules) if whole or old is None else element_changes(old, rules)
+            commands = render_text(rules) if whole or old is None \
+                else element_changes_text(old, rules)
             try:
-                self.nft.batch(commands)
+                if commands:
+                    self.nft.run(commands)
             except NftError as exc:
                 self.applied = None  # unsure what the kernel holds: replace it whole next
                 if whole:
-                    return PolicyReport(False, True, len(commands),
+                    return PolicyReport(False, True, commands.count("\n"),
                                         time.perf_counter() - started, str(exc))
                 self.log.warning("element update refused; replacing the table", error=str(exc))
-                commands = render(rules)
+                commands = render_text(rules)
                 whole = True
                 try:
-                    self.nft.batch(commands)
+                    self.nft.run(commands)
                 except NftError as exc2:
-                    return PolicyReport(False, True, len(commands),
+                    return PolicyReport(False, True, commands.count("\n"),
                                         time.perf_counter() - started, str(exc2))
             self.applied = rules
-            return PolicyReport(True, whole, len(commands), time.perf_counter() - started,
+            return PolicyReport(True, whole, commands.count("\n"), time.perf_counter() - started,
                                 digest=rules.digest())
 
     def check(self, rules: HostRules) -> PolicyReport:

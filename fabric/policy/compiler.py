@@ -29,6 +29,7 @@ independent check that what the kernel holds agrees with `fabric.model.policy.de
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import json
@@ -38,6 +39,7 @@ from typing import Any
 
 from fabric.model.policy import (
     Endpoint,
+    IpBlock,
     NetworkPolicy,
     Peer,
     Rule,
@@ -98,8 +100,24 @@ class HostRules:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+@functools.lru_cache(maxsize=1 << 14)
 def _hash(*parts: Any) -> str:
     return hashlib.sha1(repr(parts).encode()).hexdigest()[:10]
+
+
+# Memos across compiles (the agent compiles again at every change): selectors are
+# frozen records and label sets are frozensets, so the answers never go stale.
+@functools.lru_cache(maxsize=1 << 16)
+def _selects(selector: Selector, labels: frozenset[tuple[str, str]]) -> bool:
+    return selector.matches(dict(labels))
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def _block_elements(blocks: tuple[IpBlock, ...], family: int) -> tuple[str, ...]:
+    networks = [n for b in blocks if b.family == family for n in b.networks()]
+    merged = sorted(ipaddress.collapse_addresses(networks),  # type: ignore[type-var]
+                    key=lambda n: (int(n.network_address), n.prefixlen))
+    return tuple(str(n) for n in merged)
 
 
 def _family(address: str) -> int:
@@ -116,13 +134,10 @@ class _Builder:
     port_sets: dict[str, tuple[tuple[int, int], ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.by_namespace: dict[str, list[Endpoint]] = {}
-        for endpoint in self.endpoints:
-            self.by_namespace.setdefault(endpoint.namespace, []).append(endpoint)
-        self.local_by_namespace: dict[str, list[Endpoint]] = {}
-        for endpoint in self.local:
-            self.local_by_namespace.setdefault(endpoint.namespace, []).append(endpoint)
-        self.ns_labels = {ns: namespace_labels(ns, self.namespaces)
+        # namespace -> label set -> addresses: selectors are judged once per label set
+        self.by_namespace = _grouped(self.endpoints)
+        self.local_by_namespace = _grouped(self.local)
+        self.ns_labels = {ns: frozenset(namespace_labels(ns, self.namespaces).items())
                           for ns in set(self.by_namespace) | set(self.namespaces)}
 
     def _add(self, name: str, family: int, addresses: Iterable[str],
@@ -132,40 +147,50 @@ class _Builder:
                 a for a in addresses if _family(a) == family), interval)
         return name
 
-    def subject(self, namespace: str, selector: Selector, family: int) -> str:
-        name = f"sel_{_hash(namespace, selector)}_{family}"
-        if name not in self.sets:
-            chosen = [a for e in self.local_by_namespace.get(namespace, ())
-                      if selector.matches(e.labels) for a in e.ips]
-            self._add(name, family, chosen)
-        return name
+    def _split(self, prefix: str, addresses: list[str]) -> None:
+        """Sets `<prefix>_4` and `<prefix>_6` from one list of addresses."""
+        by_family: dict[int, list[str]] = {f: [] for f in self.families}
+        for address in addresses:
+            family = 6 if ":" in address else 4
+            if family in by_family:
+                by_family[family].append(address)
+        for family, chosen in by_family.items():
+            name = f"{prefix}_{family}"
+            self.sets[name] = AddressSet(name, family, frozenset(chosen))
 
-    def peers(self, namespace: str, peers: tuple[Peer, ...], family: int) -> str:
-        name = f"peer_{_hash(namespace, peers)}_{family}"
-        if name not in self.sets:
+    def subject(self, namespace: str, selector: Selector, family: int) -> str:
+        prefix = f"sel_{_hash(namespace, selector)}"
+        if f"{prefix}_{family}" not in self.sets:
+            self._split(prefix, [a for labels, addresses in
+                                 self.local_by_namespace.get(namespace, {}).items()
+                                 if _selects(selector, labels) for a in addresses])
+        return f"{prefix}_{family}"
+
+    def peer(self, namespace: str, peer: Peer, family: int) -> str:
+        """The set of one selector peer: shared by every policy with the same peer (a
+        namespaceSelector's set by every namespace's policies)."""
+        scope = namespace if peer.namespaces is None else "*"
+        prefix = f"peer_{_hash(scope, peer)}"
+        if f"{prefix}_{family}" not in self.sets:
+            if peer.namespaces is None:
+                spaces = [namespace]
+            else:
+                selector = peer.namespaces
+                spaces = [ns for ns, labels in self.ns_labels.items()
+                          if _selects(selector, labels)]
             chosen: list[str] = []
-            for peer in peers:
-                if peer.namespaces is None:
-                    spaces = [namespace]
-                else:
-                    selector = peer.namespaces
-                    spaces = [ns for ns, labels in self.ns_labels.items()
-                              if selector.matches(labels)]
-                for ns in spaces:
-                    chosen += [a for e in self.by_namespace.get(ns, ())
-                               if peer.pods is None or peer.pods.matches(e.labels)
-                               for a in e.ips]
-            self._add(name, family, chosen)
-        return name
+            for ns in spaces:
+                chosen += [a for labels, addresses in self.by_namespace.get(ns, {}).items()
+                           if peer.pods is None or _selects(peer.pods, labels)
+                           for a in addresses]
+            self._split(prefix, chosen)
+        return f"{prefix}_{family}"
 
     def blocks(self, peers: tuple[Peer, ...], family: int) -> str | None:
-        networks = [n for p in peers if p.block is not None and p.block.family == family
-                    for n in p.block.networks()]
-        if not networks:
+        elements = _block_elements(tuple(p.block for p in peers if p.block is not None),
+                                   family)
+        if not elements:
             return None
-        merged = sorted(ipaddress.collapse_addresses(networks),  # type: ignore[type-var]
-                        key=lambda n: (int(n.network_address), n.prefixlen))
-        elements = [str(n) for n in merged]
         return self._add(f"cidr_{_hash(elements)}_{family}", family, elements, interval=True)
 
     def ports(self, rule: Rule) -> list[tuple[str | None, Any]]:
@@ -191,6 +216,15 @@ class _Builder:
                 self.port_sets[name] = ranges
                 out.append((protocol.lower(), name))
         return out
+
+
+def _grouped(endpoints: Iterable[Endpoint]
+             ) -> dict[str, dict[frozenset[tuple[str, str]], list[str]]]:
+    out: dict[str, dict[frozenset[tuple[str, str]], list[str]]] = {}
+    for endpoint in endpoints:
+        key = frozenset(endpoint.labels.items())
+        out.setdefault(endpoint.namespace, {}).setdefault(key, []).extend(endpoint.ips)
+    return out
 
 
 def _merge(ranges: list[tuple[Any, Any]]) -> tuple[tuple[int, int], ...]:
@@ -238,9 +272,11 @@ def _rules(builder: _Builder, policy: NetworkPolicy, rule: Rule, direction: str,
         peers = [None]
     else:
         peers = []
-        selectors = tuple(p for p in rule.peers if p.block is None)
-        if selectors:
-            peers.append(builder.peers(policy.namespace, selectors, family))
+        for peer in rule.peers:
+            if peer.block is None:
+                name = builder.peer(policy.namespace, peer, family)
+                if name not in peers:
+                    peers.append(name)
         cidr = builder.blocks(rule.peers, family)
         if cidr:
             peers.append(cidr)
@@ -370,6 +406,78 @@ class PolicyReport:
     error: str = ""
     drift: tuple[str, ...] = ()  # what a check found different
     digest: str = ""  # of the rules applied
+
+
+# -- the same, as nft's own language ----------------------------------------------------
+# libnftables parses its native syntax faster than JSON (about 20% for a big table) and
+# the text is cheaper to build: the adapter applies this; `render` is the same table as
+# data (tests, `policy explain`), and the adapter's test checks the kernel's listing of
+# the text against it.
+def _text_ports(ranges: tuple[tuple[int, int], ...]) -> str:
+    return ", ".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in ranges)
+
+
+def _text_rule(rule: NftRule) -> str:
+    ip = "ip" if rule.family == 4 else "ip6"
+    local, remote = ("daddr", "saddr") if rule.direction == "ingress" else ("saddr", "daddr")
+    parts = [f"{ip} {local} @{rule.subject}"]
+    if rule.peer is not None:
+        parts.append(f"{ip} {remote} @{rule.peer}")
+    if rule.protocol is not None:
+        if rule.ports is None:
+            parts.append(f"meta l4proto {rule.protocol}")
+        elif isinstance(rule.ports, str):
+            parts.append(f"{rule.protocol} dport @{rule.ports}")
+        else:
+            parts.append(f"{rule.protocol} dport {_text_ports(rule.ports)}")
+    return " ".join(parts) + f' return comment "{rule.comment}"'
+
+
+def render_text(rules: HostRules) -> str:
+    """`render` in nft's language: one transaction, the table created if absent, deleted
+    and built again."""
+    lines = [f"table {FAMILY} {TABLE}", f"delete table {FAMILY} {TABLE}",
+             f"table {FAMILY} {TABLE} {{"]
+    for name, ranges in rules.port_sets:
+        lines.append(f"set {name} {{ type inet_service; flags interval; "
+                     f"elements = {{ {_text_ports(ranges)} }}; }}")
+    for address_set in rules.sets:
+        kind = "ipv4_addr" if address_set.family == 4 else "ipv6_addr"
+        flags = " flags interval;" if address_set.interval else ""
+        elements = f" elements = {{ {', '.join(sorted(address_set.elements))} }};" \
+            if address_set.elements else ""
+        lines.append(f"set {address_set.name} {{ type {kind};{flags}{elements} }}")
+    lines += ["chain forward {",
+              "type filter hook forward priority 0; policy accept;",
+              'ct state established,related accept comment "replies of allowed connections"',
+              f'iifname "{WORKLOAD_IFACES}" jump egress comment "from a workload of this host"',
+              f'oifname "{WORKLOAD_IFACES}" jump ingress comment "to a workload of this host"',
+              "}"]
+    for direction in ("egress", "ingress"):
+        lines.append(f"chain {direction} {{")
+        lines += [_text_rule(r) for r in rules.rules if r.direction == direction]
+        role = "saddr" if direction == "egress" else "daddr"
+        for family in rules.families:
+            ip = "ip" if family == 4 else "ip6"
+            lines.append(f'{ip} {role} @iso_{direction}_{family} jump deny '
+                         f'comment "isolated for {direction}"')
+        lines.append("}")
+    lines += ["chain deny {",
+              'meta l4proto tcp reject with tcp reset comment "denied by network policy"',
+              'reject with icmpx admin-prohibited comment "denied by network policy"',
+              "}", "}"]
+    return "\n".join(lines) + "\n"
+
+
+def element_changes_text(old: HostRules, new: HostRules) -> str:
+    """`element_changes` in nft's language (empty when nothing changes)."""
+    lines = []
+    for cmd in element_changes(old, new):
+        verb = next(iter(cmd))
+        body = cmd[verb]["element"]
+        lines.append(f"{verb} element {FAMILY} {TABLE} {body['name']} "
+                     f"{{ {', '.join(body['elem'])} }}")
+    return "\n".join(lines) + ("\n" if lines else "")
 
 
 # -- reading a listed ruleset back -------------------------------------------------------
