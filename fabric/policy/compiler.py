@@ -68,7 +68,7 @@ class NftRule:
     family: int
     subject: str  # set of this host's workloads the policy selects
     peer: str | None  # set of peer addresses; None: any
-    protocol: str | None  # tcp, udp, sctp; None: any
+    protocol: str | None  # tcp, udp, sctp; "l4": several (`ports` names an l4 set); None: any
     ports: tuple[tuple[int, int], ...] | str | None  # inline ranges, a port set, or any
     comment: str
 
@@ -80,6 +80,8 @@ class HostRules:
     families: tuple[int, ...]
     sets: tuple[AddressSet, ...] = ()
     port_sets: tuple[tuple[str, tuple[tuple[int, int], ...]], ...] = ()
+    # protocol . port sets, for rules whose ports span protocols: (proto, low, high)
+    l4_sets: tuple[tuple[str, tuple[tuple[str, int, int], ...]], ...] = ()
     rules: tuple[NftRule, ...] = ()
     policies: int = 0
     local: int = 0
@@ -89,7 +91,8 @@ class HostRules:
         is set elements only."""
         return (self.families, tuple((s.name, s.family, s.interval,
                                       s.elements if s.interval else None)
-                                     for s in self.sets), self.port_sets, self.rules)
+                                     for s in self.sets), self.port_sets, self.l4_sets,
+                self.rules)
 
     def dynamic(self) -> dict[str, frozenset[str]]:
         return {s.name: s.elements for s in self.sets if not s.interval}
@@ -132,6 +135,7 @@ class _Builder:
     families: tuple[int, ...]
     sets: dict[str, AddressSet] = field(default_factory=dict)
     port_sets: dict[str, tuple[tuple[int, int], ...]] = field(default_factory=dict)
+    l4_sets: dict[str, tuple[tuple[str, int, int], ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # namespace -> label set -> addresses: selectors are judged once per label set
@@ -215,7 +219,21 @@ class _Builder:
                 name = f"ports_{_hash(ranges)}"
                 self.port_sets[name] = ranges
                 out.append((protocol.lower(), name))
-        return out
+        if len(out) < 2:
+            return out
+        # Several protocols: one rule matching `meta l4proto . th dport` in one set,
+        # not a rule per protocol (rules are what a big ruleset costs to load).
+        elements: list[tuple[str, int, int]] = []
+        for protocol, ports in out:
+            assert protocol is not None
+            if ports is None:
+                elements.append((protocol, 0, 65535))
+            else:
+                ranges = self.port_sets[ports] if isinstance(ports, str) else ports
+                elements += [(protocol, low, high) for low, high in ranges]
+        name = f"l4_{_hash(tuple(elements))}"
+        self.l4_sets[name] = tuple(elements)
+        return [("l4", name)]
 
 
 def _grouped(endpoints: Iterable[Endpoint]
@@ -261,8 +279,10 @@ def compile_host(policies: Iterable[NetworkPolicy],
     for (direction, family), addresses in sorted(isolated.items()):
         builder._add(f"iso_{direction}_{family}", family, addresses)
     sets = tuple(sorted(builder.sets.values(), key=lambda s: s.name))
-    return HostRules(families, sets, tuple(sorted(builder.port_sets.items())), tuple(rules),
-                     len(ordered), len(local))
+    used = {r.ports for r in rules if isinstance(r.ports, str)}
+    port_sets = tuple(sorted((k, v) for k, v in builder.port_sets.items() if k in used))
+    return HostRules(families, sets, port_sets, tuple(sorted(builder.l4_sets.items())),
+                     tuple(rules), len(ordered), len(local))
 
 
 def _rules(builder: _Builder, policy: NetworkPolicy, rule: Rule, direction: str, family: int,
@@ -310,7 +330,11 @@ def _rule_exprs(rule: NftRule) -> list[dict[str, Any]]:
     exprs = [_match(_addr_field(rule.family, local), f"@{rule.subject}")]
     if rule.peer is not None:
         exprs.append(_match(_addr_field(rule.family, remote), f"@{rule.peer}"))
-    if rule.protocol is not None:
+    if rule.protocol == "l4":
+        exprs.append(_match({"concat": [{"meta": {"key": "l4proto"}},
+                                        {"payload": {"protocol": "th", "field": "dport"}}]},
+                            f"@{rule.ports}"))
+    elif rule.protocol is not None:
         if rule.ports is None:
             exprs.append(_match({"meta": {"key": "l4proto"}}, rule.protocol))
         else:
@@ -351,6 +375,12 @@ def render(rules: HostRules) -> list[dict[str, Any]]:
         cmds.append({"add": {"set": {
             "family": FAMILY, "table": TABLE, "name": name, "type": "inet_service",
             "flags": ["interval"], "elem": [_port_value((r,)) for r in ranges]}}})
+    for name, entries in rules.l4_sets:
+        cmds.append({"add": {"set": {
+            "family": FAMILY, "table": TABLE, "name": name,
+            "type": ["inet_proto", "inet_service"], "flags": ["interval"],
+            "elem": [{"concat": [proto, _port_value(((low, high),))]}
+                     for proto, low, high in entries]}}})
     for address_set in rules.sets:
         body: dict[str, Any] = {"family": FAMILY, "table": TABLE, "name": address_set.name,
                                 "type": "ipv4_addr" if address_set.family == 4 else "ipv6_addr"}
@@ -423,7 +453,9 @@ def _text_rule(rule: NftRule) -> str:
     parts = [f"{ip} {local} @{rule.subject}"]
     if rule.peer is not None:
         parts.append(f"{ip} {remote} @{rule.peer}")
-    if rule.protocol is not None:
+    if rule.protocol == "l4":
+        parts.append(f"meta l4proto . th dport @{rule.ports}")
+    elif rule.protocol is not None:
         if rule.ports is None:
             parts.append(f"meta l4proto {rule.protocol}")
         elif isinstance(rule.ports, str):
@@ -441,6 +473,11 @@ def render_text(rules: HostRules) -> str:
     for name, ranges in rules.port_sets:
         lines.append(f"set {name} {{ type inet_service; flags interval; "
                      f"elements = {{ {_text_ports(ranges)} }}; }}")
+    for name, entries in rules.l4_sets:
+        items = ", ".join(f"{proto} . {_text_ports(((low, high),))}"
+                          for proto, low, high in entries)
+        lines.append(f"set {name} {{ type inet_proto . inet_service; flags interval; "
+                     f"elements = {{ {items} }}; }}")
     for address_set in rules.sets:
         kind = "ipv4_addr" if address_set.family == 4 else "ipv6_addr"
         flags = " flags interval;" if address_set.interval else ""
@@ -518,6 +555,8 @@ def _element_key(element: Any) -> str:
         return f"{low}-{high}"
     if isinstance(element, dict) and "elem" in element:
         return _element_key(element["elem"]["val"])
+    if isinstance(element, dict) and "concat" in element:
+        return " . ".join(_element_key(part) for part in element["concat"])
     return str(element)
 
 
@@ -535,6 +574,9 @@ def expected_summary(rules: HostRules) -> dict[str, Any]:
     sets: dict[str, list[str]] = {name: sorted(
         f"{low}-{high}" if low != high else str(low) for low, high in ranges)
         for name, ranges in rules.port_sets}
+    for name, entries in rules.l4_sets:
+        sets[name] = sorted(f"{proto} . {low}-{high}" if low != high else f"{proto} . {low}"
+                            for proto, low, high in entries)
     for address_set in rules.sets:
         sets[address_set.name] = sorted(
             str(ipaddress.ip_network(e)) if address_set.interval else
@@ -563,6 +605,12 @@ def _in_set(value: Any, elements: Iterable[Any]) -> bool:
     for element in elements:
         if isinstance(element, dict) and "elem" in element:
             element = element["elem"]["val"]
+        if isinstance(value, tuple):
+            parts = element.get("concat") if isinstance(element, dict) else None
+            if parts is not None and len(parts) == len(value) and all(
+                    _in_set(v, [p]) for v, p in zip(value, parts, strict=True)):
+                return True
+            continue
         if isinstance(element, dict) and "prefix" in element:
             prefix = element["prefix"]
             try:
@@ -593,6 +641,11 @@ def _in_set(value: Any, elements: Iterable[Any]) -> bool:
 def _field(left: Mapping[str, Any], packet: Packet) -> tuple[bool, Any]:
     """(applies, value): a payload match on another protocol does not apply (fails)."""
     family = 6 if ":" in packet.saddr else 4
+    if "concat" in left:
+        parts = [_field(part, packet) for part in left["concat"]]
+        if not all(applies for applies, _ in parts):
+            return False, None
+        return True, tuple(value for _, value in parts)
     if "meta" in left:
         key = left["meta"]["key"]
         if key == "iifname":
