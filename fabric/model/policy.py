@@ -216,21 +216,24 @@ class IpBlock:
     def family(self) -> int:
         return 6 if ":" in self.cidr else 4
 
-    def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-        """`cidr` less every `except`, as disjoint networks."""
-        remaining = [ipaddress.ip_network(self.cidr)]
+    def ranges(self) -> list[tuple[int, int]]:
+        """`cidr` less every `except`, as disjoint (first, last) address integers."""
+        network = ipaddress.ip_network(self.cidr)
+        remaining = [(int(network.network_address), int(network.broadcast_address))]
         for text in self.excepts:
             cut = ipaddress.ip_network(text)
-            nxt: list[Any] = []
-            for net in remaining:
-                if cut.subnet_of(net):  # type: ignore[arg-type]
-                    nxt.extend(net.address_exclude(cut))  # type: ignore[arg-type]
-                elif net.subnet_of(cut):  # type: ignore[arg-type]
+            low, high = int(cut.network_address), int(cut.broadcast_address)
+            nxt = []
+            for first, last in remaining:
+                if high < first or low > last:
+                    nxt.append((first, last))
                     continue
-                else:
-                    nxt.append(net)
+                if first < low:
+                    nxt.append((first, low - 1))
+                if high < last:
+                    nxt.append((high + 1, last))
             remaining = nxt
-        return sorted(remaining, key=lambda n: (int(n.network_address), n.prefixlen))
+        return sorted(remaining)
 
     def contains(self, address: str) -> bool:
         ip = ipaddress.ip_address(address)

@@ -117,10 +117,37 @@ def _selects(selector: Selector, labels: frozenset[tuple[str, str]]) -> bool:
 
 @functools.lru_cache(maxsize=1 << 12)
 def _block_elements(blocks: tuple[IpBlock, ...], family: int) -> tuple[str, ...]:
-    networks = [n for b in blocks if b.family == family for n in b.networks()]
-    merged = sorted(ipaddress.collapse_addresses(networks),  # type: ignore[type-var]
-                    key=lambda n: (int(n.network_address), n.prefixlen))
-    return tuple(str(n) for n in merged)
+    """The addresses of several ipBlocks as disjoint intervals (what an nft interval set
+    takes): `a/len` where an interval is a prefix, else `first-last`."""
+    merged: list[list[int]] = []
+    for first, last in sorted(r for b in blocks if b.family == family for r in b.ranges()):
+        if merged and first <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], last)
+        else:
+            merged.append([first, last])
+    return tuple(_interval_text(first, last, family) for first, last in merged)
+
+
+def _address(value: int, family: int) -> str:
+    return str(ipaddress.IPv4Address(value) if family == 4 else ipaddress.IPv6Address(value))
+
+
+def _interval_text(first: int, last: int, family: int) -> str:
+    size = last - first + 1
+    bits = 32 if family == 4 else 128
+    if size & (size - 1) == 0 and first % size == 0:
+        return f"{_address(first, family)}/{bits - size.bit_length() + 1}"
+    return f"{_address(first, family)}-{_address(last, family)}"
+
+
+def interval_key(text: str) -> str:
+    """An address, prefix or range of addresses as `first-last` (how summaries compare
+    interval elements, whichever form nft lists them in)."""
+    if "-" in text:
+        first, _, last = text.partition("-")
+        return f"{ipaddress.ip_address(first)}-{ipaddress.ip_address(last)}"
+    network = ipaddress.ip_network(text, strict=False)
+    return f"{network.network_address}-{network.broadcast_address}"
 
 
 def _family(address: str) -> int:
@@ -314,6 +341,9 @@ def _match(left: dict[str, Any], right: Any, op: str = "==") -> dict[str, Any]:
 
 
 def _element(address: str, interval: bool) -> Any:
+    if interval and "-" in address:
+        first, _, last = address.partition("-")
+        return {"range": [first, last]}
     if interval:
         network = ipaddress.ip_network(address)
         return {"prefix": {"addr": str(network.network_address), "len": network.prefixlen}}
@@ -549,10 +579,14 @@ class Listed:
 def _element_key(element: Any) -> str:
     if isinstance(element, dict) and "prefix" in element:
         prefix = element["prefix"]
-        return str(ipaddress.ip_network(f"{prefix['addr']}/{prefix['len']}"))
+        return interval_key(f"{prefix['addr']}/{prefix['len']}")
     if isinstance(element, dict) and "range" in element:
         low, high = element["range"]
+        if isinstance(low, str):
+            return interval_key(f"{low}-{high}")
         return f"{low}-{high}"
+    if isinstance(element, str) and (":" in element or element.count(".") == 3):
+        return interval_key(element)
     if isinstance(element, dict) and "elem" in element:
         return _element_key(element["elem"]["val"])
     if isinstance(element, dict) and "concat" in element:
@@ -578,9 +612,7 @@ def expected_summary(rules: HostRules) -> dict[str, Any]:
         sets[name] = sorted(f"{proto} . {low}-{high}" if low != high else f"{proto} . {low}"
                             for proto, low, high in entries)
     for address_set in rules.sets:
-        sets[address_set.name] = sorted(
-            str(ipaddress.ip_network(e)) if address_set.interval else
-            str(ipaddress.ip_address(e)) for e in address_set.elements)
+        sets[address_set.name] = sorted(interval_key(e) for e in address_set.elements)
     return {"chains": dict(sorted(chains.items())), "sets": dict(sorted(sets.items()))}
 
 

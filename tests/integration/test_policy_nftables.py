@@ -57,7 +57,9 @@ POLICIES = [
         "podSelector": {"matchLabels": {"pod": "a"}},
         "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": "blue"}}},
                               {"ipBlock": {"cidr": "192.0.2.0/24",
-                                           "except": ["192.0.2.128/25"]}}],
+                                           "except": ["192.0.2.128/25"]}},
+                              {"ipBlock": {"cidr": "172.16.0.0/12",  # not a prefix left
+                                           "except": ["172.17.0.0/16"]}}],
                      "ports": [{"port": 80}, {"port": 81, "protocol": "UDP"},
                                {"port": 1000, "endPort": 1010}]}],
         "egress": [{"to": [{"podSelector": {"matchExpressions": [
@@ -93,7 +95,9 @@ def test_the_kernel_holds_what_the_model_says(ns):
     listed = Listed.parse(listing)
     assert listed.summary() == expected_summary(rules)
     by_address = {a: e for e in everyone for a in e.ips}
-    sources = [a for e in everyone for a in e.ips] + ["192.0.2.1", "192.0.2.200"]
+    sources = [a for e in everyone for a in e.ips] + ["192.0.2.1", "192.0.2.200",
+                                                      "172.16.0.1", "172.17.0.1",
+                                                      "172.31.255.254"]
     checked = 0
     for src, dst in itertools.product(sources, [a for e in local for a in e.ips]):
         if src == dst or (":" in src) != (":" in dst):
