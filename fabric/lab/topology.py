@@ -995,8 +995,15 @@ def size_neighbour_tables(hosts: int, per_host: int, families: Iterable[int]) ->
 def connects(netns_path: str, address: str, port: int, protocol: str = "tcp",
              timeout: float = 3.0, attempts: int = 2) -> bool:
     """Whether a connection from inside `netns_path` to `address`:`port` is answered
-    (the lab's servers answer `ok`). The socket is made inside the namespace (only the
-    calling thread enters it) and keeps to it."""
+    (the lab's servers answer `ok`)."""
+    return probe(netns_path, address, port, protocol, timeout, attempts) == "answered"
+
+
+def probe(netns_path: str, address: str, port: int, protocol: str = "tcp",
+          timeout: float = 3.0, attempts: int = 2) -> str:
+    """`answered`, `refused` (reset, ICMP unreachable or prohibited: a definite no) or
+    `timeout` (nothing came back: a lost packet, or a drop). The socket is made inside
+    the namespace (only the calling thread enters it) and keeps to it."""
     import socket
 
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
@@ -1009,15 +1016,14 @@ def connects(netns_path: str, address: str, port: int, protocol: str = "tcp",
             sock.connect((address, port))
             if kind == socket.SOCK_DGRAM:
                 sock.send(b"probe")
-            if sock.recv(16).startswith(b"ok"):
-                return True
+            return "answered" if sock.recv(16).startswith(b"ok") else "refused"
         except TimeoutError:
             continue  # a lost datagram: once more
         except OSError:
-            return False  # refused, reset, unreachable: a definite answer
+            return "refused"
         finally:
             sock.close()
-    return False
+    return "timeout"
 
 
 def all_labs(base_dir: Path = BASE_DIR) -> list[str]:
