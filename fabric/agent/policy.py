@@ -61,6 +61,8 @@ class PolicyView:
     sent: HostRules | None = None  # the last rules handed to the kernel writer
     sent_digest: str = ""
     retry: bool = False  # the last apply failed: replace the table whole at the next tick
+    in_flight: int = 0  # applies handed to the writer and not reported yet
+    dirty: bool = False  # inputs changed while an apply was in flight
     stats: PolicyStats = field(default_factory=PolicyStats)
 
     # -- inputs ------------------------------------------------------------------------
@@ -156,7 +158,7 @@ class PolicyView:
                 "sets": len(rules.sets) if rules else 0,
                 "wanted_digest": self.sent_digest, "applied_digest": stats.applied_digest,
                 "in_sync": bool(rules) and stats.applied_digest == self.sent_digest
-                and not self.retry,
+                and not self.retry and not self.dirty and not self.in_flight,
                 "applied": stats.applied, "full_replacements": stats.full,
                 "element_updates": stats.element_updates, "failures": stats.failures,
                 "checks": stats.checks, "repaired": stats.repaired,

@@ -193,7 +193,11 @@ class AgentState:
         elif isinstance(message, m.JobDone):
             self._on_job_done(message, jobs)
         elif isinstance(message, m.PolicyDone):
+            if not message.check:
+                self.policy.in_flight = max(0, self.policy.in_flight - 1)
             self.policy.on_report(message.report, message.check)
+            if self.policy.dirty and not self.policy.in_flight:
+                self._policy(jobs)
         else:
             raise TypeError(f"not an input of the agent: {message!r}")
         return jobs
@@ -386,25 +390,35 @@ class AgentState:
     def _policy(self, jobs: list[m.Job], reply: Any = None) -> None:
         """Hand the writer this host's rules when they changed (and only once the view
         of etcd is complete: rules computed from half a view could open a hole; the
-        table a previous run left stays enforced until then)."""
+        table a previous run left stays enforced until then).
+
+        While an apply is in flight, changes from etcd are coalesced: the rules are
+        computed again once it is done, so a burst (1,000 policies arrive as 16
+        transactions) costs one or two applies, not sixteen. An ADD never waits: its
+        workload's rules go now, ahead of its route."""
         if not self.ready:
             if reply is not None:
                 jobs.append(m.ApplyPolicy(None, reply=reply))
             return
+        if reply is None and self.policy.in_flight:
+            self.policy.dirty = True
+            return
+        self.policy.dirty = False
         rules = self.policy.desired(self.workloads.known(), self.workloads.detached)
         full = self.policy.retry
         if rules != self.policy.sent or full:
             self.policy.sent = rules
             self.policy.sent_digest = rules.digest()
             self.policy.retry = False
+            self.policy.in_flight += 1
             jobs.append(m.ApplyPolicy(rules, full, reply))
         elif reply is not None:
             jobs.append(m.ApplyPolicy(None, reply=reply))
 
     def _check_policy(self, jobs: list[m.Job]) -> None:
-        if self.policy.retry:
+        if self.policy.retry or self.policy.dirty:
             self._policy(jobs)
-        elif self.policy.sent is not None:
+        elif self.policy.sent is not None and not self.policy.in_flight:
             jobs.append(m.CheckPolicy(self.policy.sent))
 
     def _workload_routes(self) -> KernelBatch:
