@@ -45,6 +45,7 @@ class PolicyStats:
     repaired: int = 0
     last_error: str = ""
     last_apply_seconds: float = 0.0
+    last_check_seconds: float = 0.0
     applied_digest: str = ""
     drift: list[str] = field(default_factory=list)
 
@@ -130,6 +131,7 @@ class PolicyView:
         stats = self.stats
         if check:
             stats.checks += 1
+            stats.last_check_seconds = report.seconds
             if report.drift:
                 stats.repaired += 1
                 stats.drift = (list(report.drift) + stats.drift)[:20]
@@ -163,4 +165,5 @@ class PolicyView:
                 "element_updates": stats.element_updates, "failures": stats.failures,
                 "checks": stats.checks, "repaired": stats.repaired,
                 "last_error": stats.last_error,
-                "last_apply_seconds": stats.last_apply_seconds, "drift": list(stats.drift)}
+                "last_apply_seconds": stats.last_apply_seconds,
+                "last_check_seconds": stats.last_check_seconds, "drift": list(stats.drift)}

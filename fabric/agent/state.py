@@ -139,7 +139,7 @@ class AgentState:
         now = self.clock.monotonic()
         self.due: dict[str, float] = {
             "resync": now, "links": now, "gc": now + self.intervals.gc_first,
-            "liveness": now + self.intervals.liveness}
+            "liveness": now + self.intervals.liveness, "policy": now}
 
     # -- the entry points --------------------------------------------------------------
     def handle(self, message: object) -> list[m.Job]:
@@ -215,7 +215,12 @@ class AgentState:
                 self.due["resync"] = now + max(self.intervals.resync,
                                                50 * self.kernel.last_resync_seconds)
                 self._request_resync(jobs)
-                self._check_policy(jobs)
+        if now >= self.due["policy"]:
+            # Listing a big table costs too (1,000 policies: a few hundred ms of CPU):
+            # like the routes' resync, keep the periodic check under 2% of the time.
+            self.due["policy"] = now + max(self.intervals.resync,
+                                           50 * self.policy.stats.last_check_seconds)
+            self._check_policy(jobs)
         if now >= self.due["links"]:
             self.due["links"] = now + self.intervals.links
             jobs.append(m.ListLinks())
