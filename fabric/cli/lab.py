@@ -404,12 +404,19 @@ def _summary(ctx: Context, lab: Lab, matrices: dict[str, Matrix]) -> int:
                      for b in names]] for a in names])
     ctl = program()
     lab_opt = "" if lab.name == DEFAULT_LAB else f"--lab {lab.name} "
+    named = sorted(n for n, w in lab.state.workloads.items() if w.namespace)
+    if len(named) >= 2:
+        tries = (f"\n  {ctl} {lab_opt}lab probe --port 80 --protocol tcp"
+                 f"\n  {ctl} {lab_opt}policy apply -f docs/examples/networkpolicy.yaml"
+                 f"\n  {ctl} {lab_opt}--host {lab.state.workloads[named[1]].host} policy "
+                 f"explain {named[0]} {named[1]} --port 80/tcp")
+    else:
+        tries = f"\n  {ctl} {lab_opt}lab exec h1-w1 -- ping -c1 h2-w1.fabric.internal"
     verdict = ("reachability not checked (--check none)" if not matrices else
                "all workloads reach each other" if green else "SOME PINGS FAILED")
     print(f"\n{verdict}. Next:"
           f"\n  {ctl} {lab_opt}--host h1 node status\n  {ctl} {lab_opt}--host h1 bgp routes"
-          f"\n  {ctl} {lab_opt}--host h1 routes\n  {ctl} --lab {lab.name} nodes"
-          f"\n  {ctl} {lab_opt}lab exec h1-w1 -- ping -c1 h2-w1.fabric.internal"
+          f"\n  {ctl} {lab_opt}--host h1 routes\n  {ctl} --lab {lab.name} nodes{tries}"
           f"\n  {ctl} {lab_opt}lab down")
     return OK if green else PROBLEM
 
@@ -583,10 +590,12 @@ def probe_cmd(ctx: Context) -> int:
         return OK
     names = sorted(matrix)
     print(f"{ctx.protocol} port {ctx.port}, IPv{ctx.family}, from row to column "
-          "(ok: answered, X: refused or dropped):")
-    table(["from \\ to", *names],
-          [[a, *["-" if a == b else ("ok" if matrix[a].get(b) else "X") for b in names]]
-           for a in names])
+          "(ok: answered, X: refused or no answer):")
+    width = max(len(n) for n in names)
+    print(" " * width + "  " + "  ".join(n.ljust(width) for n in names).rstrip())
+    for a in names:
+        cells = ["-" if a == b else ("ok" if matrix[a].get(b) else "X") for b in names]
+        print(a.ljust(width) + "  " + "  ".join(c.ljust(width) for c in cells).rstrip())
     return OK
 
 

@@ -177,9 +177,19 @@ def show_cmd(ctx: Context) -> int:
     if ctx.json:
         emit_json({"manifest": found.manifest, "selects": selected})
         return OK
-    print(yaml.safe_dump(dict(found.manifest), sort_keys=False).rstrip())
+    print(yaml.safe_dump(_ordered(found.manifest), sort_keys=False).rstrip())
     print(f"# selects: {', '.join(selected) or 'no workload yet'}")
     return OK
+
+
+def _ordered(manifest: Any) -> dict[str, Any]:
+    """The manifest in the order people write it (etcd keeps keys sorted)."""
+    doc = dict(manifest)
+    spec = dict(doc.get("spec") or {})
+    order = ("podSelector", "policyTypes", "ingress", "egress")
+    doc["spec"] = {k: spec[k] for k in (*order, *sorted(set(spec) - set(order))) if k in spec}
+    top = ("apiVersion", "kind", "metadata", "spec")
+    return {k: doc[k] for k in (*top, *sorted(set(doc) - set(top))) if k in doc}
 
 
 def rm_cmd(ctx: Context) -> int:
