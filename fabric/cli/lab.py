@@ -209,7 +209,15 @@ def up_cmd(ctx: Context) -> int:
     def reflector(index: int) -> str | None:
         return f"10.255.0.{index}" if index <= ctx.route_reflectors else None
 
+    def install_cni() -> None:
+        """Once, before threads attach workloads: each would otherwise install the plugin
+        when it finds none, and two installs at once collide on the same file."""
+        if not (lab.cni_bin / "l3fabric").exists():
+            lab.install_cni()
+
     def workloads() -> None:
+        install_cni()
+
         def attach(name: str) -> None:
             own = Lab(lab.name)
             for _ in range(ctx.containers_per_host):
@@ -221,6 +229,7 @@ def up_cmd(ctx: Context) -> int:
 
     def named_workloads() -> None:
         hosts = sorted(lab.refresh().hosts, key=lambda h: int(h[1:]) if h[1:].isdigit() else 0)
+        install_cni()
         placed: dict[str, list[tuple[str, str]]] = {}
         for index, ref in enumerate(ctx.workloads):
             placed.setdefault(hosts[index % len(hosts)], []).append(ref)
