@@ -30,11 +30,6 @@ from fabric.model.policy import (
 from fabric.policy.compiler import HostRules, PolicyReport, compile_host
 
 
-def endpoint(record: Workload) -> Endpoint:
-    return Endpoint(record.handle, record.namespace or DEFAULT_NAMESPACE, record.name or "",
-                    dict(record.labels), tuple(record.ips), record.node, record.host_ifname)
-
-
 @dataclass
 class PolicyStats:
     applied: int = 0
@@ -87,7 +82,7 @@ class PolicyView:
         self.namespaces = spaces
 
     def on_workloads(self, records: Iterable[Workload]) -> None:
-        self.registered = {r.handle: endpoint(r) for r in records}
+        self.registered = {r.handle: Endpoint.of(r) for r in records}
         # etcd caught up with an ADD: its registration is the newer truth (labels)
         for handle in set(self.attached) & set(self.registered):
             del self.attached[handle]

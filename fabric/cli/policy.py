@@ -14,7 +14,6 @@ import yaml
 
 from fabric.cli.context import Context
 from fabric.cli.output import OK, PROBLEM, CliError, emit_json, kv, table
-from fabric.model.nodes import Workload
 from fabric.model.policy import (
     DEFAULT_NAMESPACE,
     Endpoint,
@@ -260,12 +259,7 @@ def _labels_text(labels: dict[str, str]) -> str:
 
 # -- explain -------------------------------------------------------------------------------
 def _endpoints(ctx: Context) -> list[Endpoint]:
-    return [endpoint_of(w) for w in Registry(ctx.store).workloads()]
-
-
-def endpoint_of(record: Workload) -> Endpoint:
-    return Endpoint(record.handle, record.namespace or DEFAULT_NAMESPACE, record.name or "",
-                    dict(record.labels), tuple(record.ips), record.node, record.host_ifname)
+    return [Endpoint.of(w) for w in Registry(ctx.store).workloads()]
 
 
 def resolve(reference: str, endpoints: list[Endpoint]) -> tuple[str, Endpoint | None]:

@@ -38,6 +38,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fabric.model.nodes import Workload
+
 API_VERSION = "networking.k8s.io/v1"
 KIND = "NetworkPolicy"
 METADATA_NAME_LABEL = "kubernetes.io/metadata.name"
@@ -535,6 +537,12 @@ class Endpoint:
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name or self.handle}"
+
+    @classmethod
+    def of(cls, record: Workload) -> Endpoint:
+        """A registered workload (its record in etcd) as policy sees it."""
+        return cls(record.handle, record.namespace or DEFAULT_NAMESPACE, record.name or "",
+                   dict(record.labels), tuple(record.ips), record.node, record.host_ifname)
 
 
 def namespace_labels(namespace: str, stored: Mapping[str, Mapping[str, str]]

@@ -440,8 +440,8 @@ def test_every_hosts_kernel_agrees_with_the_model_and_the_cli_says_so(lab):
     assert_matrices(lab, expect)
     store = lab.store()
     try:
-        from fabric.cli.policy import endpoint_of
-        endpoints = {a: endpoint_of(w) for w in Registry(store).workloads() for a in w.ips}
+        from fabric.model.policy import Endpoint
+        endpoints = {a: Endpoint.of(w) for w in Registry(store).workloads() for a in w.ips}
         policies = store_policies.policies(store)
         spaces = store_policies.namespaces(store)
     finally:
