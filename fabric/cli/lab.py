@@ -108,8 +108,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     probe.add_argument("--port", type=int, default=80, help="port (default 80)")
     probe.add_argument("--protocol", choices=("tcp", "udp"), default="tcp",
                        help="tcp (connect and read) or udp (datagram and answer)")
-    probe.add_argument("--family", type=int, choices=(4, 6), default=4,
-                       help="the address family probed (default 4)")
+    probe.add_argument("--family", type=int, choices=(4, 6), default=None,
+                       help="the address family probed (default: the lab's first, 4 in a "
+                            "dual-stack lab)")
     probe.set_defaults(handler=probe_cmd)
     lab_sub.add_parser("down", help="remove everything the lab made (safe to repeat)"
                        ).set_defaults(handler=down_cmd)
@@ -592,13 +593,14 @@ def probe_cmd(ctx: Context) -> int:
     lab = _existing(ctx)
     if not lab.state.workloads:
         raise CliError(f"lab {lab.name} has no workloads (lab add-workload NS/NAME)")
-    matrix = lab.probe(ctx.port, ctx.protocol, family=ctx.family)
+    family = ctx.family or lab.families[0]
+    matrix = lab.probe(ctx.port, ctx.protocol, family=family)
     if ctx.json:
-        emit_json({"port": ctx.port, "protocol": ctx.protocol, "family": ctx.family,
+        emit_json({"port": ctx.port, "protocol": ctx.protocol, "family": family,
                    "matrix": matrix})
         return OK
     names = sorted(matrix)
-    print(f"{ctx.protocol} port {ctx.port}, IPv{ctx.family}, from row to column "
+    print(f"{ctx.protocol} port {ctx.port}, IPv{family}, from row to column "
           "(ok: answered, X: refused or no answer):")
     width = max(len(n) for n in names)
     print(" " * width + "  " + "  ".join(n.ljust(width) for n in names).rstrip())
