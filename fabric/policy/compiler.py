@@ -6,7 +6,7 @@ agent owns whole.
     chain forward   hook forward: replies of allowed connections pass (conntrack);
                     packets from a local workload (iifname l3f*) go through `egress`,
                     packets to one (oifname l3f*) through `ingress`
-    chain egress    one rule per (policy, rule, peer kind, protocol, family):
+    chain egress    one rule per (policy, rule, peer set, family):
                     `ip saddr @<selected> ip daddr @<peers> tcp dport 80 return`;
                     then `ip saddr @iso_egress_4 jump deny`
     chain ingress   the same with the addresses' roles swapped
@@ -16,12 +16,18 @@ Only the forward hook is used, so traffic between a workload and its own host (i
 and output hooks) always passes, and each direction is enforced where the workload
 lives: egress on the source's host, ingress on the destination's.
 
-Every address set is named after what it selects (a hash of namespace and selector),
-never after the workloads in it: the ruleset grows with the policies, and a workload
-that comes, goes or changes labels changes set elements only (`element_changes`),
-never a rule. Sets of peers hold every matching workload of the fabric; sets of
-selected workloads hold this host's only. ipBlock peers and multi-port matches are
-static interval sets, part of the structure.
+Every address set is named after what it selects (a hash of its selector), never after
+the workloads in it: the ruleset grows with the policies, and a workload that comes,
+goes or changes labels changes set elements only (`element_changes`), never a rule.
+`sel_*` sets hold this host's workloads a policy selects; `peer_*` sets every matching
+workload of the fabric, one set per selector peer (a namespaceSelector peer's set is
+shared by every namespace's policies). ipBlocks are static interval sets (`cidr` less
+`except`), and so are ports: one protocol's several ports a `ports_*` set, ports of
+several protocols one `l4_*` set matched as `meta l4proto . th dport`. Rules are what a
+big table costs nftables to load, hence these merges (see docs/performance.md).
+
+`render()` gives the table as nftables JSON (what tests and `policy explain` read);
+`render_text()` the same in nft's own language, which the adapter applies.
 
 `evaluate()` runs a packet through a ruleset as `nft -j list table` printed it: the
 independent check that what the kernel holds agrees with `fabric.model.policy.decide`.
