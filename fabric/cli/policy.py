@@ -56,6 +56,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     explain.add_argument("source", metavar="SRC", help="workload (NS/NAME, NAME) or address")
     explain.add_argument("destination", metavar="DST", help="workload or address")
     explain.add_argument("--port", default="80/tcp", help="PORT/PROTOCOL (default 80/tcp)")
+    explain.add_argument("--kernel", action="store_true",
+                         help="also check this machine's agent's nftables table (implied "
+                              "by --host, which checks that lab host's)")
     explain.set_defaults(handler=explain_cmd)
 
     namespace = sub.add_parser("namespace", help="namespace labels (for namespaceSelector)")
@@ -321,7 +324,7 @@ def explain_cmd(ctx: Context) -> int:
         "port": port, "protocol": protocol.lower(), "allowed": decision.allowed,
         "egress": decision.egress.to_dict() if decision.egress else None,
         "ingress": decision.ingress.to_dict() if decision.ingress else None}
-    host = getattr(ctx.args, "host", None)
+    host = getattr(ctx.args, "host", None) or ("this host" if ctx.kernel else None)
     agrees = True
     if host:
         doc["host"] = _host_check(ctx, host, src_addr, src, dst_addr, dst, protocol, port,
