@@ -187,6 +187,42 @@ def test_default_deny_all(lab):
     assert_matrices(lab, lambda *_: expected)
 
 
+def tcp_connects(netns_name: str, address: str, port: int) -> bool:
+    """A TCP connection from a namespace is accepted (nothing read: any listener)."""
+    import socket
+
+    with netns.entered(netns.path(netns_name)):
+        sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET)
+    try:
+        sock.settimeout(2.0)
+        sock.connect((address, port))
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.close()
+
+
+def test_a_workload_and_its_own_host_always_reach_each_other(lab):
+    apply(lab, policy("x", "deny-all", {"podSelector": {},
+                                        "policyTypes": ["Ingress", "Egress"]}))
+    expected = reachability()
+    for name in in_ns("x"):
+        ingress(expected, name, False)
+        egress(expected, name, False)
+    assert_matrices(lab, lambda *_: expected)
+    x_a = lab.state.workloads["x/a"]
+    own = lab.state.hosts[x_a.host]
+    other = next(h for n, h in lab.state.hosts.items() if n != x_a.host)
+    for family in (4, 6):
+        target = address(lab, "x/a", family)
+        assert connects(netns.path(own.netns), target, 80, "tcp", timeout=2.0)
+        assert not connects(netns.path(other.netns), target, 80, "tcp", timeout=2.0)
+    # and the other way: x/a to its host's metrics port, not to another host's
+    assert tcp_connects(x_a.netns, own.address, 9473)
+    assert not tcp_connects(x_a.netns, other.address, 9473)
+
+
 def test_pod_selector_alone_means_the_policys_namespace(lab):
     apply(lab, policy("x", "a-from-b", {"podSelector": pod("a"),
                                         "ingress": [{"from": [{"podSelector": pod("b")}]}]}))
