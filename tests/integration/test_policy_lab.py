@@ -516,3 +516,14 @@ def test_every_hosts_kernel_agrees_with_the_model_and_the_cli_says_so(lab):
         (False, "reject", True)
     probed = ctl("lab", "probe", "--port", "80")
     assert probed["matrix"] == expect(4, "tcp", 80)
+    added = ctl("--host", "h2", "lab", "add-workload", "z/d", "--label", "team=red")
+    try:
+        assert (added["workload"], added["host"], added["labels"]) == (
+            "z/d", "h2", {"pod": "d", "team": "red"})
+        # z/d is isolated for egress by z/out-blue from its first moment: y only
+        made = lab.refresh().workloads["z/d"]
+        for target in NAMES:
+            assert connects(netns.path(made.netns), address(lab, target, 4), 80, "tcp",
+                            timeout=2.0) == target.startswith("y/"), target
+    finally:
+        lab.remove_workload("z/d")
