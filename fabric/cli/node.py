@@ -80,6 +80,8 @@ def status(ctx: Context) -> int:
         print(f"NOT routing our own block {cidr}: {why}")
     for link, why in sorted(doc.get("unregistered_links", {}).items()):
         print(f"unregistered host interface {link}: {why}")
+    for key, why in sorted((doc.get("policy") or {}).get("refused", {}).items()):
+        print(f"network policy NOT enforced, its record does not parse: {key}: {why}")
     for key, why in sorted(doc.get("ignored_records", {}).items()):
         print(f"ignored etcd record {key}: {why}")
     return OK if healthy else PROBLEM
