@@ -117,6 +117,13 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
     policies, namespaces, endpoints = synthetic(args.policies, args.workloads)
     newcomer = Endpoint("new", "ns3", "new", {"app": "app3", "tier": "web"},
                         ("10.244.9.9", "fd00:244::9999"), "bench", "l3fnew")
+    extra = parse_policy({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                          "metadata": {"name": "one-more", "namespace": "ns3"},
+                          "spec": {"podSelector": {"matchLabels": {"app": "app3"}},
+                                   "ingress": [{"from": [{"namespaceSelector": {
+                                       "matchLabels": {"team": "green"}}}],
+                                       "ports": [{"port": 9090}, {"protocol": "UDP",
+                                                                  "port": 9091}]}]}})
     ns = f"{PREFIX}-scale"
     netns.remove(ns)
     netns.create(ns)
@@ -128,7 +135,8 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
         "  the same, CPU time of the thread",
         "reference: nft -f FILE, same text (replacing)",
         "one more workload: compile", "one more workload: apply (elements)",
-        "one more workload: total")}
+        "one more workload: total", "one more policy: compile",
+        "one more policy: apply (its rules and sets)", "one more policy: total")}
     sizes: dict[str, Any] = {}
     try:
         for run in range(args.runs):
@@ -188,6 +196,18 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
             rows["one more workload: compile"].append(t1 - t0)
             rows["one more workload: apply (elements)"].append(t2 - t1)
             rows["one more workload: total"].append(t2 - t0)
+            # one more policy: its rules and sets added, the rest untouched
+            t0 = time.perf_counter()
+            more = compile_host([*policies, extra], namespaces, [*endpoints, newcomer],
+                                [*endpoints, newcomer], (4, 6))
+            t1 = time.perf_counter()
+            report = in_namespace(path, lambda r=more, t=table: t.apply(r))
+            t2 = time.perf_counter()
+            assert report.ok and report.structural, report
+            assert set(handles_before) <= set(_rule_handles(path))
+            rows["one more policy: compile"].append(t1 - t0)
+            rows["one more policy: apply (its rules and sets)"].append(t2 - t1)
+            rows["one more policy: total"].append(t2 - t0)
             changes = element_changes(rules, grown)
             sizes = {"policies": len(policies), "workloads": len(endpoints),
                      "rules": len(rules.rules), "address_sets": len(rules.sets),

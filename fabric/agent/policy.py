@@ -34,6 +34,7 @@ from fabric.policy.compiler import HostRules, PolicyReport, compile_host
 class PolicyStats:
     applied: int = 0
     full: int = 0
+    rule_updates: int = 0
     element_updates: int = 0
     failures: int = 0
     checks: int = 0
@@ -134,7 +135,8 @@ class PolicyView:
             if report.changes or report.full:
                 stats.applied += 1
                 stats.full += report.full
-                stats.element_updates += not report.full
+                stats.rule_updates += report.structural
+                stats.element_updates += not report.full and not report.structural
                 stats.last_apply_seconds = report.seconds
             stats.applied_digest = report.digest or stats.applied_digest
             stats.last_error = ""
@@ -157,6 +159,7 @@ class PolicyView:
                 "in_sync": bool(rules) and stats.applied_digest == self.sent_digest
                 and not self.retry and not self.dirty and not self.in_flight,
                 "applied": stats.applied, "full_replacements": stats.full,
+                "rule_updates": stats.rule_updates,
                 "element_updates": stats.element_updates, "failures": stats.failures,
                 "checks": stats.checks, "repaired": stats.repaired,
                 "last_error": stats.last_error,

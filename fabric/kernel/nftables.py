@@ -34,13 +34,17 @@ from typing import Any
 from fabric import logs
 from fabric.policy.compiler import (
     FAMILY,
+    RULE_CHAINS,
     TABLE,
     HostRules,
     Listed,
+    NftRule,
     PolicyReport,
     element_changes_text,
     expected_summary,
+    new_handles,
     render_text,
+    structure_changes_text,
 )
 
 OUTPUT_JSON = 1 << 4  # NFT_CTX_OUTPUT_JSON
@@ -78,13 +82,31 @@ class Nft:
         lib.nft_ctx_buffer_error(self._ctx)
 
     def run(self, command: str) -> str:
-        """One command (text or a JSON batch); its output, or NftError with nft's message."""
+        """One command (text or a JSON batch); its output, or NftError with nft's message.
+
+        (Not with the echo flag: libnftables 1.0.6 crashed echoing a whole table of ours;
+        the policies' rules' handles are listed instead, see `rule_handles`.)"""
         rc = self._lib.nft_run_cmd_from_buffer(self._ctx, command.encode())
         output = (self._lib.nft_ctx_get_output_buffer(self._ctx) or b"").decode()
         error = (self._lib.nft_ctx_get_error_buffer(self._ctx) or b"").decode()
         if rc != 0:
             raise NftError(" ".join(error.split())[:2000] or f"nft failed ({rc})")
         return output
+
+    def rule_handles(self) -> dict[str, list[int]]:
+        """The handles of the policies' rules, chain by chain, in chain order (listed as
+        text, which libnftables prints about twice as fast as JSON)."""
+        out = {}
+        self._lib.nft_ctx_output_set_flags(self._ctx, OUTPUT_HANDLE)
+        try:
+            for chain in RULE_CHAINS.values():
+                lines = self.run(f"list chain {FAMILY} {TABLE} {chain}").splitlines()
+                out[chain] = [int(line.rpartition("# handle ")[2]) for line in lines
+                              if "# handle " in line and not line.lstrip().startswith(
+                                  ("table ", "chain "))]
+        finally:
+            self._lib.nft_ctx_output_set_flags(self._ctx, OUTPUT_JSON)
+        return out
 
     def batch(self, commands: Sequence[Mapping[str, Any]]) -> None:
         if commands:
@@ -110,6 +132,11 @@ class Nft:
 class PolicyTable:
     nft_factory: Callable[[], Nft] = Nft
     applied: HostRules | None = None  # what the kernel holds, as far as we know
+    handles: dict[NftRule, int] = field(default_factory=dict)  # of the policies' rules
+    # Rules added whose handles are not known yet, in the order they were added: listing
+    # a big chain costs more than adding to it, so they are looked up only when a change
+    # must delete one of them, or read from the periodic check's listing.
+    pending: list[NftRule] = field(default_factory=list)
     log: Any = field(default_factory=lambda: logs.get("kernel.nftables"))
 
     def __post_init__(self) -> None:
@@ -123,31 +150,63 @@ class PolicyTable:
         return self._nft
 
     def apply(self, rules: HostRules, full: bool = False) -> PolicyReport:
+        """Make the table hold `rules`, in one transaction: set elements only when only
+        they changed; rules and sets added and deleted (by handle) when policies
+        changed; the whole table replaced at the first apply, after a failure, when the
+        families changed, or when asked (`full`)."""
         with self._lock:
             started = time.perf_counter()
             old = self.applied
-            whole = full or old is None or old.structure() != rules.structure()
-            commands = render_text(rules) if whole or old is None \
-                else element_changes_text(old, rules)
-            try:
-                if commands:
-                    self.nft.run(commands)
-            except NftError as exc:
-                self.applied = None  # unsure what the kernel holds: replace it whole next
-                if whole:
-                    return PolicyReport(False, True, commands.count("\n"),
-                                        time.perf_counter() - started, str(exc))
-                self.log.warning("element update refused; replacing the table", error=str(exc))
-                commands = render_text(rules)
-                whole = True
+            self.applied = None  # unsure what the kernel holds until this succeeds
+            if not full and old is not None:
                 try:
-                    self.nft.run(commands)
-                except NftError as exc2:
-                    return PolicyReport(False, True, commands.count("\n"),
-                                        time.perf_counter() - started, str(exc2))
+                    report = self._update(old, rules, started)
+                except (NftError, ValueError) as exc:
+                    self.log.warning("table update refused; replacing the table",
+                                     error=str(exc))
+                else:
+                    if report is not None:
+                        self.applied = rules
+                        return report
+            text = render_text(rules)
+            self.handles, self.pending = {}, list(rules.rules)
+            try:
+                self.nft.run(text)
+            except (NftError, ValueError) as exc:
+                return PolicyReport(False, True, text.count("\n"),
+                                    time.perf_counter() - started, str(exc))
             self.applied = rules
-            return PolicyReport(True, whole, commands.count("\n"), time.perf_counter() - started,
+            return PolicyReport(True, True, text.count("\n"), time.perf_counter() - started,
                                 digest=rules.digest())
+
+    def _update(self, old: HostRules, rules: HostRules, started: float
+                ) -> PolicyReport | None:
+        """The change as elements, or rules and sets; None: replace the table."""
+        if old.structure() == rules.structure():
+            text = element_changes_text(old, rules)
+            if text:
+                self.nft.run(text)
+            return PolicyReport(True, False, text.count("\n"), time.perf_counter() - started,
+                                digest=rules.digest())
+        kept = set(rules.rules)
+        if any(r not in kept for r in self.pending):
+            self._resolve(self.nft.rule_handles())
+        change = structure_changes_text(old, rules, self.handles)
+        if change is None:
+            return None
+        text, added = change
+        if text:
+            self.nft.run(text)
+        self.handles = {r: h for r, h in self.handles.items() if r in kept}
+        self.pending = [r for r in self.pending if r in kept] + added
+        return PolicyReport(True, False, text.count("\n"), time.perf_counter() - started,
+                            digest=rules.digest(), structural=True)
+
+    def _resolve(self, listed: dict[str, list[int]]) -> None:
+        """Learn the pending rules' handles from a listing of the policies' chains."""
+        if self.pending:
+            self.handles.update(new_handles(listed, self.pending, self.handles.values()))
+            self.pending = []
 
     def check(self, rules: HostRules) -> PolicyReport:
         """Compare the kernel's table with `rules`; replace it whole if it differs."""
@@ -157,9 +216,15 @@ class PolicyTable:
                 listing = self.nft.list_table()
             except NftError as exc:
                 return PolicyReport(False, error=str(exc), seconds=time.perf_counter() - started)
+            listed = Listed.parse(listing) if listing is not None else None
             drift = describe_drift(expected_summary(rules),
-                                   Listed.parse(listing).summary() if listing is not None
-                                   else None)
+                                   listed.summary() if listed is not None else None)
+            if not drift and listed is not None and rules == self.applied:
+                try:  # the listing has every handle: the pending ones come free
+                    self._resolve({c: [r["handle"] for r in listed.chains.get(c, ())]
+                                   for c in RULE_CHAINS.values()})
+                except ValueError:
+                    self.applied = None  # not what we think it is: replace it next time
         if not drift:
             return PolicyReport(True, seconds=time.perf_counter() - started,
                                 digest=rules.digest())
@@ -174,6 +239,7 @@ class PolicyTable:
             table = {"family": FAMILY, "name": TABLE}
             self.nft.batch([{"add": {"table": table}}, {"delete": {"table": table}}])
             self.applied = None
+            self.handles = {}
 
     def close(self) -> None:
         if self._nft is not None:

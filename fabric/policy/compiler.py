@@ -3,14 +3,24 @@
 The shape (see docs/policy.md for a listing): one table, `inet l3fabric`, that the
 agent owns whole.
 
-    chain forward   hook forward: replies of allowed connections pass (conntrack);
-                    packets from a local workload (iifname l3f*) go through `egress`,
-                    packets to one (oifname l3f*) through `ingress`
-    chain egress    one rule per (policy, rule, peer set, family):
-                    `ip saddr @<selected> ip daddr @<peers> tcp dport 80 return`;
-                    then `ip saddr @iso_egress_4 jump deny`
-    chain ingress   the same with the addresses' roles swapped
-    chain deny      reject: TCP reset, else ICMP administratively prohibited
+    chain forward         hook forward: replies of allowed connections pass
+                          (conntrack); packets from a local workload (iifname l3f*)
+                          go through `egress`, packets to one (oifname l3f*) through
+                          `ingress`
+    chain egress          jump egress_rules; then `ip saddr @iso_egress_4 jump deny`
+    chain egress_rules    the policies' rules, one per (policy, rule, peer set, family),
+                          in any order: `ip saddr @<selected> ip daddr @<peers>
+                          tcp dport 80 goto egress_allowed`
+    chain egress_allowed  the ingress check if the packet goes to a local workload,
+                          then accept
+    chain ingress         jump ingress_rules; then `ip daddr @iso_ingress_4 jump deny`
+    chain ingress_rules   the same with the roles swapped, each rule ending in accept
+    chain deny            reject: TCP reset, else ICMP administratively prohibited
+
+The policies' rules sit in chains of their own and each one's verdict ends the
+evaluation, so their order does not matter: a policy change adds and deletes rules
+(by handle) and sets, in one transaction, instead of building the table again
+(`structure_changes_text`).
 
 Only the forward hook is used, so traffic between a workload and its own host (input
 and output hooks) always passes, and each direction is enforced where the workload
@@ -55,6 +65,8 @@ from fabric.model.policy import (
 
 TABLE = "l3fabric"
 FAMILY = "inet"
+RULE_CHAINS = {"egress": "egress_rules", "ingress": "ingress_rules"}
+CHAINS = ("egress", "egress_rules", "egress_allowed", "ingress", "ingress_rules", "deny")
 WORKLOAD_IFACES = "l3f*"  # fabric.kernel.links.HOST_PREFIX + wildcard
 DIRECTIONS = ("ingress", "egress")
 COMMENT_MAX = 127
@@ -377,7 +389,8 @@ def _rule_exprs(rule: NftRule) -> list[dict[str, Any]]:
             right = f"@{rule.ports}" if isinstance(rule.ports, str) else _port_value(rule.ports)
             exprs.append(_match({"payload": {"protocol": rule.protocol, "field": "dport"}},
                                 right))
-    exprs.append({"return": None})
+    exprs.append({"goto": {"target": "egress_allowed"}} if rule.direction == "egress"
+                 else {"accept": None})
     return exprs
 
 
@@ -405,7 +418,7 @@ def render(rules: HostRules) -> list[dict[str, Any]]:
         cmds.append({"add": {"rule": body}})
 
     chain("forward", type="filter", hook="forward", prio=0, policy="accept")
-    for name in ("egress", "ingress", "deny"):
+    for name in CHAINS:
         chain(name)
     for name, ranges in rules.port_sets:
         cmds.append({"add": {"set": {
@@ -432,13 +445,18 @@ def render(rules: HostRules) -> list[dict[str, Any]]:
                      {"jump": {"target": "egress"}}], "from a workload of this host")
     rule("forward", [_match({"meta": {"key": "oifname"}}, WORKLOAD_IFACES),
                      {"jump": {"target": "ingress"}}], "to a workload of this host")
-    for nft_rule in rules.rules:
-        rule(nft_rule.direction, _rule_exprs(nft_rule), nft_rule.comment)
     for direction in ("egress", "ingress"):
+        rule(direction, [{"jump": {"target": RULE_CHAINS[direction]}}],
+             f"the policies' {direction} rules")
         role = "saddr" if direction == "egress" else "daddr"
         for family in rules.families:
             rule(direction, [_match(_addr_field(family, role), f"@iso_{direction}_{family}"),
                              {"jump": {"target": "deny"}}], f"isolated for {direction}")
+    rule("egress_allowed", [_match({"meta": {"key": "oifname"}}, WORKLOAD_IFACES),
+                            {"jump": {"target": "ingress"}}], "to a workload of this host")
+    rule("egress_allowed", [{"accept": None}], "allowed by an egress policy")
+    for nft_rule in rules.rules:
+        rule(RULE_CHAINS[nft_rule.direction], _rule_exprs(nft_rule), nft_rule.comment)
     rule("deny", [_match({"meta": {"key": "l4proto"}}, "tcp"),
                   {"reject": {"type": "tcp reset"}}], "denied by network policy")
     rule("deny", [{"reject": {"type": "icmpx", "expr": "admin-prohibited"}}],
@@ -447,8 +465,10 @@ def render(rules: HostRules) -> list[dict[str, Any]]:
 
 
 def element_changes(old: HostRules, new: HostRules) -> list[dict[str, Any]]:
-    """Set element deletions and additions turning `old` into `new` (same structure)."""
-    before, after = old.dynamic(), new.dynamic()
+    """Set element deletions and additions turning `old` into `new`, in the dynamic sets
+    both have (a set only `new` has is created with its elements)."""
+    before = old.dynamic()
+    after = {k: v for k, v in new.dynamic().items() if k in before}
     cmds = []
     for name in sorted(after):
         gone = before.get(name, frozenset()) - after[name]
@@ -472,6 +492,7 @@ class PolicyReport:
     error: str = ""
     drift: tuple[str, ...] = ()  # what a check found different
     digest: str = ""  # of the rules applied
+    structural: bool = False  # rules and sets added and deleted (not the whole table)
 
 
 # -- the same, as nft's own language ----------------------------------------------------
@@ -483,7 +504,7 @@ def _text_ports(ranges: tuple[tuple[int, int], ...]) -> str:
     return ", ".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in ranges)
 
 
-def _text_rule(rule: NftRule) -> str:
+def _text_match(rule: NftRule) -> str:
     ip = "ip" if rule.family == 4 else "ip6"
     local, remote = ("daddr", "saddr") if rule.direction == "ingress" else ("saddr", "daddr")
     parts = [f"{ip} {local} @{rule.subject}"]
@@ -498,28 +519,45 @@ def _text_rule(rule: NftRule) -> str:
             parts.append(f"{rule.protocol} dport @{rule.ports}")
         else:
             parts.append(f"{rule.protocol} dport {_text_ports(rule.ports)}")
-    return " ".join(parts) + f' return comment "{rule.comment}"'
+    return " ".join(parts)
 
 
-def render_text(rules: HostRules) -> str:
-    """`render` in nft's language: one transaction, the table created if absent, deleted
-    and built again."""
-    lines = [f"table {FAMILY} {TABLE}", f"delete table {FAMILY} {TABLE}",
-             f"table {FAMILY} {TABLE} {{"]
+def _text_rule(rule: NftRule) -> str:
+    verdict = "goto egress_allowed" if rule.direction == "egress" else "accept"
+    return f'{_text_match(rule)} {verdict} comment "{rule.comment}"'
+
+
+def _text_set(name: str, body: str) -> str:
+    return f"set {name} {{ {body} }}"
+
+
+def _text_sets(rules: HostRules, names: set[str] | None = None) -> list[tuple[str, str]]:
+    """(name, body) of every set of `rules` (only `names`, when given)."""
+    out = []
     for name, ranges in rules.port_sets:
-        lines.append(f"set {name} {{ type inet_service; flags interval; "
-                     f"elements = {{ {_text_ports(ranges)} }}; }}")
+        out.append((name, f"type inet_service; flags interval; "
+                          f"elements = {{ {_text_ports(ranges)} }};"))
     for name, entries in rules.l4_sets:
         items = ", ".join(f"{proto} . {_text_ports(((low, high),))}"
                           for proto, low, high in entries)
-        lines.append(f"set {name} {{ type inet_proto . inet_service; flags interval; "
-                     f"elements = {{ {items} }}; }}")
+        out.append((name, f"type inet_proto . inet_service; flags interval; "
+                          f"elements = {{ {items} }};"))
     for address_set in rules.sets:
         kind = "ipv4_addr" if address_set.family == 4 else "ipv6_addr"
         flags = " flags interval;" if address_set.interval else ""
         elements = f" elements = {{ {', '.join(sorted(address_set.elements))} }};" \
             if address_set.elements else ""
-        lines.append(f"set {address_set.name} {{ type {kind};{flags}{elements} }}")
+        out.append((address_set.name, f"type {kind};{flags}{elements}"))
+    return [(n, b) for n, b in out if names is None or n in names]
+
+
+def render_text(rules: HostRules) -> str:
+    """`render` in nft's language: one transaction, the table created if absent, deleted
+    and built again. The policies' rules come last, egress_rules' then ingress_rules',
+    each in the order of `rules.rules` (what `rule_handles` relies on)."""
+    lines = [f"table {FAMILY} {TABLE}", f"delete table {FAMILY} {TABLE}",
+             f"table {FAMILY} {TABLE} {{"]
+    lines += [_text_set(name, body) for name, body in _text_sets(rules)]
     lines += ["chain forward {",
               "type filter hook forward priority 0; policy accept;",
               'ct state established,related accept comment "replies of allowed connections"',
@@ -527,18 +565,25 @@ def render_text(rules: HostRules) -> str:
               f'oifname "{WORKLOAD_IFACES}" jump ingress comment "to a workload of this host"',
               "}"]
     for direction in ("egress", "ingress"):
-        lines.append(f"chain {direction} {{")
-        lines += [_text_rule(r) for r in rules.rules if r.direction == direction]
+        lines += [f"chain {direction} {{",
+                  f'jump {RULE_CHAINS[direction]} comment "the policies\' {direction} rules"']
         role = "saddr" if direction == "egress" else "daddr"
         for family in rules.families:
             ip = "ip" if family == 4 else "ip6"
             lines.append(f'{ip} {role} @iso_{direction}_{family} jump deny '
                          f'comment "isolated for {direction}"')
         lines.append("}")
-    lines += ["chain deny {",
+    lines += ["chain egress_allowed {",
+              f'oifname "{WORKLOAD_IFACES}" jump ingress comment "to a workload of this host"',
+              'accept comment "allowed by an egress policy"', "}",
+              "chain deny {",
               'meta l4proto tcp reject with tcp reset comment "denied by network policy"',
-              'reject with icmpx admin-prohibited comment "denied by network policy"',
-              "}", "}"]
+              'reject with icmpx admin-prohibited comment "denied by network policy"', "}"]
+    for direction in ("egress", "ingress"):
+        lines.append(f"chain {RULE_CHAINS[direction]} {{")
+        lines += [_text_rule(r) for r in rules.rules if r.direction == direction]
+        lines.append("}")
+    lines.append("}")
     return "\n".join(lines) + "\n"
 
 
@@ -551,6 +596,60 @@ def element_changes_text(old: HostRules, new: HostRules) -> str:
         lines.append(f"{verb} element {FAMILY} {TABLE} {body['name']} "
                      f"{{ {', '.join(body['elem'])} }}")
     return "\n".join(lines) + ("\n" if lines else "")
+
+
+def _set_names(rules: HostRules) -> set[str]:
+    return ({s.name for s in rules.sets} | {n for n, _ in rules.port_sets}
+            | {n for n, _ in rules.l4_sets})
+
+
+def structure_changes_text(old: HostRules, new: HostRules, handles: Mapping[NftRule, int]
+                           ) -> tuple[str, list[NftRule]] | None:
+    """`old` -> `new` as one transaction that deletes and adds rules and sets, changes
+    the elements of the sets both keep, and leaves everything else alone: (the text, the
+    rules it adds, in the order it adds them). None when that cannot be done (another
+    set of families, or a rule to delete whose handle is unknown): replace the table."""
+    if old.families != new.families:
+        return None
+    before, after = set(old.rules), set(new.rules)
+    gone = [r for r in old.rules if r not in after]
+    if any(r not in handles for r in gone):
+        return None
+    came = [r for r in new.rules if r not in before]
+    old_sets, new_sets = _set_names(old), _set_names(new)
+    old_bodies = dict(_text_sets(old))
+    # A set kept by name whose static contents changed cannot happen (static sets are
+    # named after their contents); one whose type changed would: replace it too.
+    changed = {n for n, b in _text_sets(new, old_sets & new_sets)
+               if b.split(";")[0] != old_bodies[n].split(";")[0]}
+    if changed:
+        return None
+    lines = [f"delete rule {FAMILY} {TABLE} {RULE_CHAINS[r.direction]} handle {handles[r]}"
+             for r in gone]
+    lines += [f"delete set {FAMILY} {TABLE} {name}" for name in sorted(old_sets - new_sets)]
+    lines += [f"add {_text_set(f'{FAMILY} {TABLE} {n}', b)}"
+              for n, b in _text_sets(new, new_sets - old_sets)]
+    lines += element_changes_text(old, new).splitlines()
+    lines += [f"add rule {FAMILY} {TABLE} {RULE_CHAINS[r.direction]} {_text_rule(r)}"
+              for r in came]
+    return "\n".join(lines) + ("\n" if lines else ""), came
+
+
+def new_handles(listed: Mapping[str, Sequence[int]], added: Sequence[NftRule],
+                known: Iterable[int] = ()) -> dict[NftRule, int]:
+    """The handles nft gave `added`: per policies' chain, the listed handles (in chain
+    order) that are not `known`, in the order the rules were added (each `add rule`
+    appends, and a whole table's chains are built in `rules.rules` order)."""
+    seen = set(known)
+    out: dict[NftRule, int] = {}
+    for chain in RULE_CHAINS.values():
+        fresh = [h for h in listed.get(chain, ()) if h not in seen]
+        mine = [r for r in added if RULE_CHAINS[r.direction] == chain]
+        if len(fresh) != len(mine):
+            raise ValueError(f"chain {chain}: {len(fresh)} new rules listed, "
+                             f"{len(mine)} added")
+        out.update(zip(mine, fresh, strict=True))
+    return out
 
 
 # -- reading a listed ruleset back -------------------------------------------------------
@@ -576,7 +675,7 @@ class Listed:
 
     def summary(self) -> dict[str, Any]:
         """What drift is judged on: chains with their rules' comments, sets' elements."""
-        return {"chains": {name: [r.get("comment", "") for r in rules]
+        return {"chains": {name: _ordered(name, [r.get("comment", "") for r in rules])
                            for name, rules in sorted(self.chains.items())},
                 "sets": {name: sorted(_element_key(e) for e in elements)
                          for name, elements in sorted(self.sets.items())}}
@@ -600,17 +699,26 @@ def _element_key(element: Any) -> str:
     return str(element)
 
 
+def _ordered(chain: str, comments: list[str]) -> list[str]:
+    """The policies' rule chains are judged as sets (their order does not matter and
+    changes as rules come and go); the others in order."""
+    return sorted(comments) if chain in RULE_CHAINS.values() else comments
+
+
 def expected_summary(rules: HostRules) -> dict[str, Any]:
     """The summary `Listed.summary()` gives for a faithfully applied `rules`."""
-    chains: dict[str, list[str]] = {"forward": ["replies of allowed connections",
-                                                "from a workload of this host",
-                                                "to a workload of this host"],
-                                    "egress": [], "ingress": [],
-                                    "deny": ["denied by network policy"] * 2}
-    for rule in rules.rules:
-        chains[rule.direction].append(rule.comment)
+    chains: dict[str, list[str]] = {
+        "forward": ["replies of allowed connections", "from a workload of this host",
+                    "to a workload of this host"],
+        "egress_allowed": ["to a workload of this host", "allowed by an egress policy"],
+        "deny": ["denied by network policy"] * 2,
+        "egress_rules": [], "ingress_rules": []}
     for direction in ("egress", "ingress"):
-        chains[direction] += [f"isolated for {direction}"] * len(rules.families)
+        chains[direction] = [f"the policies' {direction} rules"] + \
+            [f"isolated for {direction}"] * len(rules.families)
+    for rule in rules.rules:
+        chains[RULE_CHAINS[rule.direction]].append(rule.comment)
+    chains = {name: _ordered(name, comments) for name, comments in chains.items()}
     sets: dict[str, list[str]] = {name: sorted(
         f"{low}-{high}" if low != high else str(low) for low, high in ranges)
         for name, ranges in rules.port_sets}

@@ -187,3 +187,40 @@ def test_drift_is_repaired_and_a_restart_keeps_the_rules_until_replaced(ns):
     inside(ns, lambda: Nft().run("delete table inet l3fabric"))
     report = inside(ns, lambda: successor.check(fewer))
     assert report.drift == ("table inet l3fabric is missing",) and report.ok
+
+
+def test_a_policy_change_adds_and_deletes_rules_not_the_table(ns):
+    everyone = endpoints()
+    local = [e for e in everyone if e.node == "h1"]
+    table = PolicyTable()
+    before = compile_host(POLICIES, NAMESPACES, everyone, local)
+    inside(ns, lambda: table.apply(before))
+    assert table.pending == list(before.rules) and table.handles == {}  # not listed yet
+    assert inside(ns, lambda: table.check(before)).drift == ()
+    assert table.pending == [] and set(table.handles) == set(before.rules)  # from the check
+    listing = inside(ns, lambda: Nft().list_table())
+    kept = {r["handle"] for item in listing if "rule" in item for r in [item["rule"]]
+            if not r.get("comment", "").startswith("x/a-from-y")}
+    changed = [POLICIES[0], POLICIES[2], manifest("x", "a-from-z", {
+        "podSelector": {"matchLabels": {"pod": "a"}},
+        "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {
+            "kubernetes.io/metadata.name": "z"}}}], "ports": [{"port": 81}]}]})]
+    after = compile_host(changed, NAMESPACES, everyone, local)
+    report = inside(ns, lambda: table.apply(after))
+    assert report.ok and report.structural and not report.full
+    listing = inside(ns, lambda: Nft().list_table())
+    listed = Listed.parse(listing)
+    assert listed.summary() == expected_summary(after)
+    handles = {r["handle"] for item in listing if "rule" in item for r in [item["rule"]]}
+    assert kept <= handles  # every rule of the policies that stayed is the same rule
+    by_address = {a: e for e in everyone for a in e.ips}
+    for src in ("10.244.6.1", "10.244.3.1"):  # z/a, y/a (not on h1)
+        for port in (80, 81):
+            decision = decide(changed, NAMESPACES, src, "10.244.0.1", by_address, "TCP", port)
+            packet = Packet(src, "10.244.0.1", "tcp", port, "eth0", "l3f000000000000")
+            assert (evaluate(listed, packet)[0] == "accept") == decision.ingress.allowed
+    # and back: the handles the change reported let the next change delete its rules
+    report = inside(ns, lambda: table.apply(before))
+    assert report.ok and report.structural
+    assert Listed.parse(inside(ns, lambda: Nft().list_table())).summary() == \
+        expected_summary(before)

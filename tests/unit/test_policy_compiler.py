@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fabric.model.policy import Endpoint, decide, parse_policy
 from fabric.policy.compiler import (
+    RULE_CHAINS,
     HostRules,
     Listed,
     Packet,
@@ -20,7 +22,9 @@ from fabric.policy.compiler import (
     element_changes,
     evaluate,
     expected_summary,
+    new_handles,
     render,
+    structure_changes_text,
 )
 
 NAMESPACES = ("x", "y", "z")
@@ -170,8 +174,10 @@ def test_shape_of_the_table():
     assert table.summary() == expected_summary(rules)
     forward = table.chains["forward"]
     assert forward[0]["comment"] == "replies of allowed connections"
+    assert [r["comment"] for r in table.chains["ingress_rules"]] == [
+        "x/p1 ingress[0]"] * 3  # the pods' set in 2 families, the v4 block
     assert [r["comment"] for r in table.chains["ingress"]] == [
-        "x/p1 ingress[0]"] * 3 + ["isolated for ingress"] * 2  # pods x 2 families, v4 block
+        "the policies' ingress rules"] + ["isolated for ingress"] * 2
     assert any(name.startswith("ports_") for name, _ in rules.port_sets)
     cidr = next(s for s in rules.sets if s.interval and s.family == 4)
     assert sorted(cidr.elements) == ["10.0.0.0/16", "10.2.0.0-10.255.255.255"]  # 10/8 - 10.1/16
@@ -195,3 +201,40 @@ def test_no_policies_means_an_open_table_and_traffic_to_the_host_is_not_hooked()
     chains = [c for c in render(rules) if "chain" in c.get("add", {})]
     assert [c["add"]["chain"].get("hook") for c in chains if "hook" in c["add"]["chain"]] \
         == ["forward"]
+
+
+def test_a_policy_change_is_rules_and_sets_added_and_deleted_by_handle():
+    everyone = endpoints()
+    local = [e for e in everyone if e.node == "h1"]
+    old = compile_host(build([DENY_ALL, ALLOW_B]), {}, everyone, local)
+    allow_c = ("x", {"podSelector": {"matchLabels": {"pod": "c"}},
+                     "ingress": [{"from": [{"namespaceSelector": {}}]}]})
+    new = compile_host(build([DENY_ALL, allow_c]), {}, everyone, local)  # p1 replaced
+    handles = {rule: 100 + i for i, rule in enumerate(old.rules)}
+    text, added = structure_changes_text(old, new, handles)
+    lines = text.splitlines()
+    gone = [r for r in old.rules if r not in new.rules]
+    assert gone and added == [r for r in new.rules if r not in old.rules] and added
+    assert lines[:len(gone)] == [f"delete rule inet l3fabric ingress_rules handle "
+                                 f"{handles[r]}" for r in gone]
+    assert any(line.startswith("delete set inet l3fabric cidr_") for line in lines)
+    assert any(line.startswith("add set inet l3fabric peer_") for line in lines)
+    assert lines[-len(added):] == [
+        f"add rule inet l3fabric {RULE_CHAINS[r.direction]} " + line.split(" ", 5)[5]
+        for r, line in zip(added, lines[-len(added):], strict=True)]
+    assert all("accept comment" in line for line in lines[-len(added):])
+    # the chains listed afterwards give the new rules' handles: those not known before
+    kept = {r: h for r, h in handles.items() if r in new.rules}
+    listed = {"ingress_rules": [*sorted(kept.values()), *range(500, 500 + len(added))],
+              "egress_rules": []}
+    assert new_handles(listed, added, kept.values()) == {
+        r: 500 + i for i, r in enumerate(added)}
+    with pytest.raises(ValueError):
+        new_handles({"ingress_rules": [500]}, added, ())
+    # unknown handles, or other families: the table is replaced instead
+    assert structure_changes_text(old, new, {}) is None
+    assert structure_changes_text(
+        old, compile_host(build([DENY_ALL]), {}, everyone, local, families=(4,)),
+        handles) is None
+    # nothing changed: nothing to do
+    assert structure_changes_text(old, old, handles) == ("", [])
