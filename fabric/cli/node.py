@@ -106,6 +106,7 @@ def _policy(policy: dict[str, Any] | None) -> str:
     return (f"{policy['policies']} policies, {policy['local_workloads']} local workload(s), "
             f"{policy['rules']} rules, {policy['sets']} sets; {state} "
             f"({policy['full_replacements']} table replacements, "
+            f"{policy.get('rule_updates', 0)} rule updates, "
             f"{policy['element_updates']} element updates, {policy['repaired']} repaired)")
 
 

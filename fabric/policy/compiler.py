@@ -868,7 +868,7 @@ def evaluate(listed: Listed, packet: Packet) -> tuple[str, list[str]]:
                 return None
             if "jump" in verdict or "goto" in verdict:
                 target = (verdict.get("jump") or verdict.get("goto"))["target"]
-                if comment:
+                if comment and target not in RULE_CHAINS.values():
                     trail.append(f"{chain}: {comment}")
                 outcome = run(target, depth + 1)
                 if outcome is not None or "goto" in verdict:
