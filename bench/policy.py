@@ -12,7 +12,8 @@ the table, against the goal of 1 s; then one more workload (compile + set-elemen
 batch + apply), which must not touch the ruleset (its rules' handles are compared).
 Reference, same run, same text: `nft -f FILE`, the command-line tool loading it.
 
-propagation: a 3-host lab; a policy toggled 50 times with `policy apply` / `policy rm`
+propagation: a 3-host lab (with --loaded N, N other policies in place); a policy toggled
+50 times with `policy apply` / `policy rm`
 (etcd writes, as fabricctl does them); each change is timed from the write until real
 TCP connections to workloads on all three hosts show the new verdict. Reference: one
 round of those probes (the measurement's resolution). Goal: p99 < 1 s.
@@ -274,6 +275,10 @@ def propagation(args: argparse.Namespace) -> dict[str, Any]:
             return [probe(client, t, 80, "tcp", timeout=0.25) for t in targets]
 
         store = lab.store()
+        if args.loaded:  # other policies in place (in namespaces ns0..ns9)
+            loaded, _, _ = synthetic(args.loaded, 0)
+            store_policies.apply_policies(store, loaded)
+            _wait_policies(lab, args.loaded)
         delays, rounds, lost = [], [], 0
         try:
             for change in range(args.changes):
@@ -301,8 +306,9 @@ def propagation(args: argparse.Namespace) -> dict[str, Any]:
     print("delays (ms):", " ".join(f"{d * 1000:.0f}" for d in delays))
     result = {"changes": len(delays), "p50": pct(delays, 50), "p99": pct(delays, 99),
               "max": max(delays), "probe_round_p50": pct(rounds, 50), "probes_lost": lost}
-    print(f"\npropagation over {len(delays)} changes (policy apply/rm until real connections "
-          f"to 3 hosts agree): p50 {ms(result['p50'])}, p99 {ms(result['p99'])}, max "
+    print(f"\npropagation over {len(delays)} changes with {args.loaded} other policies in "
+          f"place (policy apply/rm until real connections to 3 hosts agree): "
+          f"p50 {ms(result['p50'])}, p99 {ms(result['p99'])}, max "
           f"{ms(result['max'])}; reference: one probe round {ms(result['probe_round_p50'])} "
           f"({lost} probe(s) unanswered within 0.25 s, retried); "
           f"goal p99 < 1 s: {'met' if result['p99'] < 1 else 'MISSED'}")
@@ -388,6 +394,8 @@ def main() -> int:
     parser.add_argument("--workloads", type=int, default=250)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--changes", type=int, default=50)
+    parser.add_argument("--loaded", type=int, default=0,
+                        help="propagation: this many other policies in place first")
     parser.add_argument("--seconds", type=int, default=5)
     args = parser.parse_args()
     if os.geteuid() != 0:
