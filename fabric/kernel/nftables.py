@@ -38,10 +38,10 @@ from fabric.policy.compiler import (
     TABLE,
     HostRules,
     Listed,
-    NftRule,
     PolicyReport,
     element_changes_text,
     expected_summary,
+    jumps,
     new_handles,
     render_text,
     structure_changes_text,
@@ -94,8 +94,9 @@ class Nft:
         return output
 
     def rule_handles(self) -> dict[str, list[int]]:
-        """The handles of the policies' rules, chain by chain, in chain order (listed as
-        text, which libnftables prints about twice as fast as JSON)."""
+        """The handles of the jumps to the policies' chains, in egress_rules and
+        ingress_rules, in chain order (listed as text, which libnftables prints about
+        twice as fast as JSON)."""
         out = {}
         self._lib.nft_ctx_output_set_flags(self._ctx, OUTPUT_HANDLE)
         try:
@@ -132,11 +133,12 @@ class Nft:
 class PolicyTable:
     nft_factory: Callable[[], Nft] = Nft
     applied: HostRules | None = None  # what the kernel holds, as far as we know
-    handles: dict[NftRule, int] = field(default_factory=dict)  # of the policies' rules
-    # Rules added whose handles are not known yet, in the order they were added: listing
-    # a big chain costs more than adding to it, so they are looked up only when a change
-    # must delete one of them, or read from the periodic check's listing.
-    pending: list[NftRule] = field(default_factory=list)
+    # policy chain -> the handle of the jump to it (in egress_rules or ingress_rules),
+    # what deleting a policy needs. Jumps added whose handles are not known yet are
+    # `pending` (in the order added): they are listed only when a change must delete
+    # one, or read from the periodic check's listing.
+    handles: dict[str, int] = field(default_factory=dict)
+    pending: list[tuple[str, str]] = field(default_factory=list)
     log: Any = field(default_factory=lambda: logs.get("kernel.nftables"))
 
     def __post_init__(self) -> None:
@@ -169,7 +171,7 @@ class PolicyTable:
                         self.applied = rules
                         return report
             text = render_text(rules)
-            self.handles, self.pending = {}, list(rules.rules)
+            self.handles, self.pending = {}, jumps(rules)
             try:
                 self.nft.run(text)
             except (NftError, ValueError) as exc:
@@ -188,8 +190,8 @@ class PolicyTable:
                 self.nft.run(text)
             return PolicyReport(True, False, text.count("\n"), time.perf_counter() - started,
                                 digest=rules.digest())
-        kept = set(rules.rules)
-        if any(r not in kept for r in self.pending):
+        kept = rules.policy_chains()
+        if any(chain not in kept for _, chain in self.pending):
             self._resolve(self.nft.rule_handles())
         change = structure_changes_text(old, rules, self.handles)
         if change is None:
@@ -197,8 +199,8 @@ class PolicyTable:
         text, added = change
         if text:
             self.nft.run(text)
-        self.handles = {r: h for r, h in self.handles.items() if r in kept}
-        self.pending = [r for r in self.pending if r in kept] + added
+        self.handles = {c: h for c, h in self.handles.items() if c in kept}
+        self.pending = [j for j in self.pending if j[1] in kept] + jumps(rules, added)
         return PolicyReport(True, False, text.count("\n"), time.perf_counter() - started,
                             digest=rules.digest(), structural=True)
 

@@ -89,6 +89,13 @@ class NftRule:
     protocol: str | None  # tcp, udp, sctp; "l4": several (`ports` names an l4 set); None: any
     ports: tuple[tuple[int, int], ...] | str | None  # inline ranges, a port set, or any
     comment: str
+    chain: str = ""  # the policy's chain for this direction (`policy_chain`)
+    policy: str = ""  # NS/NAME
+
+
+def policy_chain(key: str, direction: str) -> str:
+    """The chain of one policy's rules of one direction: `pi_<hash>` or `pe_<hash>`."""
+    return f"p{direction[0]}_{_hash(key)}"
 
 
 @dataclass(frozen=True)
@@ -111,6 +118,23 @@ class HostRules:
                                       s.elements if s.interval else None)
                                      for s in self.sets), self.port_sets, self.l4_sets,
                 self.rules)
+
+    def policy_chains(self) -> dict[str, tuple[str, str]]:
+        """chain -> (direction, policy NS/NAME) of every policy chain, in rule order."""
+        out: dict[str, tuple[str, str]] = {}
+        for rule in self.rules:
+            out.setdefault(rule.chain, (rule.direction, rule.policy))
+        return out
+
+    def by_chain(self) -> dict[str, list[NftRule]]:
+        """Each policy chain's rules, in order."""
+        out: dict[str, list[NftRule]] = {}
+        for rule in self.rules:
+            out.setdefault(rule.chain, []).append(rule)
+        return out
+
+    def chain_rules(self, chain: str) -> list[NftRule]:
+        return self.by_chain().get(chain, [])
 
     def dynamic(self) -> dict[str, frozenset[str]]:
         return {s.name: s.elements for s in self.sets if not s.interval}
@@ -320,7 +344,8 @@ def compile_host(policies: Iterable[NetworkPolicy],
                 isolated[(direction, family)] |= builder.sets[subject].elements
                 for index, rule in enumerate(policy.rules(direction)):
                     comment = f"{policy.key} {direction}[{index}]"[:COMMENT_MAX]
-                    rules += _rules(builder, policy, rule, direction, family, subject, comment)
+                    rules += _rules(builder, policy, rule, direction, family, subject, comment,
+                                    policy_chain(policy.key, direction))
     for (direction, family), addresses in sorted(isolated.items()):
         builder._add(f"iso_{direction}_{family}", family, addresses)
     sets = tuple(sorted(builder.sets.values(), key=lambda s: s.name))
@@ -331,7 +356,7 @@ def compile_host(policies: Iterable[NetworkPolicy],
 
 
 def _rules(builder: _Builder, policy: NetworkPolicy, rule: Rule, direction: str, family: int,
-           subject: str, comment: str) -> list[NftRule]:
+           subject: str, comment: str, chain: str) -> list[NftRule]:
     peers: list[str | None]
     if not rule.peers:
         peers = [None]
@@ -345,7 +370,8 @@ def _rules(builder: _Builder, policy: NetworkPolicy, rule: Rule, direction: str,
         cidr = builder.blocks(rule.peers, family)
         if cidr:
             peers.append(cidr)
-    return [NftRule(direction, family, subject, peer, protocol, ports, comment)
+    return [NftRule(direction, family, subject, peer, protocol, ports, comment, chain,
+                    policy.key[:COMMENT_MAX])
             for peer in peers for protocol, ports in builder.ports(rule)]
 
 
@@ -455,8 +481,12 @@ def render(rules: HostRules) -> list[dict[str, Any]]:
     rule("egress_allowed", [_match({"meta": {"key": "oifname"}}, WORKLOAD_IFACES),
                             {"jump": {"target": "ingress"}}], "to a workload of this host")
     rule("egress_allowed", [{"accept": None}], "allowed by an egress policy")
-    for nft_rule in rules.rules:
-        rule(RULE_CHAINS[nft_rule.direction], _rule_exprs(nft_rule), nft_rule.comment)
+    grouped = rules.by_chain()
+    for name, (direction, key) in rules.policy_chains().items():
+        chain(name)
+        rule(RULE_CHAINS[direction], [{"jump": {"target": name}}], key)
+        for nft_rule in grouped[name]:
+            rule(name, _rule_exprs(nft_rule), nft_rule.comment)
     rule("deny", [_match({"meta": {"key": "l4proto"}}, "tcp"),
                   {"reject": {"type": "tcp reset"}}], "denied by network policy")
     rule("deny", [{"reject": {"type": "icmpx", "expr": "admin-prohibited"}}],
@@ -579,12 +609,23 @@ def render_text(rules: HostRules) -> str:
               "chain deny {",
               'meta l4proto tcp reject with tcp reset comment "denied by network policy"',
               'reject with icmpx admin-prohibited comment "denied by network policy"', "}"]
+    chains = rules.policy_chains()
+    grouped = rules.by_chain()
+    for name in chains:
+        lines.append(f"chain {name} {{")
+        lines += [_text_rule(r) for r in grouped[name]]
+        lines.append("}")
     for direction in ("egress", "ingress"):
         lines.append(f"chain {RULE_CHAINS[direction]} {{")
-        lines += [_text_rule(r) for r in rules.rules if r.direction == direction]
+        lines += [_text_dispatch(name, key) for name, (d, key) in chains.items()
+                  if d == direction]
         lines.append("}")
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def _text_dispatch(chain: str, key: str) -> str:
+    return f'jump {chain} comment "{key}"'
 
 
 def element_changes_text(old: HostRules, new: HostRules) -> str:
@@ -603,53 +644,74 @@ def _set_names(rules: HostRules) -> set[str]:
             | {n for n, _ in rules.l4_sets})
 
 
-def structure_changes_text(old: HostRules, new: HostRules, handles: Mapping[NftRule, int]
-                           ) -> tuple[str, list[NftRule]] | None:
-    """`old` -> `new` as one transaction that deletes and adds rules and sets, changes
-    the elements of the sets both keep, and leaves everything else alone: (the text, the
-    rules it adds, in the order it adds them). None when that cannot be done (another
-    set of families, or a rule to delete whose handle is unknown): replace the table."""
+def structure_changes_text(old: HostRules, new: HostRules, handles: Mapping[str, int]
+                           ) -> tuple[str, list[str]] | None:
+    """`old` -> `new` as one transaction that touches only what changed: the chains of
+    policies that went are emptied and deleted (with the jump to them: `handles` maps a
+    policy chain to the handle of that jump), a changed policy's chain is flushed and
+    filled again, new policies' chains are made and jumped to, sets come and go, the sets
+    both keep change elements. Returns (the text, the policy chains it adds jumps to, in
+    order), or None when that cannot be done (another set of families, or the handle of a
+    jump to delete is unknown): then the table is replaced."""
     if old.families != new.families:
         return None
-    before, after = set(old.rules), set(new.rules)
-    gone = [r for r in old.rules if r not in after]
-    if any(r not in handles for r in gone):
+    old_chains, new_chains = old.policy_chains(), new.policy_chains()
+    gone = [c for c in old_chains if c not in new_chains]
+    if any(c not in handles for c in gone):
         return None
-    came = [r for r in new.rules if r not in before]
+    came = [c for c in new_chains if c not in old_chains]
+    old_rules, new_rules = old.by_chain(), new.by_chain()
+    changed = [c for c in new_chains if c in old_chains and old_rules[c] != new_rules[c]]
     old_sets, new_sets = _set_names(old), _set_names(new)
     old_bodies = dict(_text_sets(old))
     # A set kept by name whose static contents changed cannot happen (static sets are
-    # named after their contents); one whose type changed would: replace it too.
-    changed = {n for n, b in _text_sets(new, old_sets & new_sets)
-               if b.split(";")[0] != old_bodies[n].split(";")[0]}
-    if changed:
+    # named after their contents); one whose type changed would: replace the table.
+    if any(b.split(";")[0] != old_bodies[n].split(";")[0]
+           for n, b in _text_sets(new, old_sets & new_sets)):
         return None
-    lines = [f"delete rule {FAMILY} {TABLE} {RULE_CHAINS[r.direction]} handle {handles[r]}"
-             for r in gone]
-    lines += [f"delete set {FAMILY} {TABLE} {name}" for name in sorted(old_sets - new_sets)]
-    lines += [f"add {_text_set(f'{FAMILY} {TABLE} {n}', b)}"
+    where = f"{FAMILY} {TABLE}"
+    lines = []
+    for chain in gone:
+        rules_chain = RULE_CHAINS[old_chains[chain][0]]
+        lines += [f"delete rule {where} {rules_chain} handle {handles[chain]}",
+                  f"flush chain {where} {chain}", f"delete chain {where} {chain}"]
+    lines += [f"flush chain {where} {chain}" for chain in changed]
+    lines += [f"delete set {where} {name}" for name in sorted(old_sets - new_sets)]
+    lines += [f"add {_text_set(f'{where} {n}', b)}"
               for n, b in _text_sets(new, new_sets - old_sets)]
     lines += element_changes_text(old, new).splitlines()
-    lines += [f"add rule {FAMILY} {TABLE} {RULE_CHAINS[r.direction]} {_text_rule(r)}"
-              for r in came]
+    for chain in changed:
+        lines += [f"add rule {where} {chain} {_text_rule(r)}" for r in new_rules[chain]]
+    for chain in came:
+        direction, key = new_chains[chain]
+        lines.append(f"add chain {where} {chain}")
+        lines += [f"add rule {where} {chain} {_text_rule(r)}" for r in new_rules[chain]]
+        lines.append(f"add rule {where} {RULE_CHAINS[direction]} {_text_dispatch(chain, key)}")
     return "\n".join(lines) + ("\n" if lines else ""), came
 
 
-def new_handles(listed: Mapping[str, Sequence[int]], added: Sequence[NftRule],
-                known: Iterable[int] = ()) -> dict[NftRule, int]:
-    """The handles nft gave `added`: per policies' chain, the listed handles (in chain
-    order) that are not `known`, in the order the rules were added (each `add rule`
-    appends, and a whole table's chains are built in `rules.rules` order)."""
+def new_handles(listed: Mapping[str, Sequence[int]], added: Sequence[tuple[str, str]],
+                known: Iterable[int] = ()) -> dict[str, int]:
+    """The handles nft gave the jumps to `added` policy chains ((rules chain, policy
+    chain), in the order the jumps were added): per rules chain, the listed handles (in
+    chain order) that are not `known`. Each `add rule` appends, and a whole table's
+    jumps are built in `policy_chains()` order."""
     seen = set(known)
-    out: dict[NftRule, int] = {}
-    for chain in RULE_CHAINS.values():
-        fresh = [h for h in listed.get(chain, ()) if h not in seen]
-        mine = [r for r in added if RULE_CHAINS[r.direction] == chain]
+    out: dict[str, int] = {}
+    for rules_chain in RULE_CHAINS.values():
+        fresh = [h for h in listed.get(rules_chain, ()) if h not in seen]
+        mine = [chain for where, chain in added if where == rules_chain]
         if len(fresh) != len(mine):
-            raise ValueError(f"chain {chain}: {len(fresh)} new rules listed, "
+            raise ValueError(f"chain {rules_chain}: {len(fresh)} new jumps listed, "
                              f"{len(mine)} added")
         out.update(zip(mine, fresh, strict=True))
     return out
+
+
+def jumps(rules: HostRules, chains: Iterable[str] | None = None) -> list[tuple[str, str]]:
+    """(rules chain, policy chain) of the jumps to `chains` (default: all), in order."""
+    table = rules.policy_chains()
+    return [(RULE_CHAINS[table[c][0]], c) for c in (table if chains is None else chains)]
 
 
 # -- reading a listed ruleset back -------------------------------------------------------
@@ -716,8 +778,10 @@ def expected_summary(rules: HostRules) -> dict[str, Any]:
     for direction in ("egress", "ingress"):
         chains[direction] = [f"the policies' {direction} rules"] + \
             [f"isolated for {direction}"] * len(rules.families)
-    for rule in rules.rules:
-        chains[RULE_CHAINS[rule.direction]].append(rule.comment)
+    grouped = rules.by_chain()
+    for name, (direction, key) in rules.policy_chains().items():
+        chains[RULE_CHAINS[direction]].append(key)
+        chains[name] = [r.comment for r in grouped[name]]
     chains = {name: _ordered(name, comments) for name, comments in chains.items()}
     sets: dict[str, list[str]] = {name: sorted(
         f"{low}-{high}" if low != high else str(low) for low, high in ranges)
@@ -863,20 +927,22 @@ def evaluate(listed: Listed, packet: Packet) -> tuple[str, list[str]]:
             if not matched or verdict is None:
                 continue
             comment = rule.get("comment", "")
+            label = {"pi_": "ingress_rules", "pe_": "egress_rules"}.get(chain[:3], chain)
             if "return" in verdict:
-                trail.append(f"{chain}: {comment} (allowed)")
+                trail.append(f"{label}: {comment} (allowed)")
                 return None
             if "jump" in verdict or "goto" in verdict:
                 target = (verdict.get("jump") or verdict.get("goto"))["target"]
-                if comment and target not in RULE_CHAINS.values():
-                    trail.append(f"{chain}: {comment}")
+                if comment and target not in RULE_CHAINS.values() \
+                        and chain not in RULE_CHAINS.values():
+                    trail.append(f"{label}: {comment}")
                 outcome = run(target, depth + 1)
                 if outcome is not None or "goto" in verdict:
                     return outcome
                 continue
             for final in ("accept", "drop", "reject"):
                 if final in verdict:
-                    trail.append(f"{chain}: {comment} ({final})")
+                    trail.append(f"{label}: {comment} ({final})")
                     return final
             raise UnknownExpression(f"unknown verdict {json.dumps(verdict)}")
         return None

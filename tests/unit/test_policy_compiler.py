@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 
 from fabric.model.policy import Endpoint, decide, parse_policy
 from fabric.policy.compiler import (
-    RULE_CHAINS,
     HostRules,
     Listed,
     Packet,
@@ -22,7 +21,9 @@ from fabric.policy.compiler import (
     element_changes,
     evaluate,
     expected_summary,
+    jumps,
     new_handles,
+    policy_chain,
     render,
     structure_changes_text,
 )
@@ -174,7 +175,8 @@ def test_shape_of_the_table():
     assert table.summary() == expected_summary(rules)
     forward = table.chains["forward"]
     assert forward[0]["comment"] == "replies of allowed connections"
-    assert [r["comment"] for r in table.chains["ingress_rules"]] == [
+    assert [r["comment"] for r in table.chains["ingress_rules"]] == ["x/p1"]  # a jump
+    assert [r["comment"] for r in table.chains[policy_chain("x/p1", "ingress")]] == [
         "x/p1 ingress[0]"] * 3  # the pods' set in 2 families, the v4 block
     assert [r["comment"] for r in table.chains["ingress"]] == [
         "the policies' ingress rules"] + ["isolated for ingress"] * 2
@@ -203,38 +205,46 @@ def test_no_policies_means_an_open_table_and_traffic_to_the_host_is_not_hooked()
         == ["forward"]
 
 
-def test_a_policy_change_is_rules_and_sets_added_and_deleted_by_handle():
+def test_a_policy_change_touches_that_policys_chain_and_sets_only():
     everyone = endpoints()
     local = [e for e in everyone if e.node == "h1"]
     old = compile_host(build([DENY_ALL, ALLOW_B]), {}, everyone, local)
     allow_c = ("x", {"podSelector": {"matchLabels": {"pod": "c"}},
                      "ingress": [{"from": [{"namespaceSelector": {}}]}]})
-    new = compile_host(build([DENY_ALL, allow_c]), {}, everyone, local)  # p1 replaced
-    handles = {rule: 100 + i for i, rule in enumerate(old.rules)}
-    text, added = structure_changes_text(old, new, handles)
+    new = compile_host(build([DENY_ALL, allow_c]), {}, everyone, local)  # x/p1 changed
+    (chain,) = old.policy_chains()
+    assert chain == policy_chain("x/p1", "ingress") and old.policy_chains()[chain] == (
+        "ingress", "x/p1")
+    text, added = structure_changes_text(old, new, {chain: 77})
     lines = text.splitlines()
-    gone = [r for r in old.rules if r not in new.rules]
-    assert gone and added == [r for r in new.rules if r not in old.rules] and added
-    assert lines[:len(gone)] == [f"delete rule inet l3fabric ingress_rules handle "
-                                 f"{handles[r]}" for r in gone]
+    assert added == []  # the same policy: its chain is flushed and filled again
+    assert lines[0] == f"flush chain inet l3fabric {chain}"
     assert any(line.startswith("delete set inet l3fabric cidr_") for line in lines)
     assert any(line.startswith("add set inet l3fabric peer_") for line in lines)
-    assert lines[-len(added):] == [
-        f"add rule inet l3fabric {RULE_CHAINS[r.direction]} " + line.split(" ", 5)[5]
-        for r, line in zip(added, lines[-len(added):], strict=True)]
-    assert all("accept comment" in line for line in lines[-len(added):])
-    # the chains listed afterwards give the new rules' handles: those not known before
-    kept = {r: h for r, h in handles.items() if r in new.rules}
-    listed = {"ingress_rules": [*sorted(kept.values()), *range(500, 500 + len(added))],
-              "egress_rules": []}
-    assert new_handles(listed, added, kept.values()) == {
-        r: 500 + i for i, r in enumerate(added)}
+    assert [line for line in lines if line.startswith("add rule")] == [
+        f"add rule inet l3fabric {chain} " + line.split(" ", 5)[5]
+        for line in lines if line.startswith("add rule")]
+    assert len([line for line in lines if line.startswith("add rule")]) == len(new.rules)
+    assert "delete rule" not in text  # no handle needed
+    # a policy that goes: its jump (by handle), then its chain
+    gone = compile_host(build([DENY_ALL]), {}, everyone, local)
+    text, added = structure_changes_text(old, gone, {chain: 77})
+    assert text.splitlines()[:3] == ["delete rule inet l3fabric ingress_rules handle 77",
+                                     f"flush chain inet l3fabric {chain}",
+                                     f"delete chain inet l3fabric {chain}"]
+    assert structure_changes_text(old, gone, {}) is None  # the jump's handle is unknown
+    # a policy that comes: its chain, its rules, a jump to it
+    text, added = structure_changes_text(gone, old, {})
+    assert added == [chain]
+    assert text.splitlines()[-1] == (f'add rule inet l3fabric ingress_rules jump {chain} '
+                                     'comment "x/p1"')
+    assert jumps(old, added) == [("ingress_rules", chain)]
+    # the jumps listed afterwards give their handles: those not known before
+    assert new_handles({"ingress_rules": [5, 9], "egress_rules": [6]}, jumps(old, added),
+                       known=[5, 6]) == {chain: 9}
     with pytest.raises(ValueError):
-        new_handles({"ingress_rules": [500]}, added, ())
-    # unknown handles, or other families: the table is replaced instead
-    assert structure_changes_text(old, new, {}) is None
-    assert structure_changes_text(
-        old, compile_host(build([DENY_ALL]), {}, everyone, local, families=(4,)),
-        handles) is None
-    # nothing changed: nothing to do
-    assert structure_changes_text(old, old, handles) == ("", [])
+        new_handles({"ingress_rules": []}, jumps(old, added))
+    # other families: the table is replaced instead; nothing changed: nothing to do
+    assert structure_changes_text(old, compile_host(build([DENY_ALL]), {}, everyone, local,
+                                                    families=(4,)), {chain: 77}) is None
+    assert structure_changes_text(old, old, {}) == ("", [])
