@@ -8,18 +8,20 @@ agent owns whole.
                           go through `egress`, packets to one (oifname l3f*) through
                           `ingress`
     chain egress          jump egress_rules; then `ip saddr @iso_egress_4 jump deny`
-    chain egress_rules    the policies' rules, one per (policy, rule, peer set, family),
-                          in any order: `ip saddr @<selected> ip daddr @<peers>
-                          tcp dport 80 goto egress_allowed`
+    chain egress_rules    one jump per policy with egress rules: `jump pe_<hash>`
+    chain pe_<hash>       that policy's rules, one per (rule, peer set, family):
+                          `ip saddr @<selected> ip daddr @<peers> tcp dport 80
+                          goto egress_allowed`
     chain egress_allowed  the ingress check if the packet goes to a local workload,
                           then accept
     chain ingress         jump ingress_rules; then `ip daddr @iso_ingress_4 jump deny`
-    chain ingress_rules   the same with the roles swapped, each rule ending in accept
+    chain ingress_rules   one jump per policy with ingress rules: `jump pi_<hash>`
+    chain pi_<hash>       the same with the roles swapped, each rule ending in accept
     chain deny            reject: TCP reset, else ICMP administratively prohibited
 
-The policies' rules sit in chains of their own and each one's verdict ends the
-evaluation, so their order does not matter: a policy change adds and deletes rules
-(by handle) and sets, in one transaction, instead of building the table again
+Every policy rule's verdict ends the evaluation, so the order of policies does not
+matter: a policy change flushes and fills that policy's chain, or adds or deletes the
+chain and the one jump to it, in one transaction, instead of building the table again
 (`structure_changes_text`).
 
 Only the forward hook is used, so traffic between a workload and its own host (input
