@@ -8,11 +8,14 @@ come back as JSON.
 
 `PolicyTable` owns the table `inet l3fabric` the way the kernel writer owns routes:
 
-* `apply(rules)`: when only set elements changed since the last apply, one batch of
-  element deletions and additions; otherwise (or when unsure: first apply after a
-  start, after a failure) the whole table replaced in one batch. The table is never
-  flushed or deleted on its own: an agent that restarts keeps enforcing the previous
-  run's rules until its first apply swaps them atomically (no fail-open window).
+* `apply(rules)`: the smallest transaction that makes the table hold `rules`: set
+  element deletions and additions when only they changed (workloads, labels); a
+  policy's own chain flushed and filled again, or made or deleted with the one jump to
+  it, and sets created or deleted, when policies changed; the whole table replaced when
+  unsure (the first apply after a start, after a failure or drift) or when the address
+  families changed. The table is never flushed or deleted on its own: an agent that
+  restarts keeps enforcing the previous run's rules until its first apply swaps them
+  atomically (no fail-open window).
 * `check(rules)`: lists the table and compares it with what was applied (rules by
   comment, chains, set elements); a difference is drift: the table is replaced whole.
 * `remove()`: delete the table (tests, and an operator's `fabricctl` clean-up only).
@@ -152,10 +155,8 @@ class PolicyTable:
         return self._nft
 
     def apply(self, rules: HostRules, full: bool = False) -> PolicyReport:
-        """Make the table hold `rules`, in one transaction: set elements only when only
-        they changed; rules and sets added and deleted (by handle) when policies
-        changed; the whole table replaced at the first apply, after a failure, when the
-        families changed, or when asked (`full`)."""
+        """Make the table hold `rules` in one transaction (see the module docstring);
+        `full` replaces the table whatever changed."""
         with self._lock:
             started = time.perf_counter()
             old = self.applied
@@ -183,7 +184,8 @@ class PolicyTable:
 
     def _update(self, old: HostRules, rules: HostRules, started: float
                 ) -> PolicyReport | None:
-        """The change as elements, or rules and sets; None: replace the table."""
+        """The change as set elements, or as policy chains and sets; None: replace the
+        table instead."""
         if old.structure() == rules.structure():
             text = element_changes_text(old, rules)
             if text:
