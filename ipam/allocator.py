@@ -139,7 +139,9 @@ class Ipam:
                     raise PoolError(f"a pool named {pool.name!r} exists but is unreadable "
                                     f"({bad.key})")
             check_underlay(pool, readable(nodes, Node.from_record, "node", self.log),
-                           readable(peers, PeerSpec.from_record, "BGP peer", self.log))
+                           readable(peers, PeerSpec.from_record, "BGP peer", self.log),
+                           [(f"etcd endpoint {e.host}", e.host)
+                            for e in self.store.settings.endpoints])
             key = keys.pool(pool.name)
             ok, _ = self.store.txn(
                 [prefix_unchanged_since(keys.POOLS, listing.revision),

@@ -51,7 +51,7 @@ from fabric.agent.workers import Worker
 from fabric.agent.workloads import HostLink
 from fabric.kernel import links
 from fabric.kernel.nat import OutgoingNat
-from fabric.kernel.netlink import RouteSocket
+from fabric.kernel.netlink import RouteSocket, connected_networks
 from fabric.kernel.routes import Failure, kind_of
 from fabric.kernel.writer import KernelWriter
 from fabric.model.nodes import Node, Workload
@@ -59,7 +59,7 @@ from fabric.model.peers import BgpConfig
 from fabric.model.prefix import Prefix
 from fabric.store import keys
 from fabric.store.datastore import Datastore, absent, put, unchanged
-from fabric.store.errors import Unavailable
+from fabric.store.errors import CorruptValue, Unavailable
 from fabric.store.registry import Registry
 from fabric.store.watch import Mirror
 from ipam.allocator import Ipam
@@ -96,11 +96,10 @@ class Agent:
         self._claim()
         self.store = self._connect()
         links.enable_forwarding()
-        entry = self.store.get(keys.BGP_CONFIG)
-        bgp_config = BgpConfig.from_record(entry.value if entry else None)
-        node = Node(config.node_name, config.address, config.asn or bgp_config.asn,
+        node = Node(config.node_name, config.address, config.asn or self._fabric_asn(),
                     dict(config.labels), config.rr_cluster_id, time.time(), __version__,
-                    config.node_address6 or "", config.router_id or "")
+                    config.node_address6 or "", config.router_id or "",
+                    tuple(connected_networks([config.address, config.node_address6 or ""])))
         self.registration = Registration(self.store, node.name, config.lease_ttl)
         self.registration.register(node)
         self.registration.refresh()
@@ -228,6 +227,17 @@ class Agent:
                                            max_request=MAX_REQUEST))
         self._servers.append(sockets.serve(config.control_socket, self._serve_control,
                                            "control", max_request=CONTROL_MAX_REQUEST))
+
+    def _fabric_asn(self) -> int:
+        """The fabric's AS from etcd; the default when the record is missing or bad (the
+        owner loop reports a bad one once its mirror reads it)."""
+        try:
+            entry = self.store.get(keys.BGP_CONFIG)
+            return BgpConfig.from_record(entry.value if entry else None).asn
+        except (CorruptValue, ValueError) as exc:
+            self.log.error("bgp configuration in etcd unusable; using the default AS",
+                           error=str(exc))
+            return BgpConfig().asn
 
     def _spawn(self, name: str, target: Callable[[], None]) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)

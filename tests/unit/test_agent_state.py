@@ -627,3 +627,19 @@ def test_a_bgp_config_gone_bad_keeps_the_last_good_one(fab):
     fab.snapshot("bgp-config", {keys.BGP_CONFIG: BgpConfig(64600).to_record()})
     fab.snapshot("bgp-config", {keys.BGP_CONFIG: {"asn": "x"}})
     assert fab.state.routing.view.config.asn == 64600
+
+
+def test_a_block_over_the_underlay_segment_is_neither_blackholed_nor_accepted():
+    """10.99.0.192/26 holds no node address but the segment's gateway and etcd."""
+    me = Node("a", "10.99.0.11", 64512, networks=("10.99.0.0/24",))
+    other = Node("b", "10.99.0.12", 64512, networks=("10.99.0.0/24",))
+    fab = Fabric(me, nodes=(me, other))
+    edge = parse_pool("edge", "10.99.0.0/16")
+    fab.snapshot("pools", {"p": POOL.to_record(), "edge": edge.to_record()})
+    fab.snapshot("blocks", {"10.99.0.192/26": Block("10.99.0.192/26", "edge", "a").to_record(),
+                            "10.99.1.0/26": Block("10.99.1.0/26", "edge", "b").to_record()})
+    assert P("10.99.0.192/26") not in fab.kernel  # no blackhole over our own segment
+    assert "overlaps the underlay network" in fab.state.routing.refused_blocks["10.99.0.192/26"]
+    fab.up("10.99.0.12")
+    fab.announce("10.99.0.12", "10.99.0.128/26", "10.99.1.0/26")
+    assert fab.learned() == {"10.99.1.0/26": ("10.99.0.12",)}
