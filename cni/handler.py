@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -50,12 +51,14 @@ from fabric.store import keys
 from fabric.store.datastore import Entry, get_op
 from fabric.store.errors import DatastoreError, Unavailable
 from fabric.store.registry import RegistrationError, Registry
-from ipam.allocator import Ipam
+from ipam.allocator import AlsoPut, Ipam
 
 # Plugin-specific error codes (the spec leaves 100 and up to plugins).
 NO_ADDRESS = 100
 CHECK_FAILED = 101
 INTERNAL = 199
+# How long detached pairs wait to be deleted together (see CniHandler.delete).
+REAP_DELAY = 0.1
 
 
 @dataclass
@@ -128,7 +131,9 @@ class CniHandler:
         self.dns = dict(dns or {})
         self.log = logs.get("cni", node=node)
         self.locks = HandleLocks()
-        self._unwire = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cni-unwire")
+        self._unwire = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cni-unwire")
+        self._reap_lock = threading.Lock()
+        self._reap_due = False
 
     # -- entry point -------------------------------------------------------------------
     def handle(self, fields: Mapping[str, bytes],
@@ -170,29 +175,52 @@ class CniHandler:
                                         "namespace, not a container's")
         log = self.log.bind(handle=req.handle)
         with _store_errors("ADD"):
-            registered, held = self._attachment(req.handle)
+            registered, held, _ = self._attachment(req.handle)
         host_if = links.host_ifname(req.handle) if req.plugin != IPAM_PLUGIN else None
         repeated = self._repeated(req, registered, held, host_if)
         if repeated is not None:
             log.info("ADD repeated for an intact attachment; same result")
             return repeated
         undo = Undo()
+        # Registered before the wiring, so that no moment exists where the kernel has a
+        # workload etcd does not know (the agent's GC and inventory look there); and
+        # in the allocation's own transaction, which also makes it "registered only
+        # while the handle exists" (fabric.store.registry) with no round trip of its own.
+        workload = Workload(req.handle, self.node, req.container_id, req.ifname, req.netns,
+                            (), req.workload_name, host_if, time.time(), req.conf.name)
+        committing: list[Handle] = []
+
+        def registration(record: Handle) -> list[tuple[str, dict[str, Any]]]:
+            committing.append(record)
+            return [(keys.workload(self.node, req.handle), dataclasses.replace(
+                workload, ips=tuple(record.addresses())).to_record())]
+
+        def release() -> None:
+            self.ipam.release(req.handle)
+
+        def deregister() -> None:
+            self.registry.deregister_workload(self.node, req.handle)
+
         try:
-            with _store_errors("ADD"):
-                record = self._allocate(req)
+            try:
+                with _store_errors("ADD"):
+                    record, registered_now = self._allocate(req, registration)
+            except BaseException:
+                if committing:  # a commit was sent: it may have landed, in part
+                    if held is None:
+                        undo.push("release addresses", release)
+                    if registered is None:
+                        undo.push("deregister", deregister)
+                raise
             if held is None:  # only what this ADD allocated is ours to give back
-                undo.push("release addresses", lambda: self.ipam.release(req.handle))
-            addresses = [a.address for a in record.allocations]
-            # Registered before the wiring, so that no moment exists where the kernel
-            # has a workload etcd does not know (the agent's GC and inventory look there).
-            with _store_errors("ADD"):
-                self.registry.register_workload(Workload(
-                    req.handle, self.node, req.container_id, req.ifname, req.netns,
-                    tuple(addresses), req.workload_name, host_if,
-                    network=req.conf.name))
+                undo.push("release addresses", release)
+            if not registered_now:  # the handle held its addresses already: no commit
+                with _store_errors("ADD"):
+                    self.registry.register_workload(dataclasses.replace(
+                        workload, ips=tuple(record.addresses())))
             if registered is None:
-                undo.push("deregister",
-                          lambda: self.registry.deregister_workload(self.node, req.handle))
+                undo.push("deregister", deregister)
+            addresses = [a.address for a in record.allocations]
             attachment = None
             if host_if is not None:
                 attachment = self._wire(req, host_if, addresses, undo)
@@ -243,7 +271,7 @@ class CniHandler:
         pair itself; the background deletion then finds a different link and leaves it.
         """
         with _store_errors("DEL"):
-            registered, held = self._attachment(req.handle)
+            registered, held, held_entry = self._attachment(req.handle)
         netns = req.netns_path or (registered.netns if registered else "")
         addresses = list(held.addresses() if held else ())
         addresses += [a for a in (registered.ips if registered else ()) if a not in addresses]
@@ -251,44 +279,62 @@ class CniHandler:
             host_if = links.host_ifname(req.handle)
             self.routes.detach(req.handle, addresses, host_if)
             try:
-                index = links.disable(host_if)
-                if index is None:  # no host end: remove a half-made container end, if any
+                if links.disable(host_if):
+                    self._reap_soon()
+                else:  # no host end: remove a half-made container end, if any
                     links.detach(host_if, netns, req.ifname)
-                else:
-                    self._unwire.submit(self._remove_later, req.handle, host_if, index)
             except links.LinkError as exc:
                 raise CniError(IO_FAILURE, f"DEL: {exc}") from exc
         with _store_errors("DEL"):
-            self.ipam.release(req.handle, also_delete=[keys.workload(self.node, req.handle)])
+            self.ipam.release(req.handle, also_delete=[keys.workload(self.node, req.handle)],
+                              known=held_entry)
         self.log.info("detached", handle=req.handle, addresses=addresses)
 
-    def _remove_later(self, handle: str, host_if: str, index: int) -> None:
-        with self.locks.held(handle):
-            try:
-                links.remove(host_if, index)
-            except links.LinkError as exc:
-                self.log.error("could not delete a detached veth", link=host_if,
-                               error=str(exc))
+    def _reap_soon(self) -> None:
+        """Delete the disabled pairs in REAP_DELAY, together with any disabled meanwhile.
+
+        Each deletion of a veth holds the kernel's rtnl lock for an RCU grace period
+        (about 20 ms), and every other request that touches links waits for it: one
+        deletion per DEL made concurrent DELs and ADDs queue behind each other. Here a
+        burst of DELs pays one grace period. An ADD for the same handle meanwhile
+        deletes the old pair itself (`_wire`); a new pair is never in the group.
+        """
+        with self._reap_lock:
+            if self._reap_due:
+                return
+            self._reap_due = True
+        self._unwire.submit(self._reap)
+
+    def _reap(self) -> None:
+        time.sleep(REAP_DELAY)
+        with self._reap_lock:
+            self._reap_due = False  # pairs disabled from here on need another round
+        try:
+            links.remove_doomed()
+        except links.LinkError as exc:
+            self.log.error("could not delete detached veths", error=str(exc))
 
     def drain(self) -> None:
         """Finish background deletions (tests, shutdown)."""
         self._unwire.shutdown(wait=True)
-        self._unwire = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cni-unwire")
+        self._unwire = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cni-unwire")
 
-    def _attachment(self, handle: str) -> tuple[Workload | None, Handle | None]:
-        """The registration and the IPAM record of a handle, in one round trip."""
+    def _attachment(self, handle: str) -> tuple[Workload | None, Handle | None, Entry | None]:
+        """The registration and the IPAM record (and its entry) of a handle, in one
+        round trip."""
         rows = self.ipam.store.read_many([get_op(keys.workload(self.node, handle)),
                                           get_op(keys.handle(handle))])
-        registered = held = None
+        registered = held = entry = None
         if rows[0] and isinstance(rows[0][0], Entry):
             registered = Workload.from_record(rows[0][0].value)
         if rows[1] and isinstance(rows[1][0], Entry):
-            held = Handle.from_record(rows[1][0].value)
-        return registered, held
+            entry = rows[1][0]
+            held = Handle.from_record(entry.value)
+        return registered, held, entry
 
     def check(self, req: Request) -> None:
         with _store_errors("CHECK"):
-            registered, held = self._attachment(req.handle)
+            registered, held, _ = self._attachment(req.handle)
         if held is None:
             raise CniError(CHECK_FAILED, f"{req.handle} holds no addresses")
         if registered is None:
@@ -354,12 +400,13 @@ class CniHandler:
                            + (f" among {', '.join(sorted(wanted))}" if wanted else ""))
 
     # -- helpers -----------------------------------------------------------------------
-    def _allocate(self, req: Request) -> Handle:
+    def _allocate(self, req: Request, also_put: AlsoPut) -> tuple[Handle, bool]:
         attrs = {"netns": req.netns, "network": req.conf.name,
                  "container_id": req.container_id, "ifname": req.ifname}
         try:
-            return self.ipam.allocate(req.handle, self.node, families=req.conf.families,
-                                      pools=req.conf.pools, attrs=attrs)
+            return self.ipam.allocate_with(req.handle, self.node, families=req.conf.families,
+                                           pools=req.conf.pools, attrs=attrs,
+                                           also_put=also_put)
         except Exhausted as exc:
             raise CniError(NO_ADDRESS, str(exc)) from exc
         except IpamError as exc:
