@@ -130,17 +130,22 @@ class Meter:
 
 
 def sequential(side: Side, host_ns: str, runs: int, meter: Meter, ours: bool,
-               record: bool = True) -> None:
+               record: bool = True,
+               profile: Callable[[], Callable[[], None]] | None = None) -> None:
     adds, dels = [], []
     names = [f"{side.prefix}s{i}" for i in range(runs)]
+    stop_profile = None
     try:
         for name in names:  # made outside the meter: `ip netns add` is not plugin CPU
             netns.create(name)
+        stop_profile = profile() if profile else None
         with meter:
             for name in names:
                 adds.append(run_plugin(side, "ADD", name, host_ns))
                 dels.append(run_plugin(side, "DEL", name, host_ns))
     finally:
+        if stop_profile:
+            stop_profile()
         for name in names:
             netns.remove(name)
     if record:
@@ -266,6 +271,7 @@ def main() -> int:
         if args.profile:
             args.profile.mkdir(parents=True, exist_ok=True)
         profile = py_spy(agent_pid, args.profile, "concurrent") if args.profile else None
+        seq_profile = py_spy(agent_pid, args.profile, "sequential") if args.profile else None
         # Warm both paths (page cache, the agent's first etcd round trips).
         sequential(ours, host_ns, 5, meter, True, record=False)
         sequential(ref, host_ns, 5, meter, False, record=False)
@@ -275,7 +281,7 @@ def main() -> int:
                 concurrent(ref, host_ns, args.concurrent, meter, False)
         if "sequential" not in args.skip:
             for _ in range(max(1, args.runs // 10)):
-                sequential(ours, host_ns, 10, meter, True)
+                sequential(ours, host_ns, 10, meter, True, profile=seq_profile)
                 sequential(ref, host_ns, 10, meter, False)
         overhead = []
         for _ in range(20):

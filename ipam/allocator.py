@@ -82,6 +82,24 @@ AlsoPut = Callable[[Handle], Sequence[tuple[str, dict[str, Any]]]]
 
 
 @dataclass(frozen=True)
+class Allocated:
+    """What `allocate_with` did."""
+
+    record: Handle
+    written: bool  # this record was committed by this call, with `also_put`'s records
+    created: bool  # the handle did not exist before this call's commits
+    revision: int = 0  # the revision of the commit that wrote `record` (when written)
+
+
+class KeyPresent(Exception):
+    """A key `allocate_with` was told must be absent exists: nothing was written."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"{key} exists")
+        self.key = key
+
+
+@dataclass(frozen=True)
 class _Retry:
     """A compare failed (somebody wrote first). `rows`, when given, is a fresh view
     (see `_view_reads`) of `hinted` blocks read in the failed transaction itself."""
@@ -228,17 +246,19 @@ class Ipam:
         a duplicate.
         """
         return self.allocate_with(handle, node, families=families, pools=pools,
-                                  attrs=attrs)[0]
+                                  attrs=attrs).record
 
     def allocate_with(self, handle: str, node: str, *, families: Sequence[int] = (4,),
                       pools: Sequence[str] | None = None,
                       attrs: dict[str, str] | None = None,
-                      also_put: AlsoPut | None = None) -> tuple[Handle, bool]:
-        """`allocate`, writing `also_put(record)` in each of its commits; and whether the
-        returned record was committed by this call with them (False when the handle
-        already held every family, and nothing was written)."""
+                      also_put: AlsoPut | None = None,
+                      also_absent: Sequence[str] = ()) -> Allocated:
+        """`allocate`, writing `also_put(record)` in each of its commits, which also
+        compare every key of `also_absent` absent: when one exists, KeyPresent is
+        raised and nothing is written."""
         check_handle(handle)
-        return self._allocate(handle, node, families, pools, attrs, also_put)
+        return self._allocate(handle, node, families, pools, attrs, also_put,
+                              tuple(also_absent))
 
     def _node_lock(self, node: str) -> threading.Lock:
         with self._guard:
@@ -250,10 +270,11 @@ class Ipam:
 
     def _allocate(self, handle: str, node: str, families: Sequence[int],
                   pools: Sequence[str] | None, attrs: dict[str, str] | None,
-                  also_put: AlsoPut | None) -> tuple[Handle, bool]:
+                  also_put: AlsoPut | None, also_absent: tuple[str, ...]) -> Allocated:
         # `since`: when the view in `rows` began to be read (see `_commit`).
         since = time.monotonic()
         hinted, rows, verified = self._start_view(handle, node, families)
+        created = False
         for attempt in range(self.max_attempts):
             handle_rows, pool_rows = rows[:2]
             current = _only_entry(handle_rows)
@@ -262,7 +283,7 @@ class Ipam:
             missing = sorted(set(families) - have)
             if not missing:
                 assert existing is not None
-                return existing, False
+                return Allocated(existing, False, created)
             family = missing[0]
             try:
                 candidates = _eligible_pools(pool_rows, family, pools)
@@ -272,7 +293,8 @@ class Ipam:
                 started = time.monotonic()
                 outcome = self._allocate_once(handle, node, family, candidates,
                                               _usages(hinted, rows[2:]), current, existing,
-                                              attrs or {}, also_put, not verified, since)
+                                              attrs or {}, also_put, also_absent,
+                                              not verified, since)
             except IpamError:
                 if verified:
                     raise
@@ -282,9 +304,10 @@ class Ipam:
                 hinted, since = self._hinted(node, families), time.monotonic()
                 rows, verified = self.store.read_many(_view_reads(handle, hinted)), True
                 continue
-            if isinstance(outcome, Handle):
-                if set(families) <= outcome.families():
-                    return outcome, True
+            if isinstance(outcome, Allocated):
+                created = created or outcome.created
+                if set(families) <= outcome.record.families():
+                    return Allocated(outcome.record, True, created, outcome.revision)
                 hinted, since = self._hinted(node, families), time.monotonic()
                 rows = self.store.read_many(_view_reads(handle, hinted))
             elif outcome.rows is not None:
@@ -312,7 +335,8 @@ class Ipam:
                        candidates: list[tuple[Pool, Entry]], hinted: list[BlockUsage],
                        current: Entry | None, existing: Handle | None,
                        attrs: dict[str, str], also_put: AlsoPut | None,
-                       cached: bool, since: float) -> Handle | _Retry:
+                       also_absent: tuple[str, ...], cached: bool,
+                       since: float) -> Allocated | _Retry:
         by_name = {p.name: (p, e) for p, e in candidates}
         choice = next((u for u in self._with_pending(hinted) if u.block.affinity == node
                        and u.block.pool in by_name and u.free > 0), None)
@@ -326,7 +350,7 @@ class Ipam:
             choice, borrowed = found
         _, pool_entry = by_name[choice.block.pool]
         return self._commit(handle, node, pool_entry, choice, current, existing, attrs,
-                            borrowed, also_put, cached, since)
+                            borrowed, also_put, also_absent, cached, since)
 
     def _scan(self, node: str, family: int, candidates: list[tuple[Pool, Entry]],
               by_name: dict[str, tuple[Pool, Entry]]) -> tuple[BlockUsage, bool] | _Retry:
@@ -366,8 +390,8 @@ class Ipam:
 
     def _commit(self, handle: str, node: str, pool_entry: Entry, usage: BlockUsage,
                 current: Entry | None, existing: Handle | None, attrs: dict[str, str],
-                borrowed: bool, also_put: AlsoPut | None, cached: bool,
-                since: float) -> Handle | _Retry:
+                borrowed: bool, also_put: AlsoPut | None, also_absent: tuple[str, ...],
+                cached: bool, since: float) -> Allocated | _Retry:
         cidr = usage.block.cidr
         family = 6 if ":" in cidr else 4
         with self._guard:
@@ -392,7 +416,7 @@ class Ipam:
             pending.add(ordinal)
         try:
             return self._commit_ordinal(handle, node, pool_entry, usage, ordinal, current,
-                                        existing, attrs, borrowed, also_put)
+                                        existing, attrs, borrowed, also_put, also_absent)
         finally:
             with self._guard:
                 pending.discard(ordinal)
@@ -401,8 +425,8 @@ class Ipam:
 
     def _commit_ordinal(self, handle: str, node: str, pool_entry: Entry, usage: BlockUsage,
                         ordinal: int, current: Entry | None, existing: Handle | None,
-                        attrs: dict[str, str], borrowed: bool,
-                        also_put: AlsoPut | None) -> Handle | _Retry:
+                        attrs: dict[str, str], borrowed: bool, also_put: AlsoPut | None,
+                        also_absent: tuple[str, ...]) -> Allocated | _Retry:
         cidr = usage.block.cidr
         address = address_at(cidr, ordinal)
         allocation = Allocation(address, cidr, usage.block.pool, borrowed)
@@ -414,6 +438,7 @@ class Ipam:
                    absent(keys.ip(cidr, ordinal))]
         compare.append(unchanged(current.key, current.mod_revision) if current
                        else absent(keys.handle(handle)))
+        compare += [absent(key) for key in also_absent]
         success = [put(keys.ip(cidr, ordinal), {"handle": handle, "node": node,
                                                 "address": address}),
                    put(keys.handle(handle), record.to_record())]
@@ -425,14 +450,23 @@ class Ipam:
         if also_put is not None:
             success += [put(key, value) for key, value in also_put(record)]
         after = _view_reads(None, [cidr])
-        ok, fresh = self.store.txn(compare, [*success, *after], _view_reads(handle, [cidr]))
+        ok, fresh = self.store.txn(compare, [*success, *after],
+                                   [*_view_reads(handle, [cidr]),
+                                    *(get_op(key) for key in also_absent)])
         self._count("commits" if ok else "lost_races")
         if not ok:
             self._views.pop((node, allocation.family), None)
-            return _Retry([cidr], fresh)
+            view = fresh[:len(fresh) - len(also_absent)]
+            for key, rows in zip(also_absent, fresh[len(view):], strict=True):
+                if rows:
+                    raise KeyPresent(key)
+            return _Retry([cidr], view)
+        view = fresh[len(success):]
         if not borrowed:
-            self._keep_view(node, allocation.family, cidr, fresh[len(success):])
-        return record
+            self._keep_view(node, allocation.family, cidr, view)
+        # The view was read in the commit's own transaction and holds the new address
+        # key: its newest revision is the commit's.
+        return Allocated(record, True, current is None, _newest(view))
 
     def _keep_view(self, node: str, family: int, cidr: str,
                    rows: list[list[Entry | CorruptValue]]) -> None:

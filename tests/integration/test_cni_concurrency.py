@@ -110,3 +110,31 @@ def test_concurrent_adds_leave_one_registration_each(lab, store, many):  # noqa:
     registered = {k.rsplit("/", 1)[1] for k in store.keys(keys.workloads_prefix("h1"))}
     mine = {f"{name}.eth0" for name in many[:10]}
     assert mine <= handles and mine <= registered
+
+
+def test_add_over_a_stale_registration_and_del_after_a_change_behind_our_back(
+        lab, store, many):  # noqa: F811
+    """ADD's one-transaction path compares the handle and the registration absent; a
+    registration left behind sends it the long way (read, then decide). DEL's
+    one-transaction release compares what ADD wrote; a handle changed since is read
+    and released the long way."""
+    from fabric.model.nodes import Workload
+
+    stale, changed = many[0], many[1]
+    store.put(
+        keys.workload("h1", f"{stale}.eth0"),
+        Workload(f"{stale}.eth0", "h1", "old", "eth0", "/gone", ("10.9.9.9",)).to_record())
+    added = plugin(lab, "ADD", stale)
+    assert added.ok, added.stdout
+    address = added.document["ips"][0]["address"].split("/")[0]
+    assert store.get(keys.workload("h1", f"{stale}.eth0")).value["ips"] == [address]
+
+    assert plugin(lab, "ADD", changed).ok
+    ipam = Ipam(store)
+    held = ipam.handle(f"{changed}.eth0")
+    ipam.drop_from_handle(f"{changed}.eth0", "192.0.2.1")  # no-op rewrite: new revision
+    store.put(keys.handle(f"{changed}.eth0"), held.to_record())
+    assert plugin(lab, "DEL", changed).ok
+    assert ipam.handle(f"{changed}.eth0") is None
+    assert store.get(keys.workload("h1", f"{changed}.eth0")) is None
+    assert check(ipam.snapshot()).counts["duplicate"] == 0

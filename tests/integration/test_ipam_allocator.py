@@ -10,7 +10,7 @@ from fabric.model.handles import Exhausted, IpamError
 from fabric.model.pools import PoolError, parse_pool
 from fabric.store import keys
 from fabric.store.errors import CorruptValue
-from ipam.allocator import Ipam
+from ipam.allocator import Ipam, KeyPresent
 
 
 @pytest.fixture
@@ -182,22 +182,26 @@ def test_threads_of_one_process_share_a_node_without_duplicates(ipam):
 
 def test_allocate_with_writes_extra_records_in_the_same_commit(ipam, store):
     ipam.add_pool(parse_pool("default", "10.244.0.0/24"))
-    seen = []
+    extra_key = f"{keys.ROOT}bench-extra/c1.eth0"
 
     def also_put(record):
-        seen.append(record)
-        return [(f"{keys.ROOT}bench-extra/{record.handle}", {"ips": list(record.addresses())})]
+        return [(extra_key, {"ips": list(record.addresses())})]
 
-    record, written = ipam.allocate_with("c1.eth0", "node-a", also_put=also_put)
-    extra = store.get(f"{keys.ROOT}bench-extra/c1.eth0")
-    handle = store.get(keys.handle("c1.eth0"))
-    assert written and extra.value["ips"] == list(record.addresses())
-    assert extra.mod_revision == handle.mod_revision  # one transaction
+    done = ipam.allocate_with("c1.eth0", "node-a", also_put=also_put,
+                              also_absent=[extra_key])
+    extra, handle = store.get(extra_key), store.get(keys.handle("c1.eth0"))
+    assert done.written and done.created
+    assert extra.value["ips"] == list(done.record.addresses())
+    assert extra.mod_revision == handle.mod_revision == done.revision  # one transaction
     # Again: the first attempt (the cached view assumes a new handle) builds a commit
-    # that fails its compare, writing nothing; the handle's record comes back.
-    again, written = ipam.allocate_with("c1.eth0", "node-a", also_put=also_put)
-    assert again == record and not written
-    assert store.get(f"{keys.ROOT}bench-extra/c1.eth0").value == extra.value
+    # that fails its compares, writing nothing; the handle's record comes back...
+    again = ipam.allocate_with("c1.eth0", "node-a", also_put=also_put)
+    assert again.record == done.record and not again.written
+    # ...unless a key that must be absent exists: then nothing is written, and it says.
+    with pytest.raises(KeyPresent):
+        ipam.allocate_with("c2.eth0", "node-a", also_put=also_put, also_absent=[extra_key])
+    assert store.get(keys.handle("c2.eth0")) is None
+    assert store.get(extra_key).value == extra.value
 
 
 def test_release_from_a_known_entry_in_one_transaction_or_the_usual_way(ipam, store):
