@@ -9,7 +9,9 @@ inside the host's namespace through nsenter). Two cases, each alternating betwee
 ours and the reference in rounds so that machine noise hits both alike:
 
   sequential  ADD then DEL of one container at a time (rounds of 10);
-  concurrent  C ADDs (fresh namespaces) started at once, then their C DELs at once.
+  concurrent  C ADDs (fresh namespaces) started at once, then their C DELs at once;
+  agent only  the same C ADDs and DELs sent straight to the agent's socket, as the
+              shim sends them, without exec'ing anything: the agent's own share.
 
 Printed: p50/p99 of ADD and DEL per case and side, the spread of the per-round p50s,
 the ratios to the reference, the CPU seconds each side spent (the plugin processes,
@@ -27,8 +29,11 @@ from pathlib import Path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent]
 
 import argparse
+import json
+import os
 import resource
 import shutil
+import socket
 import statistics
 import subprocess
 import tempfile
@@ -40,8 +45,10 @@ from typing import Any
 
 from cni import invoke
 from cni.install import conflist
+from cni.shim import DEFAULT_SOCKET, FIELDS, encode_request, socket_address
 from fabric import logs
 from fabric.kernel import netns
+from fabric.kernel.netns import entered
 from fabric.lab.topology import Lab
 
 REF_DIR = "/usr/lib/cni"
@@ -198,6 +205,47 @@ def concurrent(side: Side, host_ns: str, count: int, meter: Meter, ours: bool,
     side.add("concurrent", "DEL", dels)
 
 
+def direct(side: Side, host_ns: str, command: str, name: str) -> float:
+    """One request straight to the agent's socket, as the shim sends it (no exec)."""
+    env = {"CNI_COMMAND": command, "CNI_CONTAINERID": name, "CNI_NETNS": netns.path(name),
+           "CNI_IFNAME": "eth0", "CNI_ARGS": "", "CNI_PATH": ""}
+    payload = encode_request([b"l3fabric"] + [env[k].encode() for k in FIELDS[1:-1]]
+                             + [json.dumps(side.config).encode()])
+    fd = os.open(netns.path(name), os.O_RDONLY)
+    started = time.perf_counter()
+    try:
+        with entered(host_ns):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with sock:
+            sock.connect(socket_address(DEFAULT_SOCKET))
+            sent = sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                             fd.to_bytes(4, sys.byteorder))])
+            sock.sendall(payload[sent:])
+            sock.shutdown(socket.SHUT_WR)
+            reply = b"".join(iter(lambda: sock.recv(65536), b""))
+    finally:
+        os.close(fd)
+    elapsed = time.perf_counter() - started
+    if not reply.startswith(b"0\n"):
+        raise SystemExit(f"{command} {name} failed: {reply[:300]!r}")
+    return elapsed
+
+
+def agent_only(side: Side, host_ns: str, count: int) -> None:
+    """`count` ADDs, then DELs, at once on the agent's socket: the agent's own share."""
+    names = [f"{side.prefix}d{i}" for i in range(count)]
+    try:
+        for name in names:
+            netns.create(name)
+        adds = at_once(count, lambda i: direct(side, host_ns, "ADD", names[i]))
+        dels = at_once(count, lambda i: direct(side, host_ns, "DEL", names[i]))
+    finally:
+        for name in names:
+            netns.remove(name)
+    side.add("agent only", "ADD", adds)
+    side.add("agent only", "DEL", dels)
+
+
 def row(name: str, values: list[float], rounds: list[float] | None = None
         ) -> tuple[float, float]:
     p50, p99 = 1000 * statistics.median(values), 1000 * pct(values, 0.99)
@@ -237,7 +285,7 @@ def py_spy(pid: int, out_dir: Path, tag: str) -> Callable[[], Callable[[], None]
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=50, help="sequential ADD/DELs per side")
-    parser.add_argument("--rounds", type=int, default=3, help="concurrent rounds per side")
+    parser.add_argument("--rounds", type=int, default=5, help="concurrent rounds per side")
     parser.add_argument("--concurrent", type=int, default=20, help="ADDs started at once")
     parser.add_argument("--profile", type=Path, help="py-spy the agent into this folder")
     parser.add_argument("--skip", action="append", default=[],
@@ -279,6 +327,7 @@ def main() -> int:
             for _ in range(args.rounds):
                 concurrent(ours, host_ns, args.concurrent, meter, True, profile)
                 concurrent(ref, host_ns, args.concurrent, meter, False)
+                agent_only(ours, host_ns, args.concurrent)
         if "sequential" not in args.skip:
             for _ in range(max(1, args.runs // 10)):
                 sequential(ours, host_ns, 10, meter, True, profile=seq_profile)
@@ -300,6 +349,11 @@ def main() -> int:
             our_p = row(f"l3fabric {key}", ours.lat[key], ours.round_p50[key])
             ratios.append(f"{key} p50 {our_p[0] / ref_p[0]:.2f} (goal <= {goals[key]}), "
                           f"p99 {our_p[1] / ref_p[1]:.2f}")
+        for verb in ("ADD", "DEL"):
+            key = f"agent only {verb}"
+            if key in ours.lat:
+                row(f"l3fabric {args.concurrent} {verb}s at once, no exec", ours.lat[key],
+                    ours.round_p50[key])
         print()
         for case in ("sequential", "concurrent"):
             if case not in ours.cpu:

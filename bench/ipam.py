@@ -17,6 +17,9 @@ Builds a 3-host lab (etcd on the underlay, one fabric-agent per host). Cases, ea
                  network namespace passed as a descriptor), because exec'ing the shim
                  costs more CPU than the agent's work: with `--exec-per-worker` the
                  shim is also exec'd (through nsenter) to show that cost;
+  CNI ADD+DEL    the same ADDs, each followed by its DEL (not timed in the latency, but
+                 in the rate): the fabric does not grow, which separates what the
+                 agents' cost per registration owes to the number of workloads;
   library        `Ipam.allocate` in 3 processes x 8 threads, the agent's allocator
                  without the CNI layer (explains the difference).
 
@@ -141,9 +144,10 @@ def cas_worker(host_ns: str, endpoint: str, tag: str, count: int, barrier: Any,
     out.put((_threads(WORKERS, work, barrier), {}))
 
 
-def _cni_request(container: str, ns_path: str, ns_fd: int, stdin: bytes) -> bytes:
-    """One ADD as the shim sends it: framed fields, the namespace as a descriptor."""
-    env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": container,
+def _cni_request(container: str, ns_path: str, ns_fd: int, stdin: bytes,
+                 command: str = "ADD") -> bytes:
+    """One request as the shim sends it: framed fields, the namespace as a descriptor."""
+    env = {"CNI_COMMAND": command, "CNI_CONTAINERID": container,
            "CNI_NETNS": ns_path, "CNI_IFNAME": "eth0", "CNI_ARGS": "",
            "CNI_PATH": "/opt/cni/bin"}
     values = [IPAM_PLUGIN.encode()] + [env[k].encode() for k in FIELDS[1:-1]] + [stdin]
@@ -164,8 +168,9 @@ def _cni_request(container: str, ns_path: str, ns_fd: int, stdin: bytes) -> byte
 
 
 def cni_worker(host_ns: str, container_ns: str, tag: str, count: int, barrier: Any,
-               out: Any) -> None:
-    """CNI ADDs of the IPAM plugin to this host's agent over its socket."""
+               out: Any, steady: bool = False) -> None:
+    """CNI ADDs of the IPAM plugin to this host's agent over its socket; `steady`: each
+    followed by its DEL (timed apart), so the fabric does not grow."""
     _enter(host_ns)
     ns_fd = os.open(container_ns, os.O_RDONLY)
     stdin = json.dumps({"cniVersion": "1.0.0", "name": "benchnet", "type": "ptp",
@@ -179,6 +184,10 @@ def cni_worker(host_ns: str, container_ns: str, tag: str, count: int, barrier: A
             lat.append(time.perf_counter() - t0)
             if not reply.startswith(b"0\n"):
                 raise RuntimeError(f"ADD failed: {reply[:300]!r}")
+            if steady:
+                reply = _cni_request(f"{tag}-{w}-{i}", container_ns, ns_fd, stdin, "DEL")
+                if not reply.startswith(b"0\n"):
+                    raise RuntimeError(f"DEL failed: {reply[:300]!r}")
         return lat
 
     out.put((_threads(WORKERS, work, barrier), {}))
@@ -286,6 +295,7 @@ def main() -> int:
     parser.add_argument("--exec-per-worker", type=int, default=0,
                         help="also exec the shim this many times per client (slow)")
     parser.add_argument("--skip-library", action="store_true")
+    parser.add_argument("--skip-steady", action="store_true")
     parser.add_argument("--profile", type=Path,
                         help="py-spy the first host's agent during the CNI case into DIR")
     args = parser.parse_args()
@@ -312,33 +322,46 @@ def main() -> int:
         endpoint = lab.etcd_endpoint
         cas = Case(f"etcd CAS, {HOSTS}x{WORKERS} clients (reference)")
         cni = Case(f"CNI ADD via agents, {HOSTS} hosts x {WORKERS}")
+        steady = Case(f"CNI ADD then DEL via agents, {HOSTS}x{WORKERS}")
         lib = Case(f"library allocate, {HOSTS} procs x {WORKERS} threads")
         shim = Case(f"CNI ADD, shim exec'd, {HOSTS} hosts x {WORKERS}")
         n = args.per_worker
         # Warm-up: the agents' first block claims and etcd connections.
         run_parallel(cni_worker, [(host_ns[h], netns.path(containers[h]), f"w{h}", 3)
                                   for h in range(HOSTS)])
-        for r in range(args.rounds):
-            cas.add(*run_parallel(cas_worker, [(host_ns[h], endpoint, f"r{r}h{h}", n)
-                                               for h in range(HOSTS)]))
+        def measured(case: Case, jobs: list[tuple[Any, ...]], r: int, tag: str) -> None:
+            """One CNI round, with the agents' and etcd's CPU (and py-spy, if asked)."""
             spy = None
             if args.profile:
                 args.profile.mkdir(parents=True, exist_ok=True)
                 spy = subprocess.Popen(
                     [str(Path(sys.executable).parent / "py-spy"), "record", "--pid",
                      str(agents[0]), "--rate", "200", "--format", "raw", "--threads",
-                     "--nonblocking", "--output", str(args.profile / f"cni-{r}.txt")],
+                     "--nonblocking", "--output", str(args.profile / f"{tag}-{r}.txt")],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(0.5)
             before = [proc_cpu(p) for p in (*agents, etcd_pid)]
-            cni.add(*run_parallel(cni_worker, [(host_ns[h], netns.path(containers[h]),
-                                                f"c{r}h{h}", n) for h in range(HOSTS)]))
+            case.add(*run_parallel(cni_worker, jobs))
             after = [proc_cpu(p) for p in (*agents, etcd_pid)]
-            cni.cpu["agents"] += sum(after[:HOSTS]) - sum(before[:HOSTS])
-            cni.cpu["etcd"] += after[HOSTS] - before[HOSTS]
+            case.cpu["agents"] += sum(after[:HOSTS]) - sum(before[:HOSTS])
+            case.cpu["etcd"] += after[HOSTS] - before[HOSTS]
             if spy is not None:
                 spy.send_signal(2)
                 spy.wait(timeout=60)
+
+        # First the steady case, while the fabric holds (almost) no workloads; then the
+        # case that keeps every address (the fabric grows by 24 x N a round).
+        if not args.skip_steady:
+            for r in range(args.rounds):
+                cas.add(*run_parallel(cas_worker, [(host_ns[h], endpoint, f"q{r}h{h}", n)
+                                                   for h in range(HOSTS)]))
+                measured(steady, [(host_ns[h], netns.path(containers[h]), f"s{r}h{h}", n,
+                                   True) for h in range(HOSTS)], r, "steady")
+        for r in range(args.rounds):
+            cas.add(*run_parallel(cas_worker, [(host_ns[h], endpoint, f"r{r}h{h}", n)
+                                               for h in range(HOSTS)]))
+            measured(cni, [(host_ns[h], netns.path(containers[h]), f"c{r}h{h}", n)
+                           for h in range(HOSTS)], r, "add")
             if not args.skip_library:
                 lib.add(*run_parallel(library_worker, [(host_ns[h], endpoint, f"l{r}h{h}", n)
                                                        for h in range(HOSTS)]))
@@ -352,7 +375,7 @@ def main() -> int:
         finally:
             store.close()
         print()
-        for case in (cas, cni, lib, shim):
+        for case in (cas, cni, steady, lib, shim):
             if case.rates:
                 case.print()
         print(f"{'':<42} agents' peak RSS: " + ", ".join(
@@ -361,6 +384,9 @@ def main() -> int:
         ratio = cni.rate() / cas.rate()
         print(f"CNI ADD allocations/s vs etcd CAS/s ({HOSTS}x{WORKERS}): {ratio:.2f} "
               f"(goal >= 0.8), vs 1,000/s: {cni.rate() / 1000:.2f} (goal >= 1)")
+        if steady.rates:
+            print(f"ADDs/s with a DEL each (the fabric does not grow) vs etcd CAS/s: "
+                  f"{steady.rate() / cas.rate():.2f}")
         if lib.rates:
             print(f"library allocations/s vs etcd CAS/s: {lib.rate() / cas.rate():.2f}")
         if shim.rates:
