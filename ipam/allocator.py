@@ -343,7 +343,10 @@ class Ipam:
         borrowed = False
         cached = cached and choice is not None  # a scan reads afresh
         if choice is None:
+            hint = self._hints.get((node, family))
             with self._node_lock(node):
+                if self._hints.get((node, family)) != hint:
+                    return _Retry()  # another allocation just found or claimed a block
                 found = self._scan(node, family, candidates, by_name)
             if isinstance(found, _Retry):
                 return found
