@@ -195,7 +195,8 @@ def cni_worker(host_ns: str, container_ns: str, tag: str, count: int, barrier: A
 
 def exec_worker(host_ns: str, container_ns: str, tag: str, count: int, barrier: Any,
                 out: Any, cni_bin: str = "") -> None:
-    """The same ADDs through the installed shim, exec'd as a runtime would."""
+    """The steady case's ADDs and DELs through the installed shim, exec'd as a runtime
+    would (through nsenter); only the ADDs are in the latency."""
     config = {"cniVersion": "1.0.0", "name": "benchnet", "type": "ptp",
               "ipam": {"type": IPAM_PLUGIN}}
 
@@ -209,6 +210,11 @@ def exec_worker(host_ns: str, container_ns: str, tag: str, count: int, barrier: 
             lat.append(time.perf_counter() - t0)
             if not outcome.ok:
                 raise RuntimeError(f"ADD failed: {outcome.stdout}")
+            outcome = invoke.run(f"{cni_bin}/{IPAM_PLUGIN}", "DEL", config,
+                                 container_id=f"{tag}-{w}-{i}", netns=container_ns,
+                                 host_netns=host_ns)
+            if not outcome.ok:
+                raise RuntimeError(f"DEL failed: {outcome.stdout}")
         return lat
 
     out.put((_threads(WORKERS, work, barrier), {}))
@@ -324,7 +330,7 @@ def main() -> int:
         cni = Case(f"CNI ADD via agents, {HOSTS} hosts x {WORKERS}")
         steady = Case(f"CNI ADD then DEL via agents, {HOSTS}x{WORKERS}")
         lib = Case(f"library allocate, {HOSTS} procs x {WORKERS} threads")
-        shim = Case(f"CNI ADD, shim exec'd, {HOSTS} hosts x {WORKERS}")
+        shim = Case(f"CNI ADD then DEL, shim exec'd, {HOSTS}x{WORKERS}")
         n = args.per_worker
         # Warm-up: the agents' first block claims and etcd connections.
         run_parallel(cni_worker, [(host_ns[h], netns.path(containers[h]), f"w{h}", 3)
@@ -349,6 +355,10 @@ def main() -> int:
                 spy.send_signal(2)
                 spy.wait(timeout=60)
 
+        if args.exec_per_worker:  # before the fabric grows, like the steady case
+            shim.add(*run_parallel(exec_worker, [
+                (host_ns[h], netns.path(containers[h]), f"e{h}", args.exec_per_worker,
+                 str(lab.cni_bin)) for h in range(HOSTS)]))
         # First the steady case, while the fabric holds (almost) no workloads; then the
         # case that keeps every address (the fabric grows by 24 x N a round).
         if not args.skip_steady:
@@ -365,10 +375,6 @@ def main() -> int:
             if not args.skip_library:
                 lib.add(*run_parallel(library_worker, [(host_ns[h], endpoint, f"l{r}h{h}", n)
                                                        for h in range(HOSTS)]))
-        if args.exec_per_worker:
-            shim.add(*run_parallel(exec_worker, [
-                (host_ns[h], netns.path(containers[h]), f"e{h}", args.exec_per_worker,
-                 str(lab.cni_bin)) for h in range(HOSTS)]))
         store = lab.store()
         try:
             report = check(Ipam(store).snapshot())
@@ -390,7 +396,8 @@ def main() -> int:
         if lib.rates:
             print(f"library allocations/s vs etcd CAS/s: {lib.rate() / cas.rate():.2f}")
         if shim.rates:
-            print(f"shim exec'd: {shim.rate():.0f}/s, {shim.rate() / cas.rate():.2f} of CAS")
+            print(f"ADD+DEL with the shim exec'd: {shim.rate():.0f}/s, "
+                  f"{shim.rate() / cas.rate():.2f} of CAS")
         duplicates = report.counts["duplicate"]
         print(f"addresses in use {report.counts['addresses_used']}, duplicates {duplicates} "
               "(must be 0)")
