@@ -10,7 +10,7 @@ from fabric.model.handles import Exhausted, IpamError
 from fabric.model.pools import PoolError, parse_pool
 from fabric.store import keys
 from fabric.store.errors import CorruptValue
-from ipam.allocator import Ipam
+from ipam.allocator import Ipam, KeyPresent
 
 
 @pytest.fixture
@@ -178,3 +178,48 @@ def test_threads_of_one_process_share_a_node_without_duplicates(ipam):
     assert not errors
     assert len(got) == 96 and len(set(got)) == 96
     assert ipam.stats["lost_races"] == 0  # one process, one node: no self-inflicted races
+
+
+def test_allocate_with_writes_extra_records_in_the_same_commit(ipam, store):
+    ipam.add_pool(parse_pool("default", "10.244.0.0/24"))
+    extra_key = f"{keys.ROOT}bench-extra/c1.eth0"
+
+    def also_put(record):
+        return [(extra_key, {"ips": list(record.addresses())})]
+
+    done = ipam.allocate_with("c1.eth0", "node-a", also_put=also_put,
+                              also_absent=[extra_key])
+    extra, handle = store.get(extra_key), store.get(keys.handle("c1.eth0"))
+    assert done.written and done.created
+    assert extra.value["ips"] == list(done.record.addresses())
+    assert extra.mod_revision == handle.mod_revision == done.revision  # one transaction
+    # Again: the first attempt (the cached view assumes a new handle) builds a commit
+    # that fails its compares, writing nothing; the handle's record comes back...
+    again = ipam.allocate_with("c1.eth0", "node-a", also_put=also_put)
+    assert again.record == done.record and not again.written
+    # ...unless a key that must be absent exists: then nothing is written, and it says.
+    with pytest.raises(KeyPresent):
+        ipam.allocate_with("c2.eth0", "node-a", also_put=also_put, also_absent=[extra_key])
+    assert store.get(keys.handle("c2.eth0")) is None
+    assert store.get(extra_key).value == extra.value
+
+
+def test_release_from_a_known_entry_in_one_transaction_or_the_usual_way(ipam, store):
+    """The one-round-trip release guesses the address keys' revisions from the handle
+    entry; a record that was rewritten since (a repair) fails the guess and is
+    released the usual way, never left half released."""
+    ipam.add_pool(parse_pool("default", "10.244.0.0/24"))
+    ipam.add_pool(parse_pool("v6", "fd00:244::/64"))
+    simple = ipam.allocate("c1.eth0", "node-a")
+    dual = ipam.allocate("c2.eth0", "node-a", families=(4, 6))
+    assert ipam.release("c1.eth0", known=store.get(keys.handle("c1.eth0"))) == \
+        list(simple.addresses())
+    assert ipam.release("c2.eth0", known=store.get(keys.handle("c2.eth0"))) == \
+        list(dual.addresses())
+    three = ipam.allocate("c3.eth0", "node-a")
+    stale = store.get(keys.handle("c3.eth0"))
+    ipam.update_pool("default", nat_outgoing=True)  # unrelated write: revisions move on
+    store.put(keys.handle("c3.eth0"), stale.value)  # rewritten: create != mod revision
+    assert ipam.release("c3.eth0", known=store.get(keys.handle("c3.eth0"))) == \
+        list(three.addresses())
+    assert store.keys(keys.IPS) == [] and store.keys(keys.HANDLES) == []
