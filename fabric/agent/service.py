@@ -180,13 +180,9 @@ class Agent:
 
     def _start_mirrors(self) -> None:
         for name, prefix in MIRRORS:
-            mirror = Mirror(self.store, prefix, self._poster(name), name)
+            mirror = Mirror(self.store, prefix, self.loop.snapshots(name), name)
             self._threads[f"watch-{name}"] = mirror.start()
             self._mirrors.append(mirror)
-
-    def _poster(self, name: str) -> Callable[[dict[str, Any], dict[str, str]], None]:
-        return lambda records, unreadable: self.loop.post(m.Snapshot(name, records,
-                                                                     unreadable))
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + READY_WAIT

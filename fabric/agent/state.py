@@ -122,6 +122,7 @@ class AgentState:
         self.mirrors_seen: set[str] = set()
         self.ignored: dict[str, dict[str, str]] = {}  # mirror -> key -> why not used
         self._good: dict[str, dict[str, Any]] = {}  # mirror -> key -> last usable record
+        self._raw: dict[str, dict[str, Any]] = {}  # mirror -> key -> the value it came from
         self.speaker_live = False  # ExaBGP was started with `initial_config()`
         self.kernel = KernelStats()
         self.drift: collections.deque[Drift] = collections.deque(maxlen=100)
@@ -260,10 +261,16 @@ class AgentState:
         field that is not what it must be) is not acted on: its key keeps its last
         usable record, if it had one (an unreadable node record must not look like the
         node leaving), and it is reported (`ignored_records` in status)."""
-        good = self._good.get(snap.name, {})
-        ignored = dict(snap.unreadable)
+        good, raw = self._good.get(snap.name, {}), self._raw.get(snap.name, {})
+        ignored = {k: why for k, why in self.ignored.get(snap.name, {}).items()
+                   if k in snap.records and snap.records[k] is raw.get(k)}
+        ignored.update(snap.unreadable)
         usable: dict[str, Any] = {}
         for key, value in snap.records.items():
+            if value is raw.get(key) and key not in snap.unreadable:
+                if key in good:  # the same value as last time: parsed then (a mirror
+                    usable[key] = good[key]  # keeps unchanged values as they were)
+                continue
             try:
                 usable[key] = parse(key, dict(value))
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -275,6 +282,7 @@ class AgentState:
             self.log.warning("ignoring an etcd record", key=key, reason=ignored[key])
         self.ignored[snap.name] = ignored
         self._good[snap.name] = usable
+        self._raw[snap.name] = dict(snap.records)
         return tuple(usable.values())
 
     def _check_registration(self, nodes: Iterable[Node], jobs: list[m.Job]) -> None:
