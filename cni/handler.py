@@ -276,12 +276,13 @@ class CniHandler:
     def _wire(self, req: Request, host_if: str, addresses: list[str],
               undo: Undo) -> links.Attachment:
         try:
-            links.detach(host_if, None, req.ifname)  # a retried ADD starts clean
+            links.detach(host_if)  # a retried ADD starts clean
             attachment = links.attach(req.netns_path, req.ifname, host_if, addresses,
                                       req.conf.mtu)
         except links.LinkError as exc:
-            raise CniError(IO_FAILURE, f"wiring {req.ifname}: {exc}") from exc
-        undo.push("remove veth", lambda: links.detach(host_if, req.netns_path, req.ifname))
+            raise CniError(IO_FAILURE, f"wiring {req.ifname}: {_as_runtime_named(req, exc)}"
+                           ) from exc
+        undo.push("remove veth", lambda: links.detach(host_if))
         undo.push("remove host routes",
                   lambda: self.routes.detach(req.handle, addresses, host_if))
         failures = self.routes.attach(req.handle, addresses, host_if, attachment.host_index)
@@ -321,17 +322,14 @@ class CniHandler:
         else:
             with _store_errors("DEL"):
                 registered, held, held_entry = self._attachment(req.handle)
-        netns = req.netns_path or (registered.netns if registered else "")
         addresses = list(held.addresses() if held else ())
         addresses += [a for a in (registered.ips if registered else ()) if a not in addresses]
         if req.plugin != IPAM_PLUGIN:
             host_if = links.host_ifname(req.handle)
             self.routes.detach(req.handle, addresses, host_if)
             try:
-                if links.disable(host_if):
+                if links.disable(host_if):  # no host end: no pair of ours (links.detach)
                     self._reap_soon()
-                else:  # no host end: remove a half-made container end, if any
-                    links.detach(host_if, netns, req.ifname)
             except links.LinkError as exc:
                 raise CniError(IO_FAILURE, f"DEL: {exc}") from exc
         with _store_errors("DEL"):
@@ -401,7 +399,7 @@ class CniHandler:
                                  addresses)
         problems += [f"no host route for {a}" for a in self.routes.missing(addresses)]
         if problems:
-            raise CniError(CHECK_FAILED, "; ".join(problems))
+            raise CniError(CHECK_FAILED, _as_runtime_named(req, "; ".join(problems)))
 
     def gc(self, req: Request) -> None:
         """Release every attachment of this network on this node not in the valid list."""
@@ -424,7 +422,7 @@ class CniHandler:
                     self._known.pop(handle, None)
                     self.routes.detach(handle, sorted(addresses), host_if)
                     if host_if:
-                        links.detach(host_if, None, workload_.ifname if workload_ else "")
+                        links.detach(host_if)
                     self.registry.deregister_workload(self.node, handle)
                     self.ipam.release(handle)
             except Exception as exc:  # GC keeps going and reports at the end
@@ -500,3 +498,10 @@ def _store_errors(verb: str) -> Iterator[None]:
         raise CniError(TRY_AGAIN_LATER, f"{verb}: {exc}") from exc
     except DatastoreError as exc:
         raise CniError(IO_FAILURE, f"{verb}: datastore error: {exc}") from exc
+
+
+def _as_runtime_named(req: Request, error: object) -> str:
+    """The agent opens the container's namespace through the descriptor the plugin
+    passed (`/proc/self/fd/N`): messages name it as the runtime did (CNI_NETNS)."""
+    text = str(error)
+    return text.replace(req.netns_path, req.netns) if req.netns_path and req.netns else text

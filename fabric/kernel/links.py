@@ -287,12 +287,14 @@ class _Rtnl:
                      + _attr(RTA_GATEWAY, socket.inet_pton(_AF[family], gateway))
                      + _attr(RTA_OIF, U32.pack(index)), NLM_F_CREATE | NLM_F_EXCL)
 
-    def has_default_route(self, index: int, family: int) -> bool:
+    def has_default_route(self, index: int | None, family: int) -> bool:
+        """A default route of `family` out of interface `index` (any, for None)."""
         for reply in self.request(RTM_GETROUTE, RTMSG.pack(_AF[family], 0, 0, 0, 0, 0, 0,
                                                            0, 0), NLM_F_DUMP):
-            dst_len = reply[1]
+            dst_len, table = reply[1], reply[4]
             oif = _attrs(reply, RTMSG.size).get(RTA_OIF)
-            if dst_len == 0 and oif is not None and U32.unpack(oif)[0] == index:
+            if dst_len == 0 and table == RT_TABLE_MAIN and (index is None or (
+                    oif is not None and U32.unpack(oif)[0] == index)):
                 return True
         return False
 
@@ -394,7 +396,10 @@ def _configure_container_end(netns_path: str, ifname: str,
             nl.set_link(link.index, up=True)
             for family in sorted({family_of(a) for a in addresses}):
                 nl.add_neighbour(link.index, GATEWAY[family], HOST_MAC)
-                nl.add_default_route(link.index, family, GATEWAY[family])
+                # The container's first interface of a family takes its default route;
+                # a second one (eth1) is reached by its address (the host routes it).
+                if not nl.has_default_route(None, family):
+                    nl.add_default_route(link.index, family, GATEWAY[family])
     except NetnsError as exc:
         raise LinkError(str(exc)) from exc
     except (NetlinkError, OSError) as exc:
@@ -425,12 +430,14 @@ def same_namespace(netns_path: str) -> bool:
     return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
 
 
-def detach(host_if: str, netns_path: str | None, ifname: str) -> bool:
-    """Remove the pair; True when something was removed. Missing pieces are fine.
+def detach(host_if: str) -> bool:
+    """Remove the pair (by its host end); True when something was removed.
 
-    The container end is looked for by name only inside a namespace that is not the
-    host's own, and only if it is a veth: a runtime's bad CNI_NETNS must never make us
-    delete one of the host's interfaces.
+    Only the host end is ever looked for. A veth pair is made in one request, both ends
+    at once, and deleting either end deletes both: with the host end gone there is no
+    pair of ours left, and an `ifname` veth in the container's namespace belongs to
+    another attachment (a runtime's DEL for an ADD that failed because that name was
+    taken once deleted a live container's interface here).
     """
     with _Rtnl() as nl:
         found = nl.link(host_if)
@@ -438,21 +445,6 @@ def detach(host_if: str, netns_path: str | None, ifname: str) -> bool:
             with _unless_gone(f"deleting {host_if}"):
                 nl.delete_link(found.index)
                 return True
-    if not netns_path or not os.path.exists(netns_path) or same_namespace(netns_path):
-        return False
-    # The host end is gone but a half-made container end may be left.
-    try:
-        with entered(netns_path):
-            nl = _Rtnl()
-    except NetnsError:
-        return False  # the namespace went away meanwhile: nothing left to remove
-    with nl:
-        link = nl.link(ifname)
-        if link is None or link.kind != "veth":
-            return False
-        with _unless_gone(f"deleting {ifname} in {netns_path}"):
-            nl.delete_link(link.index)
-            return True
     return False
 
 
@@ -532,6 +524,6 @@ def inspect(host_if: str, netns_path: str, ifname: str,
         have = nl.addresses(link.index)
         problems += [f"{ifname} lacks address {a}" for a in addresses if a not in have]
         for family in sorted({family_of(a) for a in addresses}):
-            if not nl.has_default_route(link.index, family):
-                problems.append(f"{ifname} has no IPv{family} default route")
+            if not nl.has_default_route(None, family):
+                problems.append(f"{netns_path} has no IPv{family} default route")
     return problems
