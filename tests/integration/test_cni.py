@@ -312,7 +312,8 @@ def test_a_second_interface_in_a_container_gets_its_own_address(lab, store, cont
                      cfg=config("1.1.0", prevResult=second.document))
     assert checked.ok, checked.stdout
     assert plugin(lab, "DEL", container, ifname="eth1").ok
-    assert "eth0" in links_in(container) and "eth1" not in links_in(container)
+    wait_for(lambda: "eth1" not in links_in(container), "eth1 deleted (in the background)")
+    assert "eth0" in links_in(container)
 
 
 def test_version_and_status(lab):
