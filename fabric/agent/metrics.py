@@ -104,6 +104,7 @@ class _BoundedServer(http.server.ThreadingHTTPServer):
     (1,024 idle connections: every netlink listing failed, CNI requests timed out)."""
 
     daemon_threads = True
+    request_queue_size = 64
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
