@@ -45,7 +45,7 @@ from cni.spec import (
 from fabric import logs
 from fabric.kernel import links
 from fabric.kernel.routes import Failure
-from fabric.model.handles import Exhausted, Handle, IpamError
+from fabric.model.handles import Exhausted, Handle, HandleElsewhere, IpamError
 from fabric.model.nodes import Workload
 from fabric.store import keys
 from fabric.store.datastore import Entry, get_op
@@ -322,6 +322,12 @@ class CniHandler:
         else:
             with _store_errors("DEL"):
                 registered, held, held_entry = self._attachment(req.handle)
+            if held is not None and held.node != self.node:
+                # Another node's container with the same ID: its addresses are not ours
+                # to release (`release(node=...)` checks again, in its transaction).
+                self.log.warning("DEL of a handle held by another node; left alone",
+                                 handle=req.handle, holder=held.node)
+                held = held_entry = None
         addresses = list(held.addresses() if held else ())
         addresses += [a for a in (registered.ips if registered else ()) if a not in addresses]
         if req.plugin != IPAM_PLUGIN:
@@ -334,7 +340,7 @@ class CniHandler:
                 raise CniError(IO_FAILURE, f"DEL: {exc}") from exc
         with _store_errors("DEL"):
             self.ipam.release(req.handle, also_delete=[keys.workload(self.node, req.handle)],
-                              known=held_entry)
+                              known=held_entry, node=self.node)
         self.log.info("detached", handle=req.handle, addresses=addresses)
 
     def _reap_soon(self) -> None:
@@ -458,6 +464,8 @@ class CniHandler:
                                            also_put=also_put, also_absent=also_absent)
         except Exhausted as exc:
             raise CniError(NO_ADDRESS, str(exc)) from exc
+        except HandleElsewhere as exc:
+            raise CniError(INVALID_ENV, f"CNI_CONTAINERID {req.container_id}: {exc}") from exc
         except IpamError as exc:
             raise CniError(NO_ADDRESS, f"cannot allocate: {exc}") from exc
 

@@ -35,6 +35,7 @@ from fabric.model.handles import (
     Allocation,
     Exhausted,
     Handle,
+    HandleElsewhere,
     InUse,
     IpamError,
     check_handle,
@@ -281,6 +282,11 @@ class Ipam:
             handle_rows, pool_rows = rows[:2]
             current = _only_entry(handle_rows)
             existing = Handle.from_record(current.value) if current else None
+            if existing is not None and existing.node != node:
+                # One container cannot be on two hosts: the same container ID on
+                # another node is another container, and must not share the address.
+                raise HandleElsewhere(f"handle {handle} is held by node {existing.node}; "
+                                      f"a container ID is unique across the fabric")
             have = existing.families() if existing else set()
             missing = sorted(set(families) - have)
             if not missing:
@@ -543,8 +549,13 @@ class Ipam:
 
     # -- release -----------------------------------------------------------------------
     def release(self, handle: str, *, only_if_unregistered: bool = False,
-                also_delete: Sequence[str] = (), known: Entry | None = None) -> list[str]:
+                also_delete: Sequence[str] = (), known: Entry | None = None,
+                node: str | None = None) -> list[str]:
         """Free every address of `handle`. Releasing a free handle is not an error.
+
+        With `node`, only a handle of that node is released: one held by another node
+        (another container with the same ID) is left alone, and only `also_delete` is
+        done.
 
         With `only_if_unregistered`, the transaction also compares that the handle's
         workload registration does not exist, so GC never frees an address whose
@@ -553,7 +564,8 @@ class Ipam:
         entry if the caller just read it: see `_release_known`.
         """
         check_handle(handle)
-        if known is not None and not only_if_unregistered:
+        if known is not None and not only_if_unregistered and (
+                node is None or known.value.get("node") == node):
             freed = self._release_known(handle, known, also_delete)
             if freed is not None:
                 return freed
@@ -564,6 +576,10 @@ class Ipam:
                     self.store.txn([], [delete(k) for k in also_delete])
                 return []
             record = Handle.from_record(entry.value)
+            if node is not None and record.node != node:
+                if also_delete:
+                    self.store.txn([], [delete(k) for k in also_delete])
+                return []
             ip_keys = [_ip_key(a) for a in record.allocations]
             ip_rows = self._read_chunked([get_op(k) for k in ip_keys])
             compare = [unchanged(entry.key, entry.mod_revision)]

@@ -223,3 +223,17 @@ def test_release_from_a_known_entry_in_one_transaction_or_the_usual_way(ipam, st
     assert ipam.release("c3.eth0", known=store.get(keys.handle("c3.eth0"))) == \
         list(three.addresses())
     assert store.keys(keys.IPS) == [] and store.keys(keys.HANDLES) == []
+
+
+def test_a_handle_held_by_one_node_is_neither_given_nor_freed_by_another(ipam, store):
+    """The same container ID on two hosts is two containers: the second must not get
+    the first one's address, and a DEL on the second host must not free it."""
+    from fabric.model.handles import HandleElsewhere
+
+    ipam.add_pool(parse_pool("p", "10.244.0.0/16"))
+    first = ipam.allocate("same.eth0", "n1")
+    with pytest.raises(HandleElsewhere, match="held by node n1"):
+        ipam.allocate("same.eth0", "n2")
+    assert ipam.release("same.eth0", node="n2") == []
+    assert ipam.handle("same.eth0") == first
+    assert ipam.release("same.eth0", node="n1") == list(first.addresses())
