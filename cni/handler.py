@@ -89,8 +89,9 @@ class WorkloadRoutes(Protocol):
     def detach(self, handle: str, ips: Sequence[str],
                host_ifname: str | None) -> list[Failure]: ...
 
-    def missing(self, ips: Sequence[str]) -> list[str]:
-        """Addresses that have no host route."""
+    def missing(self, ips: Sequence[str], index: int | None = None) -> list[str]:
+        """Addresses that have no host route (or, with `index`, none out of that
+        interface: another container's interface holds the route)."""
 
 
 class HandleLocks:
@@ -302,7 +303,7 @@ class CniHandler:
             return None
         addresses = list(held.addresses())
         attachment = links.attachment_of(host_if, req.netns_path, req.ifname, addresses)
-        if attachment is None or self.routes.missing(addresses):
+        if attachment is None or self.routes.missing(addresses, attachment.host_index):
             return None
         return self._result(req, held, attachment).document(req.conf.version)
 
@@ -401,9 +402,11 @@ class CniHandler:
                                              f"{sorted(addresses)}")
         if req.plugin == IPAM_PLUGIN:
             return
-        problems = links.inspect(links.host_ifname(req.handle), req.netns_path, req.ifname,
-                                 addresses)
-        problems += [f"no host route for {a}" for a in self.routes.missing(addresses)]
+        host_if = links.host_ifname(req.handle)
+        problems = links.inspect(host_if, req.netns_path, req.ifname, addresses)
+        index = links.host_links().get(host_if)
+        problems += [f"no host route for {a} out of {host_if}"
+                     for a in self.routes.missing(addresses, index)]
         if problems:
             raise CniError(CHECK_FAILED, _as_runtime_named(req, "; ".join(problems)))
 
@@ -439,6 +442,26 @@ class CniHandler:
         if failed:
             raise CniError(IO_FAILURE, f"GC could not release {len(failed)} attachment(s)",
                            "; ".join(failed))
+
+    def release_gone(self, handle: str, host_if: str) -> bool:
+        """Release a workload whose host link is gone (the agent saw it missing for its
+        grace period); False when the link is back or the handle is another node's.
+        Under the handle's lock, so an ADD of the same handle is never cut short."""
+        with self.locks.held(handle):
+            if host_if in links.host_links():
+                return False
+            workload_ = self.registry.workload(self.node, handle)
+            held = self.ipam.handle(handle)
+            if workload_ is None or workload_.host_ifname != host_if:
+                return False  # DEL'd or re-ADDed meanwhile: not what was seen gone
+            addresses = sorted(set(workload_.ips) | set(held.addresses() if held else ()))
+            self._known.pop(handle, None)
+            self.routes.detach(handle, addresses, host_if)
+            self.ipam.release(handle, also_delete=[keys.workload(self.node, handle)],
+                              node=self.node)
+        self.log.info("released a workload whose host link is gone", handle=handle,
+                      addresses=addresses)
+        return True
 
     def status(self, req: Request) -> None:
         try:

@@ -638,6 +638,70 @@ class Ipam:
         self.log.debug("released", handle=handle, addresses=freed)
         return freed
 
+    def adopt(self, handle: str, node: str, addresses: Sequence[str],
+              attrs: dict[str, str] | None = None) -> Handle:
+        """Record addresses already in use on `node` under `handle`, in one transaction.
+
+        For what etcd forgot but a host still routes to a live container interface (a
+        restore from an older backup): recorded again, the allocator never hands them
+        to a second container. A block that is gone is claimed back for `node`; an
+        address held by another handle meanwhile raises InUse naming it (a duplicate
+        exists already: only an operator can choose which container keeps it).
+        """
+        check_handle(handle)
+        pools = self.pools()
+        compare: list[Any] = [absent(keys.handle(handle))]
+        success: list[Any] = []
+        allocations: list[Allocation] = []
+        blocks: dict[str, Block | None] = {}
+        for address in addresses:
+            pool = pool_of(address, pools)
+            if pool is None:
+                continue
+            cidr = block_containing(pool, address)
+            if cidr not in blocks:
+                entry = self.store.get(keys.block(cidr))
+                blocks[cidr] = _block(entry) if entry else None
+                if entry is None:
+                    compare.append(absent(keys.block(cidr)))
+                    success += [put(keys.block(cidr), Block(cidr, pool.name, node).to_record()),
+                                put(keys.affinity(node, cidr), {"cidr": cidr,
+                                                                "pool": pool.name})]
+                else:
+                    compare.append(unchanged(entry.key, entry.mod_revision))
+            block = blocks[cidr]
+            borrowed = block is not None and block.affinity != node
+            ip_key = keys.ip(cidr, ordinal_of(cidr, address))
+            holder = self.store.get(ip_key)
+            if holder is not None:
+                raise InUse(f"{address} is held by {holder.value.get('handle')}")
+            compare.append(absent(ip_key))
+            success.append(put(ip_key, {"handle": handle, "node": node, "address": address}))
+            if borrowed:
+                success.append(put(keys.borrowed(node, address),
+                                   {"handle": handle, "block": cidr, "address": address}))
+            allocations.append(Allocation(address, cidr, pool.name, borrowed))
+        record = Handle(handle, node, tuple(allocations), dict(attrs or {}))
+        ok, _ = self.store.txn(compare, [*success, put(keys.handle(handle),
+                                                       record.to_record())])
+        if not ok:
+            raise Conflict(f"adopting {', '.join(addresses)} for {handle}: etcd changed "
+                           "meanwhile; try again")
+        self.log.warning("adopted addresses in use", handle=handle, node=node,
+                         addresses=list(addresses))
+        return record
+
+    def restore_block(self, cidr: str, pool: str, node: str) -> bool:
+        """Write a block record that is gone while `node` still has addresses in it
+        (deleted by hand): without it the node stops announcing the block. False when
+        a record exists (nothing to do)."""
+        ok, _ = self.store.txn([absent(keys.block(cidr))],
+                               [put(keys.block(cidr), Block(cidr, pool, node).to_record()),
+                                put(keys.affinity(node, cidr), {"cidr": cidr, "pool": pool})])
+        if ok:
+            self.log.warning("restored a block record that was gone", block=cidr, node=node)
+        return ok
+
     def release_address(self, address: str, *, force: bool = False) -> str | None:
         """Free one address whoever holds it; returns the handle that held it, if any.
 

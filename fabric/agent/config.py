@@ -160,6 +160,9 @@ SETTINGS = (
     Setting("gc_interval", "ipam", "gc_interval", _seconds, "seconds between IPAM GC rounds"),
     Setting("gc_grace", "ipam", "gc_grace", _seconds,
             "seconds a leak must be seen before GC frees it"),
+    Setting("gone_grace", "ipam", "gone_grace", _seconds,
+            "seconds a workload's host interface must be gone before its addresses are "
+            "freed (its container is gone: a reboot, a runtime that never sent DEL)"),
     Setting("dns_domain", "dns", "domain", _text, "workloads resolve as NAME.<domain>"),
     Setting("dns_port", "dns", "port", _int_in(0, 65535), "DNS port (0: off)"),
     Setting("metrics_port", "metrics", "port", _int_in(0, 65535),
@@ -193,6 +196,7 @@ class AgentConfig:
     lease_ttl: int = 20
     gc_interval: float = 60.0
     gc_grace: float = 600.0
+    gone_grace: float = 60.0
     dns_domain: str = "fabric.internal"
     dns_port: int = 53
     metrics_port: int = 9473

@@ -112,7 +112,7 @@ class Agent:
                      config.max_prefixes, config.asn),
             Intervals(resync=config.resync_interval, links=config.resync_interval,
                       gc=config.gc_interval, gc_first=min(config.gc_interval, 30.0),
-                      liveness=max(1.0, config.lease_ttl / 3)),
+                      liveness=max(1.0, config.lease_ttl / 3), gone_grace=config.gone_grace),
             relay_command=tuple(self.speaker.relay_command), nat_outgoing=config.nat_outgoing)
         self.loop = OwnerLoop(self.state, self.clock, self._dispatch)
         self.writer = KernelWriter(config.route_protocol, self.loop.post)
@@ -275,6 +275,10 @@ class Agent:
             self.etcd_jobs.submit("gc", self._collect_garbage)
         elif isinstance(job, m.ResolveOrphan):
             self.etcd_jobs.submit("orphan", lambda: self._resolve_orphan(job.link))
+        elif isinstance(job, m.ReleaseGone):
+            self.etcd_jobs.submit("gone", lambda: self._release_gone(job))
+        elif isinstance(job, m.RestoreBlock):
+            self.etcd_jobs.submit("restore-block", lambda: self._restore_block(job))
         elif isinstance(job, m.ListLinks):
             self.host_jobs.submit("links", self._list_links)
         elif isinstance(job, m.ApplyNat):
@@ -286,6 +290,24 @@ class Agent:
     def _collect_garbage(self) -> dict[str, Any]:
         result = collect(self.ipam, self.config.node_name, self.leaks)
         return {"released": len(result.released), "blocks_freed": len(result.blocks_freed)}
+
+    def _release_gone(self, job: m.ReleaseGone) -> dict[str, Any]:
+        try:
+            released = self.cni.release_gone(job.handle, job.host_ifname)
+        except Exception as exc:  # reported back with the handle: asked again later
+            self.log.warning("could not release a gone workload", handle=job.handle,
+                             error=str(exc))
+            return {"handle": job.handle, "released": False, "error": str(exc)}
+        return {"handle": job.handle, "released": released}
+
+    def _restore_block(self, job: m.RestoreBlock) -> dict[str, Any]:
+        try:
+            restored = self.ipam.restore_block(job.cidr, job.pool, self.config.node_name)
+        except Exception as exc:
+            self.log.warning("could not restore a block record", block=job.cidr,
+                             error=str(exc))
+            return {"cidr": job.cidr, "restored": False, "error": str(exc)}
+        return {"cidr": job.cidr, "restored": restored}
 
     def _list_links(self) -> None:
         found = tuple(HostLink(n, i, up) for n, i, up in links.host_link_states())
@@ -312,10 +334,34 @@ class Agent:
                 links.remove(link.name, link.index)
                 log.warning("removed a host link nobody registered (left by a crash)")
                 return {"link": link.name, "outcome": "removed"}
+            if self._adopt(link):
+                return {"link": link.name, "outcome": "adopted"}
         except Exception as exc:
             log.warning("could not resolve an unregistered host link", error=str(exc))
         log.warning("unregistered host link kept: it is up and no IPAM handle names it")
         return {"link": link.name, "outcome": "kept"}
+
+    def _adopt(self, link: HostLink) -> bool:
+        """A live container interface etcd knows nothing of (a restore from an older
+        backup): the addresses our routes send to it are recorded again under a
+        handle of its own, with a registration naming the link, so that no new
+        container is given them. The registration goes with the link (`ReleaseGone`)."""
+        sock = RouteSocket(self.config.route_protocol)
+        try:
+            routed = sorted(str(r.prefix).partition("/")[0] for r in sock.dump()
+                            if r.oif == link.index and not r.gateways and r.type == "unicast")
+        finally:
+            sock.close()
+        if not routed:
+            return False
+        handle = f"adopted.{link.name}"
+        held = self.ipam.adopt(handle, self.config.node_name, routed, {"adopted": link.name})
+        record = Workload(handle, self.config.node_name, "", "", "", held.addresses(),
+                          None, link.name, time.time(), "")
+        self.registry.register_workload(record)
+        self.log.warning("adopted a live container interface etcd did not know", link=link.name,
+                         addresses=routed, handle=handle)
+        return True
 
     def _restore_registration(self, held: Any) -> bool:
         attrs = held.attrs
@@ -466,7 +512,8 @@ class LoopRoutes:
         self.loop.post(m.Detach(handle, tuple(ips), host_ifname, reply))
         return reply.result(self.timeout)
 
-    def missing(self, ips: Sequence[str]) -> list[str]:
-        wanted = self.loop.ask(lambda s: set(s.desired.source("workloads")))
-        return [a for a in ips if Prefix.parse(a) not in wanted]
+    def missing(self, ips: Sequence[str], index: int | None = None) -> list[str]:
+        wanted = self.loop.ask(lambda s: dict(s.desired.source("workloads")))
+        return [a for a in ips if (route := wanted.get(Prefix.parse(a))) is None
+                or (index is not None and route.oif != index)]
 

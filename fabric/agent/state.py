@@ -38,9 +38,10 @@ from fabric.model import checks
 from fabric.model.blocks import Block
 from fabric.model.nodes import Node, Workload
 from fabric.model.peers import BgpConfig, PeerSpec
-from fabric.model.pools import Pool
+from fabric.model.pools import Pool, pool_of
 from fabric.model.prefix import Prefix
 from fabric.store import keys
+from ipam.blocks import block_containing
 
 T = TypeVar("T")
 MIRRORS = ("pools", "nodes", "blocks", "borrowed", "bgp-config", "bgp-peers", "workloads")
@@ -56,6 +57,7 @@ class Intervals:
     gc: float = 60.0
     gc_first: float = 30.0
     liveness: float = 20 / 3
+    gone_grace: float = 60.0  # a registration without its host link this long: released
 
 
 @dataclass
@@ -100,6 +102,9 @@ class Counters:
     gc_released: int = 0
     orphans_restored: int = 0
     orphans_removed: int = 0
+    orphans_adopted: int = 0
+    gone_released: int = 0
+    blocks_restored: int = 0
 
 
 @dataclass
@@ -133,6 +138,7 @@ class AgentState:
         self.registration = RegistrationInfo(registered=True)
         self.counters = Counters()
         self.nat_applied: tuple[tuple[str, ...], tuple[str, ...]] | None = None
+        self.restoring_blocks: set[str] = set()  # RestoreBlock jobs not finished yet
         now = self.clock.monotonic()
         self.due: dict[str, float] = {
             "resync": now, "links": now, "gc": now + self.intervals.gc_first,
@@ -175,8 +181,13 @@ class AgentState:
             self._apply(KernelBatch(batch.replace, batch.delete + gone), jobs,
                         reply=message.reply)
         elif isinstance(message, m.LinksListed):
-            for orphan in self.workloads.on_links(message.links):
+            now = self.clock.monotonic()
+            for orphan in self.workloads.on_links(message.links, now):
                 jobs.append(m.ResolveOrphan(orphan))
+            for handle, link in self.workloads.gone(now, self.intervals.gone_grace):
+                self.log.info("workload's host link gone; releasing it", handle=handle,
+                              link=link)
+                jobs.append(m.ReleaseGone(handle, link))
             self._apply(self._workload_routes(), jobs)
         elif isinstance(message, m.JobDone):
             self._on_job_done(message, jobs)
@@ -226,6 +237,35 @@ class AgentState:
     # -- etcd mirrors ------------------------------------------------------------------
     def _on_snapshot(self, snap: m.Snapshot, jobs: list[m.Job]) -> None:
         self.mirrors_seen.add(snap.name)
+        self._handle_snapshot(snap, jobs)
+        if snap.name in ("blocks", "workloads", "pools"):
+            self._check_blocks(jobs)
+
+    def _check_blocks(self, jobs: list[m.Job]) -> None:
+        """Every block our workloads have addresses in must have its record: one deleted
+        by hand stops us announcing it (its containers unreachable) and lets another
+        node claim it. Borrowed addresses are another node's business."""
+        if not {"blocks", "workloads", "pools", "borrowed"} <= self.mirrors_seen:
+            return
+        view = self.routing.view
+        have = {b.cidr for b in view.blocks}
+        missing: dict[str, str] = {}
+        for known in self.workloads.registered.values():
+            for ip in known.ips:
+                address = ip.partition("/")[0]
+                pool = pool_of(address, view.pools)
+                if pool is None or address in view.borrowed:
+                    continue
+                cidr = block_containing(pool, address)
+                if cidr not in have:
+                    missing[cidr] = pool.name
+        for cidr in sorted(set(missing) - self.restoring_blocks):
+            self.log.warning("a block our workloads use has no record; restoring it",
+                             block=cidr)
+            jobs.append(m.RestoreBlock(cidr, missing[cidr]))
+        self.restoring_blocks = set(missing)
+
+    def _handle_snapshot(self, snap: m.Snapshot, jobs: list[m.Job]) -> None:
         if snap.name == "pools":
             pools = self._decode(snap, _value(Pool.from_record))
             self._carry_out(self.routing.set_view(pools=pools), jobs)
@@ -438,6 +478,18 @@ class AgentState:
             self.workloads.resolved(name, outcome)
             self.counters.orphans_restored += outcome == "restored"
             self.counters.orphans_removed += outcome == "removed"
+            self.counters.orphans_adopted += outcome == "adopted"
+        elif done.kind == "gone":
+            handle = str(done.result.get("handle", ""))
+            if done.error or not done.result.get("released"):
+                self.workloads.release_failed(handle)
+            else:
+                self.counters.gone_released += 1
+        elif done.kind == "restore-block":
+            if done.result.get("restored"):
+                self.counters.blocks_restored += 1
+            else:  # failed, or a record exists now: the next snapshot decides again
+                self.restoring_blocks.discard(str(done.result.get("cidr", "")))
         elif done.kind == "links" and done.error:
             self.log.warning("could not list host links", error=done.error)
 

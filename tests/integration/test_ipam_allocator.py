@@ -237,3 +237,23 @@ def test_a_handle_held_by_one_node_is_neither_given_nor_freed_by_another(ipam, s
     assert ipam.release("same.eth0", node="n2") == []
     assert ipam.handle("same.eth0") == first
     assert ipam.release("same.eth0", node="n1") == list(first.addresses())
+
+
+def test_adopting_addresses_etcd_forgot_reserves_them_and_their_block(ipam, store):
+    """After a restore from an older backup: an address a live container still uses is
+    recorded again (its block too), so no second container gets it."""
+    from fabric.model.handles import InUse
+
+    ipam.add_pool(parse_pool("p", "10.244.0.0/24"))
+    adopted = ipam.adopt("recovered.l3fabcdef", "n1", ["10.244.0.70"], {"recovered": "1"})
+    assert adopted.allocations[0].block == "10.244.0.64/26"
+    assert [b.affinity for b in ipam.blocks()] == ["n1"]
+    given = {a for i in range(62) for a in ipam.allocate(f"c{i}.eth0", "n1").addresses()}
+    assert "10.244.0.70" not in given
+    with pytest.raises(InUse, match="held by c"):
+        ipam.adopt("recovered.other", "n1", [sorted(given)[0]])
+    assert ipam.handle("recovered.other") is None  # nothing written
+    assert ipam.restore_block("10.244.0.64/26", "p", "n1") is False  # it exists
+    store.delete(keys.block("10.244.0.64/26"))
+    assert ipam.restore_block("10.244.0.64/26", "p", "n1") is True
+    assert [b.cidr for b in ipam.blocks_of("n1")] == ["10.244.0.64/26"]

@@ -643,3 +643,51 @@ def test_a_block_over_the_underlay_segment_is_neither_blackholed_nor_accepted():
     fab.up("10.99.0.12")
     fab.announce("10.99.0.12", "10.99.0.128/26", "10.99.1.0/26")
     assert fab.learned() == {"10.99.1.0/26": ("10.99.0.12",)}
+
+
+def test_a_workload_whose_link_is_gone_for_the_grace_is_released_once():
+    fab = Fabric()
+    grace = fab.state.intervals.gone_grace
+    fab.snapshot("workloads", {"k": workload("c1.eth0", "10.244.0.5",
+                                             "l3f000000000001").to_record()})
+    link = (HostLink("l3f000000000001", 7, True),)
+    fab.send(m.LinksListed(link))
+    assert not [j for j in fab.jobs if isinstance(j, m.ReleaseGone)]
+    fab.send(m.LinksListed(()))  # the container's namespace went (a reboot, no DEL)
+    fab.clock.advance(grace - 1)
+    assert not [j for j in fab.send(m.LinksListed(())) if isinstance(j, m.ReleaseGone)]
+    fab.clock.advance(2)
+    released = [j for j in fab.send(m.LinksListed(())) if isinstance(j, m.ReleaseGone)]
+    assert released == [m.ReleaseGone("c1.eth0", "l3f000000000001")]
+    assert not [j for j in fab.send(m.LinksListed(())) if isinstance(j, m.ReleaseGone)]
+    fab.send(m.JobDone("gone", result={"handle": "c1.eth0", "released": False}))
+    fab.clock.advance(grace + 1)
+    fab.send(m.LinksListed(()))
+    fab.clock.advance(grace + 1)  # asked again, after a grace of its own
+    assert [j for j in fab.send(m.LinksListed(())) if isinstance(j, m.ReleaseGone)]
+
+
+def test_a_link_back_within_the_grace_is_not_released():
+    fab = Fabric()
+    fab.snapshot("workloads", {"k": workload("c1.eth0", "10.244.0.5",
+                                             "l3f000000000001").to_record()})
+    fab.send(m.LinksListed(()))
+    fab.clock.advance(fab.state.intervals.gone_grace / 2)
+    fab.send(m.LinksListed((HostLink("l3f000000000001", 7, True),)))
+    fab.clock.advance(fab.state.intervals.gone_grace)
+    assert not [j for j in fab.send(m.LinksListed(())) if isinstance(j, m.ReleaseGone)]
+
+
+def test_a_block_our_workloads_use_is_restored_when_its_record_goes(fab):
+    fab.snapshot("workloads", {"k": workload("c1.eth0", "10.244.0.5",
+                                             "l3f000000000001").to_record()})
+    blocks = dict(fab.records["blocks"])
+    fab.jobs.clear()
+    fab.snapshot("blocks", {k: v for k, v in blocks.items() if k != "10.244.0.0/26"})
+    assert [j for j in fab.jobs if isinstance(j, m.RestoreBlock)] == [
+        m.RestoreBlock("10.244.0.0/26", "p")]
+    fab.jobs.clear()
+    fab.snapshot("blocks", {k: v for k, v in blocks.items() if k != "10.244.0.0/26"})
+    assert not [j for j in fab.jobs if isinstance(j, m.RestoreBlock)]  # once
+    fab.snapshot("blocks", blocks)  # restored
+    assert not fab.state.restoring_blocks
