@@ -153,6 +153,8 @@ SETTINGS = (
             "route protocol number the agent owns"),
     Setting("resync_interval", "kernel", "resync_interval", _seconds,
             "seconds between full kernel re-reads"),
+    Setting("host_check_interval", "kernel", "host_check_interval", _seconds,
+            "seconds between checks that forwarding is on and the NAT rules are in place"),
     Setting("nat_outgoing", "kernel", "nat_outgoing", _bool,
             "masquerade traffic of nat-outgoing pools leaving the fabric"),
     Setting("lease_ttl", "etcd", "lease_ttl", _int_in(3, 3600),
@@ -192,6 +194,7 @@ class AgentConfig:
     exabgp: str | None = None
     route_protocol: int = DEFAULT_PROTOCOL
     resync_interval: float = 10.0
+    host_check_interval: float = 30.0
     nat_outgoing: bool = True
     lease_ttl: int = 20
     gc_interval: float = 60.0

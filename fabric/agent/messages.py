@@ -174,6 +174,11 @@ class ResolveOrphan:
 
 
 @dataclass(frozen=True)
+class CheckHost:
+    """kernel: forwarding on, our NAT rules and hook in place (repaired if not)."""
+
+
+@dataclass(frozen=True)
 class ReleaseGone:
     """etcd + kernel: a workload whose host link has been gone for the grace period:
     release its addresses and registration (unless its link is back)."""
@@ -197,4 +202,5 @@ class ApplyNat:
 
 
 Job = (ApplyRoutes | Resync | Configure | Send | RegisterNode | RefreshLiveness
-       | CollectGarbage | ListLinks | ResolveOrphan | ReleaseGone | RestoreBlock | ApplyNat)
+       | CollectGarbage | ListLinks | CheckHost | ResolveOrphan | ReleaseGone | RestoreBlock
+       | ApplyNat)

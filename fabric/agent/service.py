@@ -112,7 +112,8 @@ class Agent:
                      config.max_prefixes, config.asn),
             Intervals(resync=config.resync_interval, links=config.resync_interval,
                       gc=config.gc_interval, gc_first=min(config.gc_interval, 30.0),
-                      liveness=max(1.0, config.lease_ttl / 3), gone_grace=config.gone_grace),
+                      liveness=max(1.0, config.lease_ttl / 3), gone_grace=config.gone_grace,
+                      host=config.host_check_interval),
             relay_command=tuple(self.speaker.relay_command), nat_outgoing=config.nat_outgoing)
         self.loop = OwnerLoop(self.state, self.clock, self._dispatch)
         self.writer = KernelWriter(config.route_protocol, self.loop.post)
@@ -279,6 +280,8 @@ class Agent:
             self.etcd_jobs.submit("gone", lambda: self._release_gone(job))
         elif isinstance(job, m.RestoreBlock):
             self.etcd_jobs.submit("restore-block", lambda: self._restore_block(job))
+        elif isinstance(job, m.CheckHost):
+            self.host_jobs.submit("host", self._check_host)
         elif isinstance(job, m.ListLinks):
             self.host_jobs.submit("links", self._list_links)
         elif isinstance(job, m.ApplyNat):
@@ -308,6 +311,12 @@ class Agent:
                              error=str(exc))
             return {"cidr": job.cidr, "restored": False, "error": str(exc)}
         return {"cidr": job.cidr, "restored": restored}
+
+    def _check_host(self) -> dict[str, Any]:
+        repaired = links.enable_forwarding()
+        if self.config.nat_outgoing:
+            repaired += self.nat.verify()
+        return {"repaired": repaired}
 
     def _list_links(self) -> None:
         found = tuple(HostLink(n, i, up) for n, i, up in links.host_link_states())

@@ -58,6 +58,7 @@ class Intervals:
     gc_first: float = 30.0
     liveness: float = 20 / 3
     gone_grace: float = 60.0  # a registration without its host link this long: released
+    host: float = 30.0  # forwarding and NAT checked (an iptables call per family in use)
 
 
 @dataclass
@@ -105,6 +106,7 @@ class Counters:
     orphans_adopted: int = 0
     gone_released: int = 0
     blocks_restored: int = 0
+    host_repairs: int = 0
 
 
 @dataclass
@@ -139,9 +141,11 @@ class AgentState:
         self.counters = Counters()
         self.nat_applied: tuple[tuple[str, ...], tuple[str, ...]] | None = None
         self.restoring_blocks: set[str] = set()  # RestoreBlock jobs not finished yet
+        self.last_host_repair = ""
         now = self.clock.monotonic()
         self.due: dict[str, float] = {
-            "resync": now, "links": now, "gc": now + self.intervals.gc_first,
+            "resync": now, "links": now, "host": now + self.intervals.host,
+            "gc": now + self.intervals.gc_first,
             "liveness": now + self.intervals.liveness}
 
     # -- the entry points --------------------------------------------------------------
@@ -214,6 +218,9 @@ class AgentState:
         if now >= self.due["gc"]:
             self.due["gc"] = now + self.intervals.gc
             jobs.append(m.CollectGarbage())
+        if now >= self.due["host"]:
+            self.due["host"] = now + self.intervals.host
+            jobs.append(m.CheckHost())
         if now >= self.due["liveness"]:
             self.due["liveness"] = now + self.intervals.liveness
             jobs.append(m.RefreshLiveness())
@@ -490,6 +497,15 @@ class AgentState:
                 self.counters.blocks_restored += 1
             else:  # failed, or a record exists now: the next snapshot decides again
                 self.restoring_blocks.discard(str(done.result.get("cidr", "")))
+        elif done.kind == "host":
+            repaired = list(done.result.get("repaired", ()))
+            if repaired:
+                self.log.warning("host settings changed outside the agent; put back",
+                                 repaired=repaired)
+                self.counters.host_repairs += len(repaired)
+                self.last_host_repair = f"{', '.join(repaired)} (at {self.clock.time():.0f})"
+            if done.error:
+                self.log.warning("could not check host settings", error=done.error)
         elif done.kind == "links" and done.error:
             self.log.warning("could not list host links", error=done.error)
 
@@ -558,6 +574,7 @@ class AgentState:
                             "last_restart_reason": speaker.last_restart_reason},
             "degraded": self.degraded(),
             "ignored_records": self.ignored_records(),
+            "last_host_repair": self.last_host_repair,
             "kernel": dict(self.kernel.__dict__),
             "route_kinds": dict(collections.Counter(
                 r.kind for r in self.desired.effective().values())),

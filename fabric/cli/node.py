@@ -81,6 +81,8 @@ def status(ctx: Context) -> int:
         print(f"unregistered host interface {link}: {why}")
     for key, why in sorted(doc.get("ignored_records", {}).items()):
         print(f"ignored etcd record {key}: {why}")
+    if doc.get("last_host_repair"):
+        print(f"host settings put back: {doc['last_host_repair']}")
     return OK if healthy else PROBLEM
 
 

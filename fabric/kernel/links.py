@@ -311,11 +311,23 @@ def _random_mac() -> str:
     return _mac_text(bytes(raw))
 
 
-def enable_forwarding() -> None:
-    """Routing between containers and the fabric needs forwarding in this namespace."""
-    _sysctl("/proc/sys/net/ipv4/ip_forward", "1")
-    with contextlib.suppress(OSError):  # IPv6 may be disabled on the host
-        _sysctl("/proc/sys/net/ipv6/conf/all/forwarding", "1")
+FORWARDING = ("/proc/sys/net/ipv4/ip_forward", "/proc/sys/net/ipv6/conf/all/forwarding")
+
+
+def enable_forwarding() -> list[str]:
+    """Routing between containers and the fabric needs forwarding in this namespace.
+    Returns the settings that were off (and are on now)."""
+    changed = []
+    for path in FORWARDING:
+        try:
+            with open(path) as fh:
+                if fh.read().strip() == "1":
+                    continue
+            _sysctl(path, "1")
+            changed.append(path.removeprefix("/proc/sys/").replace("/", "."))
+        except OSError:  # IPv6 may be disabled on the host
+            continue
+    return changed
 
 
 def host_links(prefix: str = HOST_PREFIX) -> dict[str, int]:

@@ -33,12 +33,12 @@ from tests.support.fabric import kernel_routes, pinging, status, wait_until
 pytestmark = [needs_root, pytest.mark.root, pytest.mark.slow]
 HOSTS = ("h1", "h2", "h3")
 AGENT_ARGS = ["--resync-interval", "2", "--lease-ttl", "6", "--gc-interval", "2",
-              "--gc-grace", "3", "--gone-grace", "4"]
+              "--gc-grace", "3", "--gone-grace", "4", "--host-check-interval", "2"]
 
 
 @pytest.fixture(scope="module")
 def lab():
-    with running_lab(pool="10.244.0.0/16") as lab:
+    with running_lab(pool="10.244.0.0/16", nat_outgoing=True) as lab:
         for host in HOSTS:
             lab.add_host(host, agent_args=AGENT_ARGS)
         for host in HOSTS:
@@ -284,6 +284,28 @@ def test_a_live_container_etcd_forgot_is_adopted_and_its_address_never_reissued(
                    "the adopted record released with its interface", 30)
     finally:
         store.close()
+
+
+def test_forwarding_and_outgoing_nat_turned_off_by_hand_are_put_back(lab):
+    ns = lab.state.hosts["h1"].netns
+    flush = ["iptables", "-t", "nat", "-F"]
+    subprocess.run(["ip", "netns", "exec", ns, *flush], check=True)
+    subprocess.run(["ip", "netns", "exec", ns, "iptables", "-t", "nat", "-X"], check=True)
+    subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=0"],
+                   check=True)
+
+    def nat_rules() -> str:
+        return subprocess.run(["ip", "netns", "exec", ns, "iptables", "-t", "nat", "-S"],
+                              capture_output=True, text=True).stdout
+
+    wait_until(lambda: "-A POSTROUTING -j L3FABRIC-NAT-OUTGOING" in nat_rules()
+               and "MASQUERADE" in nat_rules(), "the NAT chain and its hook back", 15)
+    forwarding = subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-n",
+                                 "net.ipv4.ip_forward"], capture_output=True, text=True)
+    assert forwarding.stdout.strip() == "1"
+    assert "ip_forward" in status(lab, "h1")["last_host_repair"]
+    assert lab.ping(lab.state.workloads["h2-w1"].netns, lab.state.workloads["h1-w1"].ips[0],
+                    count=2)
 
 
 # -- the CNI plugin misused --------------------------------------------------------------

@@ -691,3 +691,13 @@ def test_a_block_our_workloads_use_is_restored_when_its_record_goes(fab):
     assert not [j for j in fab.jobs if isinstance(j, m.RestoreBlock)]  # once
     fab.snapshot("blocks", blocks)  # restored
     assert not fab.state.restoring_blocks
+
+
+def test_host_settings_are_checked_on_their_timer_and_repairs_reported(fab):
+    fab.jobs.clear()
+    fab.clock.advance(fab.state.intervals.host + 0.1)
+    assert [j for j in fab.tick() if isinstance(j, m.CheckHost)]
+    assert not [j for j in fab.tick() if isinstance(j, m.CheckHost)]  # once per interval
+    fab.send(m.JobDone("host", result={"repaired": ["net.ipv4.ip_forward"]}))
+    assert "net.ipv4.ip_forward" in fab.state.status()["last_host_repair"]
+    assert fab.state.counters.host_repairs == 1
