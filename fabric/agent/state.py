@@ -45,6 +45,7 @@ from ipam.blocks import block_containing
 
 T = TypeVar("T")
 MIRRORS = ("pools", "nodes", "blocks", "borrowed", "bgp-config", "bgp-peers", "workloads")
+EVENT_RESYNC_GAP = 0.5  # seconds between resyncs prompted by route events, at least
 SPEAKER_GRACE = 15.0  # seconds ExaBGP may be down or unconnected (a restart) unreported
 
 
@@ -142,6 +143,7 @@ class AgentState:
         self.nat_applied: tuple[tuple[str, ...], tuple[str, ...]] | None = None
         self.restoring_blocks: set[str] = set()  # RestoreBlock jobs not finished yet
         self.last_host_repair = ""
+        self.event_resync_after = 0.0  # monotonic: an event may prompt a resync from then
         now = self.clock.monotonic()
         self.due: dict[str, float] = {
             "resync": now, "links": now, "host": now + self.intervals.host,
@@ -431,6 +433,10 @@ class AgentState:
 
     def _on_resynced(self, resynced: Resynced) -> None:
         self.resync_pending = False
+        # Repairs prompted by route events wait this long after the last one (60,000
+        # routes added by hand once caused 875 full resyncs in a few seconds).
+        self.event_resync_after = self.clock.monotonic() + max(EVENT_RESYNC_GAP,
+                                                               20 * resynced.seconds)
         self.applies_in_flight = 0  # ApplyRoutes jobs the writer has not reported yet
         stats = self.kernel
         stats.resyncs += 1
@@ -456,10 +462,15 @@ class AgentState:
             differs = wanted is not None
         else:
             differs = wanted != event.route and prefix not in self.desired.kept()
-        if differs:
+        if not differs:
+            return
+        now = self.clock.monotonic()
+        if now >= self.event_resync_after:
             self.log.info("route changed outside the agent", prefix=str(prefix),
                           deleted=event.deleted)
             self._request_resync(jobs)
+        else:  # a flood of foreign changes: one repair when the gap is over, not one each
+            self.due["resync"] = min(self.due["resync"], self.event_resync_after)
 
     # -- jobs --------------------------------------------------------------------------
     def _on_job_done(self, done: m.JobDone, jobs: list[m.Job]) -> None:

@@ -15,7 +15,7 @@ from bgp import api
 from fabric.agent import messages as m
 from fabric.agent.clock import FakeClock
 from fabric.agent.routing import DEPARTURE_GRACE, MAX_PREFIX_HOLD_DOWN, Settings
-from fabric.agent.state import MIRRORS, AgentState, Intervals
+from fabric.agent.state import EVENT_RESYNC_GAP, MIRRORS, AgentState, Intervals
 from fabric.agent.workloads import HostLink
 from fabric.kernel.routes import Applied, Resynced, Route, RouteEvent, blackhole, remote
 from fabric.model.blocks import Block
@@ -330,6 +330,7 @@ def test_a_route_changed_by_someone_else_asks_for_one_resync(fab):
     fab.announce("192.0.2.2", "10.244.0.64/26")
     fab.tick()  # the start-up resync
     fab.send(Resynced((), 0, (), 0.0))
+    fab.clock.advance(EVENT_RESYNC_GAP)
     route = fab.kernel[P("10.244.0.64/26")]
     first = fab.send(RouteEvent(True, route))
     second = fab.send(RouteEvent(True, route))
@@ -338,6 +339,20 @@ def test_a_route_changed_by_someone_else_asks_for_one_resync(fab):
     assert resync.desired[P("10.244.0.64/26")] == route
     unrelated = fab.send(RouteEvent(False, remote(P("10.9.0.0/16"), ["192.0.2.9"])))
     assert unrelated == []  # already pending; and the next resync removes it anyway
+
+
+def test_a_flood_of_foreign_route_changes_costs_one_resync_per_gap(fab):
+    fab.up("192.0.2.2")
+    fab.announce("192.0.2.2", "10.244.0.64/26")
+    fab.tick()
+    fab.send(Resynced((), 0, (), 0.2))  # that resync took 0.2 s: the gap is 4 s
+    route = fab.kernel[P("10.244.0.64/26")]
+    for _ in range(1000):
+        assert fab.send(RouteEvent(True, route)) == []
+    fab.clock.advance(3.9)
+    assert not [j for j in fab.tick() if isinstance(j, m.Resync)]
+    fab.clock.advance(0.2)
+    assert len([j for j in fab.tick() if isinstance(j, m.Resync)]) == 1
 
 
 def test_a_node_record_deleted_and_written_again_costs_no_route(fab):
