@@ -15,7 +15,7 @@ import re
 import socket
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -315,6 +315,19 @@ def _validate(config: AgentConfig) -> None:
 
 def describe() -> list[dict[str, str]]:
     """Every setting with its three names and default (for docs and `--help`)."""
-    defaults = {f.name: f.default for f in fields(AgentConfig)}
+    defaults: dict[str, str] = {}
+    for f in fields(AgentConfig):
+        if f.default is not MISSING:  # computed defaults (the hostname) are in the help
+            defaults[f.name] = "" if f.default is None else str(f.default)
     return [{"setting": f"[{s.section}] {s.key}", "env": s.env, "flag": s.flag,
-             "default": str(defaults.get(s.name, "")), "help": s.help} for s in SETTINGS]
+             "default": defaults.get(s.name, ""), "help": s.help} for s in SETTINGS]
+
+
+def settings_table() -> str:
+    """The settings as docs/operations.md shows them (a test keeps the page in step)."""
+    rows = ["| file | environment | flag | default | meaning |", "| --- | --- | --- | --- | --- |"]
+    for item in describe():
+        default = f"`{item['default']}`" if item["default"] else ""
+        rows.append(f"| `{item['setting']}` | `{item['env']}` | `{item['flag']}` | {default} "
+                    f"| {item['help']} |")
+    return "\n".join(rows) + "\n"

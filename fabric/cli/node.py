@@ -72,7 +72,10 @@ def status(ctx: Context) -> int:
            "accepted", "advertised", "last error"],
           [[p["address"], p["name"], p["kind"], p["asn"], p["family"], p["state"],
             _ago(p["since"]), p["received"], p["accepted"], p["advertised"],
-            p["last_error"] or None] for p in peers])
+            # An old error under an Established session reads as a current one: the
+            # JSON keeps it (with `flaps`), the table shows it while the session is down.
+            None if p["state"] == "Established" else (p["last_error"] or None)]
+           for p in peers])
     if not peers:
         print("(no peers: the only node, or the mesh is off and no peer is configured)")
     for cidr, why in sorted(doc.get("refused_blocks", {}).items()):
