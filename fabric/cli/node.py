@@ -138,7 +138,9 @@ def nodes(ctx: Context) -> int:
     rows: list[dict[str, Any]] = []
     for node in found:
         ttl = _liveness(ctx, node.name)
-        rows.append({"name": node.name, "address": node.address, "asn": node.asn,
+        rows.append({"name": node.name, "address": node.address,
+                     "address6": node.ipv6 or None, "router_id": node.bgp_id,
+                     "networks": list(node.networks), "asn": node.asn,
                      "labels": node.labels, "route_reflector": node.rr_cluster_id,
                      "blocks": [b.cidr for b in blocks if b.affinity == node.name],
                      "started_at": node.started_at, "agent_alive": ttl > 0,
@@ -147,7 +149,8 @@ def nodes(ctx: Context) -> int:
         emit_json(rows)
         return OK
     table(["name", "address", "as", "blocks", "agent", "started", "labels"],
-          [[r["name"], r["address"], r["asn"], " ".join(r["blocks"]) or None,
+          [[r["name"], ", ".join(dict.fromkeys(a for a in (r["address"], r["address6"]) if a)),
+            r["asn"], " ".join(r["blocks"]) or None,
             "alive" if r["agent_alive"] else "NOT alive (lease expired)",
             _ago(r["started_at"]),
             ",".join(f"{k}={v}" for k, v in r["labels"].items()) or None] for r in rows])
