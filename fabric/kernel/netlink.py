@@ -51,7 +51,14 @@ _SEND_CHUNK = 64 * 1024  # well under the socket send buffer
 
 
 class NetlinkError(OSError):
-    pass
+    """The kernel refused a request: its errno (also as `.code`) and text."""
+
+    def __init__(self, code: int, message: str | None = None) -> None:
+        super().__init__(code, message or os.strerror(code))
+
+    @property
+    def code(self) -> int:
+        return int(self.errno or 0)
 
 
 def _attr(kind: int, payload: bytes) -> bytes:

@@ -140,3 +140,29 @@ def test_refused_routes_are_reported_and_retried_not_called_drift(ns, writer):
     kernel.resync({unreachable.prefix: unreachable}, frozenset())
     resynced = reports.next(Resynced)
     assert resynced.drift == () and len(resynced.failures) == 1
+
+
+def test_our_codec_and_pyroute2_read_the_same_routes(ns, writer):
+    """pyroute2, an independent netlink implementation, is the oracle for the agent's
+    own struct-packed codec: what we wrote is what it reads, field by field."""
+    from pyroute2 import NetNS
+
+    made, _ = writer
+    index = int(subprocess.run(["ip", "-n", ns, "-o", "link", "show", "a0"],
+                               capture_output=True, text=True, check=True).stdout.split(":")[0])
+    routes = [remote(p(f"10.244.{i}.0/26"), ["192.0.2.2"]) for i in range(50)]
+    routes += [blackhole(p("10.244.200.0/26")),
+               Route(p("10.244.201.7/32"), "unicast", (), index, "workload"),
+               remote(p("10.244.202.0/26"), ["192.0.2.2", "192.0.2.3"])]
+    assert applied(made, routes) == []
+    with NetNS(ns) as ipr:
+        seen = {}
+        for msg in ipr.get_routes(family=2, proto=73):
+            dst = f"{msg.get_attr('RTA_DST')}/{msg['dst_len']}"
+            hops = sorted([msg.get_attr("RTA_GATEWAY")] if msg.get_attr("RTA_GATEWAY") else
+                          [h.get_attr("RTA_GATEWAY") for h in msg.get_attr("RTA_MULTIPATH") or []])
+            seen[p(dst)] = (msg["type"], tuple(hops), (msg.get_attr("RTA_OIF") or 0) if not hops
+                            else 0)
+    expected = {r.prefix: ({"unicast": 1, "blackhole": 6}[r.type], tuple(sorted(r.gateways)),
+                           r.oif if not r.gateways else 0) for r in routes}
+    assert seen == expected
