@@ -269,7 +269,7 @@ class Case:
         self.rates: list[float] = []
         self.lat: list[float] = []
         self.stats: Counter[str] = Counter()
-        self.cpu: Counter[str] = Counter()
+        self.cpu: dict[str, float] = {"agents": 0.0, "etcd": 0.0}
         self.ops = 0
 
     def add(self, elapsed: float, lat: list[float], stats: Counter[str]) -> None:
@@ -288,7 +288,7 @@ class Case:
               f"p99 {1000 * pct(self.lat, 0.99):6.2f} ms  n={self.ops}")
         if self.stats:
             print(f"{'':<42} " + ", ".join(f"{k} {v}" for k, v in sorted(self.stats.items())))
-        if self.cpu:
+        if any(self.cpu.values()):
             print(f"{'':<42} CPU per allocation: " + ", ".join(
                 f"{k} {1000 * v / self.ops:.2f} ms" for k, v in sorted(self.cpu.items())))
 
