@@ -59,6 +59,7 @@ class Result:
     hosts: int
     reflector: str
     up: float = 0.0
+    steps: list[str] = field(default_factory=list)  # lab up's own per-step durations
     blocks_everywhere: float = 0.0
     to_all: list[float] = field(default_factory=list)
     to_one: list[float] = field(default_factory=list)
@@ -204,6 +205,8 @@ def run(hosts: int, reflector: str, samples: int, settle: float, window: float,
     try:
         if up.returncode != 0:
             raise SystemExit(f"lab up failed:\n{up.stderr[-3000:]}")
+        result.steps = [line.split("] ", 1)[1] for line in up.stderr.splitlines()
+                        if line.startswith("[") and "] " in line]
         lab = Lab(name)
         wait_blocks_everywhere(lab)
         result.blocks_everywhere = time.monotonic() - started
@@ -225,6 +228,8 @@ def report(ours: Result, reference: Result | None) -> None:
     print(f"N = {n} hosts, 2 agent route reflectors, 2 containers per host (IPv4)")
     print(f"  up: `lab up` {ours.up:.0f}s, every block in every kernel at "
           f"{ours.blocks_everywhere:.0f}s (goal at N=100: < 180 s)")
+    for step in ours.steps:
+        print(f"    {step}")
     p50, p99 = statistics.median(ours.to_all), pct(ours.to_all, 0.99)
     line = (f"  new block until in all {n - 1} other kernels ({len(ours.to_all)} samples): "
             f"p50 {1000 * p50:.0f} ms, p99 {1000 * p99:.0f} ms (goal p99 < 1000 ms); "

@@ -58,6 +58,7 @@ class PolicyContext:
     borrowed: Mapping[Prefix, Origin] = field(default_factory=dict)
     router_id: str = ""  # ours (a reflected route naming it came from us)
     cluster_id: str = ""  # ours when we reflect ("": we are no reflector)
+    underlay_nets: tuple[Prefix, ...] = ()  # the nodes' own segments
     # (family, prefix length) -> the underlay addresses cut to that length: one set
     # lookup per route instead of a walk over every node (filled as lengths come up).
     _underlay_nets: dict[tuple[int, int], frozenset[int]] = field(
@@ -76,14 +77,15 @@ class PolicyContext:
     def build(cls, local_as: int, pools: Iterable[tuple[str, int]],
               own_blocks: Iterable[str], underlay: Iterable[str],
               blocks: Mapping[str, Origin], borrowed: Mapping[str, Origin],
-              router_id: str = "", cluster_id: str = "") -> PolicyContext:
+              router_id: str = "", cluster_id: str = "",
+              underlay_nets: Iterable[Prefix] = ()) -> PolicyContext:
         return cls(local_as,
                    tuple((Prefix.parse(c), size) for c, size in pools),
                    tuple(Prefix.parse(b) for b in own_blocks),
                    frozenset(address_int(a) for a in underlay),
                    {Prefix.parse(k): v for k, v in blocks.items()},
                    {Prefix.parse(k): v for k, v in borrowed.items()},
-                   router_id, cluster_id)
+                   router_id, cluster_id, tuple(underlay_nets))
 
 
 def _inside(inner: Prefix, outer: Prefix) -> bool:
@@ -115,6 +117,9 @@ def evaluate(prefix: Prefix, next_hop: str, as_path: tuple[int, ...],
         return OUTSIDE_POOLS
     if ctx.covers_underlay(prefix):
         return UNDERLAY
+    for net in ctx.underlay_nets:
+        if _inside(prefix, net) or _inside(net, prefix):
+            return UNDERLAY
     if ctx.local_as in as_path:
         return AS_LOOP
     origin = ctx.borrowed.get(prefix) if prefix.length == prefix.bits else None

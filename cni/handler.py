@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -44,18 +45,20 @@ from cni.spec import (
 from fabric import logs
 from fabric.kernel import links
 from fabric.kernel.routes import Failure
-from fabric.model.handles import Exhausted, Handle, IpamError
+from fabric.model.handles import Exhausted, Handle, HandleElsewhere, IpamError
 from fabric.model.nodes import Workload
 from fabric.store import keys
 from fabric.store.datastore import Entry, get_op
 from fabric.store.errors import DatastoreError, Unavailable
 from fabric.store.registry import RegistrationError, Registry
-from ipam.allocator import Ipam
+from ipam.allocator import Allocated, AlsoPut, Ipam, KeyPresent
 
 # Plugin-specific error codes (the spec leaves 100 and up to plugins).
 NO_ADDRESS = 100
 CHECK_FAILED = 101
 INTERNAL = 199
+# How long detached pairs wait to be deleted together (see CniHandler.delete).
+REAP_DELAY = 0.1
 
 
 @dataclass
@@ -88,8 +91,9 @@ class WorkloadRoutes(Protocol):
     def detach(self, handle: str, ips: Sequence[str],
                host_ifname: str | None) -> list[Failure]: ...
 
-    def missing(self, ips: Sequence[str]) -> list[str]:
-        """Addresses that have no host route."""
+    def missing(self, ips: Sequence[str], index: int | None = None) -> list[str]:
+        """Addresses that have no host route (or, with `index`, none out of that
+        interface: another container's interface holds the route)."""
 
 
 class HandleLocks:
@@ -130,7 +134,13 @@ class CniHandler:
         self.dns = dict(dns or {})
         self.log = logs.get("cni", node=node)
         self.locks = HandleLocks()
-        self._unwire = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cni-unwire")
+        self._unwire = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cni-unwire")
+        self._reap_lock = threading.Lock()
+        self._reap_due = False
+        # Handles this agent added, as it wrote them: DEL releases them in one round
+        # trip. Hints only (every use is compared); an entry is touched only under its
+        # handle's lock.
+        self._known: dict[str, Entry] = {}
 
     # -- entry point -------------------------------------------------------------------
     def handle(self, fields: Mapping[str, bytes],
@@ -171,49 +181,112 @@ class CniHandler:
             raise CniError(INVALID_ENV, f"CNI_NETNS {req.netns} is the host's own network "
                                         "namespace, not a container's")
         log = self.log.bind(handle=req.handle)
-        with _store_errors("ADD"):
-            registered, held = self._attachment(req.handle)
         host_if = links.host_ifname(req.handle) if req.plugin != IPAM_PLUGIN else None
-        repeated = self._repeated(req, registered, held, host_if)
-        if repeated is not None:
-            log.info("ADD repeated for an intact attachment; same result")
-            return repeated
+        # Registered before the wiring, so that no moment exists where the kernel has a
+        # workload etcd does not know (the agent's GC and inventory look there); and
+        # in the allocation's own transaction, which also makes it "registered only
+        # while the handle exists" (fabric.store.registry) with no round trip of its own.
+        workload = Workload(req.handle, self.node, req.container_id, req.ifname, req.netns,
+                            (), req.workload_name, host_if, time.time(), req.conf.name,
+                            req.pod_namespace, dict(req.conf.labels))
         undo = Undo()
         try:
-            with _store_errors("ADD"):
-                record = self._allocate(req)
-            if held is None:  # only what this ADD allocated is ours to give back
-                undo.push("release addresses", lambda: self.ipam.release(req.handle))
+            done: Allocated | dict[str, Any] | None = self._add_new(req, workload, undo)
+            if done is None:
+                done = self._add_again(req, workload, host_if, undo, log)
+            if isinstance(done, dict):
+                return done  # a repeated ADD of an intact attachment
+            record = done.record
             addresses = [a.address for a in record.allocations]
-            # Registered before the wiring, so that no moment exists where the kernel
-            # has a workload etcd does not know (the agent's GC and inventory look there).
-            with _store_errors("ADD"):
-                self.registry.register_workload(Workload(
-                    req.handle, self.node, req.container_id, req.ifname, req.netns,
-                    tuple(addresses), req.workload_name, host_if,
-                    network=req.conf.name, namespace=req.pod_namespace,
-                    labels=dict(req.conf.labels)))
-            if registered is None:
-                undo.push("deregister",
-                          lambda: self.registry.deregister_workload(self.node, req.handle))
             attachment = None
             if host_if is not None:
                 attachment = self._wire(req, host_if, addresses, undo)
         except BaseException:
+            self._known.pop(req.handle, None)
             undo.run(log)
             raise
+        if done.created and done.written and len(record.allocations) == 1:
+            # What DEL needs to release in one transaction (see `delete`).
+            self._known[req.handle] = Entry(keys.handle(req.handle), record.to_record(),
+                                            done.revision, done.revision)
         log.info("attached", addresses=addresses, host_if=host_if, name=req.workload_name)
         return self._result(req, record, attachment).document(req.conf.version)
+
+    def _registration(self, workload: Workload, committing: list[Handle]) -> AlsoPut:
+        def records(record: Handle) -> list[tuple[str, dict[str, Any]]]:
+            committing.append(record)
+            return [(keys.workload(self.node, workload.handle), dataclasses.replace(
+                workload, ips=tuple(record.addresses())).to_record())]
+        return records
+
+    def _add_new(self, req: Request, workload: Workload, undo: Undo) -> Allocated | None:
+        """The common case, a container interface we have never seen, in one round trip:
+        the allocation's transaction compares the handle and the registration absent
+        and writes both. None (nothing written) when either exists: see `_add_again`."""
+        committing: list[Handle] = []
+        registration = keys.workload(self.node, req.handle)
+        try:
+            with _store_errors("ADD"):
+                done = self._allocate(req, self._registration(workload, committing),
+                                      also_absent=[registration])
+        except KeyPresent:
+            return None
+        except BaseException:
+            if committing:  # a commit was sent and may have landed
+                undo.push("release addresses", lambda: self.ipam.release(req.handle))
+                undo.push("deregister", lambda: self._deregister(req.handle))
+            raise
+        if not done.written:  # the handle held its addresses already
+            return None
+        if done.created:  # only what this ADD allocated is ours to give back
+            undo.push("release addresses", lambda: self.ipam.release(req.handle))
+        undo.push("deregister", lambda: self._deregister(req.handle))
+        return done
+
+    def _add_again(self, req: Request, workload: Workload, host_if: str | None, undo: Undo,
+                   log: Any) -> Allocated | dict[str, Any]:
+        """An ADD for a handle that holds addresses or is registered already: a retry
+        from the runtime, or a repair. Read both first, as they decide."""
+        with _store_errors("ADD"):
+            registered, held, _ = self._attachment(req.handle)
+        repeated = self._repeated(req, registered, held, host_if)
+        if repeated is not None:
+            log.info("ADD repeated for an intact attachment; same result")
+            return repeated
+        committing: list[Handle] = []
+        try:
+            with _store_errors("ADD"):
+                done = self._allocate(req, self._registration(workload, committing))
+        except BaseException:
+            if committing:  # a commit was sent: it may have landed, in part
+                if held is None:
+                    undo.push("release addresses", lambda: self.ipam.release(req.handle))
+                if registered is None:
+                    undo.push("deregister", lambda: self._deregister(req.handle))
+            raise
+        if held is None:  # only what this ADD allocated is ours to give back
+            undo.push("release addresses", lambda: self.ipam.release(req.handle))
+        if not done.written:  # no commit: register as a step of its own
+            with _store_errors("ADD"):
+                self.registry.register_workload(dataclasses.replace(
+                    workload, ips=tuple(done.record.addresses())))
+        if registered is None:
+            undo.push("deregister", lambda: self._deregister(req.handle))
+        return done
+
+    def _deregister(self, handle: str) -> None:
+        self.registry.deregister_workload(self.node, handle)
 
     def _wire(self, req: Request, host_if: str, addresses: list[str],
               undo: Undo) -> links.Attachment:
         try:
-            links.detach(host_if, None, req.ifname)  # a retried ADD starts clean
+            links.detach(host_if)  # a retried ADD starts clean
             attachment = links.attach(req.netns_path, req.ifname, host_if, addresses,
                                       req.conf.mtu)
         except links.LinkError as exc:
-            raise CniError(IO_FAILURE, f"wiring {req.ifname}: {exc}") from exc
-        undo.push("remove veth", lambda: links.detach(host_if, req.netns_path, req.ifname))
+            raise CniError(IO_FAILURE, f"wiring {req.ifname}: {_as_runtime_named(req, exc)}"
+                           ) from exc
+        undo.push("remove veth", lambda: links.detach(host_if))
         undo.push("remove host routes",
                   lambda: self.routes.detach(req.handle, addresses, host_if))
         failures = self.routes.attach(req.handle, addresses, host_if, attachment.host_index,
@@ -235,7 +308,7 @@ class CniHandler:
             return None
         addresses = list(held.addresses())
         attachment = links.attachment_of(host_if, req.netns_path, req.ifname, addresses)
-        if attachment is None or self.routes.missing(addresses):
+        if attachment is None or self.routes.missing(addresses, attachment.host_index):
             return None
         return self._result(req, held, attachment).document(req.conf.version)
 
@@ -247,53 +320,80 @@ class CniHandler:
         pair in the background. An ADD for the same handle meanwhile removes the old
         pair itself; the background deletion then finds a different link and leaves it.
         """
-        with _store_errors("DEL"):
-            registered, held = self._attachment(req.handle)
-        netns = req.netns_path or (registered.netns if registered else "")
+        known = self._known.pop(req.handle, None)
+        if known is not None and req.netns_path:
+            # Added by this agent: what it wrote is known, and the release compares it
+            # (a record changed since fails the compares and is read after all).
+            registered, held, held_entry = None, Handle.from_record(known.value), known
+        else:
+            with _store_errors("DEL"):
+                registered, held, held_entry = self._attachment(req.handle)
+            if held is not None and held.node != self.node:
+                # Another node's container with the same ID: its addresses are not ours
+                # to release (`release(node=...)` checks again, in its transaction).
+                self.log.warning("DEL of a handle held by another node; left alone",
+                                 handle=req.handle, holder=held.node)
+                held = held_entry = None
         addresses = list(held.addresses() if held else ())
         addresses += [a for a in (registered.ips if registered else ()) if a not in addresses]
         if req.plugin != IPAM_PLUGIN:
             host_if = links.host_ifname(req.handle)
             self.routes.detach(req.handle, addresses, host_if)
             try:
-                index = links.disable(host_if)
-                if index is None:  # no host end: remove a half-made container end, if any
-                    links.detach(host_if, netns, req.ifname)
-                else:
-                    self._unwire.submit(self._remove_later, req.handle, host_if, index)
+                if links.disable(host_if):  # no host end: no pair of ours (links.detach)
+                    self._reap_soon()
             except links.LinkError as exc:
                 raise CniError(IO_FAILURE, f"DEL: {exc}") from exc
         with _store_errors("DEL"):
-            self.ipam.release(req.handle, also_delete=[keys.workload(self.node, req.handle)])
+            self.ipam.release(req.handle, also_delete=[keys.workload(self.node, req.handle)],
+                              known=held_entry, node=self.node)
         self.log.info("detached", handle=req.handle, addresses=addresses)
 
-    def _remove_later(self, handle: str, host_if: str, index: int) -> None:
-        with self.locks.held(handle):
-            try:
-                links.remove(host_if, index)
-            except links.LinkError as exc:
-                self.log.error("could not delete a detached veth", link=host_if,
-                               error=str(exc))
+    def _reap_soon(self) -> None:
+        """Delete the disabled pairs in REAP_DELAY, together with any disabled meanwhile.
+
+        Each deletion of a veth holds the kernel's rtnl lock for an RCU grace period
+        (about 20 ms), and every other request that touches links waits for it: one
+        deletion per DEL made concurrent DELs and ADDs queue behind each other. Here a
+        burst of DELs pays one grace period. An ADD for the same handle meanwhile
+        deletes the old pair itself (`_wire`); a new pair is never in the group.
+        """
+        with self._reap_lock:
+            if self._reap_due:
+                return
+            self._reap_due = True
+        self._unwire.submit(self._reap)
+
+    def _reap(self) -> None:
+        time.sleep(REAP_DELAY)
+        with self._reap_lock:
+            self._reap_due = False  # pairs disabled from here on need another round
+        try:
+            links.remove_doomed()
+        except links.LinkError as exc:
+            self.log.error("could not delete detached veths", error=str(exc))
 
     def drain(self) -> None:
         """Finish background deletions (tests, shutdown)."""
         self._unwire.shutdown(wait=True)
-        self._unwire = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cni-unwire")
+        self._unwire = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cni-unwire")
 
-    def _attachment(self, handle: str) -> tuple[Workload | None, Handle | None]:
-        """The registration and the IPAM record of a handle, in one round trip."""
+    def _attachment(self, handle: str) -> tuple[Workload | None, Handle | None, Entry | None]:
+        """The registration and the IPAM record (and its entry) of a handle, in one
+        round trip."""
         rows = self.ipam.store.read_many([get_op(keys.workload(self.node, handle)),
                                           get_op(keys.handle(handle))])
-        registered = held = None
+        registered = held = entry = None
         if rows[0] and isinstance(rows[0][0], Entry):
             registered = Workload.from_record(rows[0][0].value)
         if rows[1] and isinstance(rows[1][0], Entry):
-            held = Handle.from_record(rows[1][0].value)
-        return registered, held
+            entry = rows[1][0]
+            held = Handle.from_record(entry.value)
+        return registered, held, entry
 
     def check(self, req: Request) -> None:
         with _store_errors("CHECK"):
-            registered, held = self._attachment(req.handle)
+            registered, held, _ = self._attachment(req.handle)
         if held is None:
             raise CniError(CHECK_FAILED, f"{req.handle} holds no addresses")
         if registered is None:
@@ -307,11 +407,13 @@ class CniHandler:
                                              f"{sorted(addresses)}")
         if req.plugin == IPAM_PLUGIN:
             return
-        problems = links.inspect(links.host_ifname(req.handle), req.netns_path, req.ifname,
-                                 addresses)
-        problems += [f"no host route for {a}" for a in self.routes.missing(addresses)]
+        host_if = links.host_ifname(req.handle)
+        problems = links.inspect(host_if, req.netns_path, req.ifname, addresses)
+        index = links.host_links().get(host_if)
+        problems += [f"no host route for {a} out of {host_if}"
+                     for a in self.routes.missing(addresses, index)]
         if problems:
-            raise CniError(CHECK_FAILED, "; ".join(problems))
+            raise CniError(CHECK_FAILED, _as_runtime_named(req, "; ".join(problems)))
 
     def gc(self, req: Request) -> None:
         """Release every attachment of this network on this node not in the valid list."""
@@ -331,9 +433,10 @@ class CniHandler:
                     addresses |= set(held[handle].addresses())
                 host_if = workload_.host_ifname if workload_ else None
                 with self.locks.held(handle):
+                    self._known.pop(handle, None)
                     self.routes.detach(handle, sorted(addresses), host_if)
                     if host_if:
-                        links.detach(host_if, None, workload_.ifname if workload_ else "")
+                        links.detach(host_if)
                     self.registry.deregister_workload(self.node, handle)
                     self.ipam.release(handle)
             except Exception as exc:  # GC keeps going and reports at the end
@@ -344,6 +447,26 @@ class CniHandler:
         if failed:
             raise CniError(IO_FAILURE, f"GC could not release {len(failed)} attachment(s)",
                            "; ".join(failed))
+
+    def release_gone(self, handle: str, host_if: str) -> bool:
+        """Release a workload whose host link is gone (the agent saw it missing for its
+        grace period); False when the link is back or the handle is another node's.
+        Under the handle's lock, so an ADD of the same handle is never cut short."""
+        with self.locks.held(handle):
+            if host_if in links.host_links():
+                return False
+            workload_ = self.registry.workload(self.node, handle)
+            held = self.ipam.handle(handle)
+            if workload_ is None or workload_.host_ifname != host_if:
+                return False  # DEL'd or re-ADDed meanwhile: not what was seen gone
+            addresses = sorted(set(workload_.ips) | set(held.addresses() if held else ()))
+            self._known.pop(handle, None)
+            self.routes.detach(handle, addresses, host_if)
+            self.ipam.release(handle, also_delete=[keys.workload(self.node, handle)],
+                              node=self.node)
+        self.log.info("released a workload whose host link is gone", handle=handle,
+                      addresses=addresses)
+        return True
 
     def status(self, req: Request) -> None:
         try:
@@ -359,16 +482,20 @@ class CniHandler:
                            + (f" among {', '.join(sorted(wanted))}" if wanted else ""))
 
     # -- helpers -----------------------------------------------------------------------
-    def _allocate(self, req: Request) -> Handle:
+    def _allocate(self, req: Request, also_put: AlsoPut,
+                  also_absent: Sequence[str] = ()) -> Allocated:
         attrs = {"netns": req.netns, "network": req.conf.name,
                  "container_id": req.container_id, "ifname": req.ifname,
                  "namespace": req.pod_namespace,
                  "labels": json.dumps(req.conf.labels, sort_keys=True)}
         try:
-            return self.ipam.allocate(req.handle, self.node, families=req.conf.families,
-                                      pools=req.conf.pools, attrs=attrs)
+            return self.ipam.allocate_with(req.handle, self.node, families=req.conf.families,
+                                           pools=req.conf.pools, attrs=attrs,
+                                           also_put=also_put, also_absent=also_absent)
         except Exhausted as exc:
             raise CniError(NO_ADDRESS, str(exc)) from exc
+        except HandleElsewhere as exc:
+            raise CniError(INVALID_ENV, f"CNI_CONTAINERID {req.container_id}: {exc}") from exc
         except IpamError as exc:
             raise CniError(NO_ADDRESS, f"cannot allocate: {exc}") from exc
 
@@ -409,3 +536,10 @@ def _store_errors(verb: str) -> Iterator[None]:
         raise CniError(TRY_AGAIN_LATER, f"{verb}: {exc}") from exc
     except DatastoreError as exc:
         raise CniError(IO_FAILURE, f"{verb}: datastore error: {exc}") from exc
+
+
+def _as_runtime_named(req: Request, error: object) -> str:
+    """The agent opens the container's namespace through the descriptor the plugin
+    passed (`/proc/self/fd/N`): messages name it as the runtime did (CNI_NETNS)."""
+    text = str(error)
+    return text.replace(req.netns_path, req.netns) if req.netns_path and req.netns else text

@@ -256,8 +256,11 @@ def _labels(doc: Mapping[str, Any], runtime: Mapping[str, Any]) -> dict[str, str
 
 
 def _valid_attachments(value: Any) -> tuple[tuple[str, str], ...]:
+    """The spec requires the key for GC; without it every attachment of the network on
+    this node would count as stale, so a GC that lacks it is refused, not obeyed."""
     if value is None:
-        return ()
+        raise CniError(INVALID_CONFIG, "GC needs cni.dev/valid-attachments (the "
+                                       "attachments to keep; an empty list keeps none)")
     if not isinstance(value, list):
         raise CniError(INVALID_CONFIG, "cni.dev/valid-attachments must be a list")
     out = []

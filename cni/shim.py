@@ -146,9 +146,16 @@ def main():
         except OSError:
             netns_fd = -1
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    sock.settimeout(TIMEOUT)
+    # Connect in blocking mode, bounded by SO_SNDTIMEO: when many ADDs start at once
+    # and the agent's listen backlog is full, the kernel holds the connect until there
+    # is room. A socket with a Python timeout is non-blocking, and a non-blocking unix
+    # connect fails at once with EAGAIN, which read as "agent not running".
+    word = 8 if sys.maxsize > 2**32 else 4  # struct timeval: two longs
+    sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDTIMEO,
+                    int(TIMEOUT).to_bytes(word, sys.byteorder) + bytes(word))
     try:
         sock.connect(socket_address(name))
+        sock.settimeout(TIMEOUT)
     except OSError:
         sock.close()
         if command == b"STATUS":

@@ -61,6 +61,8 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     allow_reuse_address = False
+    # socketserver's default backlog is 5: 20 CNI requests at once overflowed it.
+    request_queue_size = 256
 
 
 @dataclass(frozen=True)

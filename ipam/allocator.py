@@ -10,7 +10,12 @@ writer, retried on conflict:
   pool record (not disabled or removed meanwhile), and writes the handle record;
 * a block is freed only by a transaction that compares its ips prefix empty.
 
-Nothing is cached between calls: each attempt re-reads what it decides on.
+What an allocation decides on (the block it used last, with its used ordinals) is kept
+between calls as a hint, and every commit compares what it relied on: a stale hint
+costs a retry, never a duplicate. Allocations for one node in one process (the agent
+serving concurrent CNI ADDs) run side by side: each reserves its ordinal in memory
+before its commit, so they never race each other for one key, and only block scans
+and claims, which would race each other for the same block, go one at a time.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from fabric.model.handles import (
     Allocation,
     Exhausted,
     Handle,
+    HandleElsewhere,
     InUse,
     IpamError,
     check_handle,
@@ -70,7 +76,28 @@ from ipam.check import IpOwner, Report, Snapshot
 MAX_TXN_OPS = 128
 
 T = TypeVar("T")
+# Records to write in the same transaction as an allocation, given the handle's record
+# as that transaction writes it: [(key, record)] (the CNI handler's registration).
+AlsoPut = Callable[[Handle], Sequence[tuple[str, dict[str, Any]]]]
 
+
+
+@dataclass(frozen=True)
+class Allocated:
+    """What `allocate_with` did."""
+
+    record: Handle
+    written: bool  # this record was committed by this call, with `also_put`'s records
+    created: bool  # the handle did not exist before this call's commits
+    revision: int = 0  # the revision of the commit that wrote `record` (when written)
+
+
+class KeyPresent(Exception):
+    """A key `allocate_with` was told must be absent exists: nothing was written."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"{key} exists")
+        self.key = key
 
 
 @dataclass(frozen=True)
@@ -101,13 +128,18 @@ class Ipam:
         # (node, family) -> the block allocated from last, and the view of it read
         # by the last commit. Hints only: every commit compares what it relies on.
         self._hints: dict[tuple[str, int], str] = {}
-        self._views: dict[tuple[str, int], tuple[str, list[list[Entry | CorruptValue]]]] = {}
-        # Allocations for one node from one process (the agent serving concurrent CNI
-        # ADDs) go one at a time: they would only race each other for the same ordinal,
-        # and in turn each starts from the previous commit's view, so no round trip is
-        # lost. Other processes and hosts are still kept apart by the compares alone.
+        self._views: dict[tuple[str, int],
+                          tuple[str, list[list[Entry | CorruptValue]], float]] = {}
+        # Ordinals chosen by commits of this process still in flight, per block: a
+        # concurrent allocation in the same block picks another one, so allocations
+        # of one node run side by side without racing each other for a key. Other
+        # processes and hosts are kept apart by the compares alone.
+        self._pending: dict[str, set[int]] = {}
+        # Block scans and claims of one node go one at a time (two would claim two
+        # blocks, or race for one); the common case, a commit in the hinted block,
+        # never waits for another.
         self._node_locks: dict[str, threading.Lock] = {}
-        self._locks_guard = threading.Lock()
+        self._guard = threading.Lock()  # the dicts above, stats
         # What allocation cost: commits, lost races, full scans, block claims (metrics).
         self.stats: Counter[str] = Counter()
 
@@ -139,7 +171,9 @@ class Ipam:
                     raise PoolError(f"a pool named {pool.name!r} exists but is unreadable "
                                     f"({bad.key})")
             check_underlay(pool, readable(nodes, Node.from_record, "node", self.log),
-                           readable(peers, PeerSpec.from_record, "BGP peer", self.log))
+                           readable(peers, PeerSpec.from_record, "BGP peer", self.log),
+                           [(f"etcd endpoint {e.host}", e.host)
+                            for e in self.store.settings.endpoints])
             key = keys.pool(pool.name)
             ok, _ = self.store.txn(
                 [prefix_unchanged_since(keys.POOLS, listing.revision),
@@ -214,52 +248,81 @@ class Ipam:
         stale view costs a retry (with a fresh view from the failure branch), never
         a duplicate.
         """
+        return self.allocate_with(handle, node, families=families, pools=pools,
+                                  attrs=attrs).record
+
+    def allocate_with(self, handle: str, node: str, *, families: Sequence[int] = (4,),
+                      pools: Sequence[str] | None = None,
+                      attrs: dict[str, str] | None = None,
+                      also_put: AlsoPut | None = None,
+                      also_absent: Sequence[str] = ()) -> Allocated:
+        """`allocate`, writing `also_put(record)` in each of its commits, which also
+        compare every key of `also_absent` absent: when one exists, KeyPresent is
+        raised and nothing is written."""
         check_handle(handle)
-        with self._locks_guard:
-            lock = self._node_locks.setdefault(node, threading.Lock())
-        with lock:
-            return self._allocate(handle, node, families, pools, attrs)
+        return self._allocate(handle, node, families, pools, attrs, also_put,
+                              tuple(also_absent))
+
+    def _node_lock(self, node: str) -> threading.Lock:
+        with self._guard:
+            return self._node_locks.setdefault(node, threading.Lock())
+
+    def _count(self, what: str) -> None:
+        with self._guard:
+            self.stats[what] += 1
 
     def _allocate(self, handle: str, node: str, families: Sequence[int],
-                  pools: Sequence[str] | None, attrs: dict[str, str] | None) -> Handle:
+                  pools: Sequence[str] | None, attrs: dict[str, str] | None,
+                  also_put: AlsoPut | None, also_absent: tuple[str, ...]) -> Allocated:
+        # `since`: when the view in `rows` began to be read (see `_commit`).
+        since = time.monotonic()
         hinted, rows, verified = self._start_view(handle, node, families)
+        created = False
         for attempt in range(self.max_attempts):
             handle_rows, pool_rows = rows[:2]
             current = _only_entry(handle_rows)
             existing = Handle.from_record(current.value) if current else None
+            if existing is not None and existing.node != node:
+                # One container cannot be on two hosts: the same container ID on
+                # another node is another container, and must not share the address.
+                raise HandleElsewhere(f"handle {handle} is held by node {existing.node}; "
+                                      f"a container ID is unique across the fabric")
             have = existing.families() if existing else set()
             missing = sorted(set(families) - have)
             if not missing:
                 assert existing is not None
-                return existing
+                return Allocated(existing, False, created)
             family = missing[0]
             try:
                 candidates = _eligible_pools(pool_rows, family, pools)
                 if not candidates:
                     wanted = f" among {', '.join(pools)}" if pools else ""
                     raise IpamError(f"no enabled IPv{family} pool{wanted} to allocate from")
+                started = time.monotonic()
                 outcome = self._allocate_once(handle, node, family, candidates,
                                               _usages(hinted, rows[2:]), current, existing,
-                                              attrs or {})
+                                              attrs or {}, also_put, also_absent,
+                                              not verified, since)
             except IpamError:
                 if verified:
                     raise
                 # The cached view assumed a new handle and known pools. Before refusing,
                 # read them for real: a retried ADD must get its address back even when
                 # the pool is full.
-                hinted = self._hinted(node, families)
+                hinted, since = self._hinted(node, families), time.monotonic()
                 rows, verified = self.store.read_many(_view_reads(handle, hinted)), True
                 continue
-            if isinstance(outcome, Handle):
-                if set(families) <= outcome.families():
-                    return outcome
-                hinted = self._hinted(node, families)
+            if isinstance(outcome, Allocated):
+                created = created or outcome.created
+                if set(families) <= outcome.record.families():
+                    return Allocated(outcome.record, True, created, outcome.revision)
+                hinted, since = self._hinted(node, families), time.monotonic()
                 rows = self.store.read_many(_view_reads(handle, hinted))
             elif outcome.rows is not None:
-                hinted, rows = outcome.hinted, outcome.rows
+                hinted, rows, since = outcome.hinted, outcome.rows, started
             else:
                 self._backoff(attempt)
-                hinted = self._hinted(node, families)
+                hinted, since = self._hinted(node, families), time.monotonic()
                 rows = self.store.read_many(_view_reads(handle, hinted))
             verified = True  # every view from here on was read, handle included
         raise Conflict(f"could not allocate for {handle}: lost {self.max_attempts} races")
@@ -268,7 +331,7 @@ class Ipam:
                     ) -> tuple[list[str], list[list[Entry | CorruptValue]], bool]:
         """The first view of an allocation, and whether it was read (not cached)."""
         if len(families) == 1 and (node, families[0]) in self._views:
-            cidr, rows = self._views[node, families[0]]
+            cidr, rows, _ = self._views[node, families[0]]
             return [cidr], [[], *rows], False  # [] = handle assumed new; the commit checks
         hinted = self._hinted(node, families)
         return hinted, self.store.read_many(_view_reads(handle, hinted)), True
@@ -279,43 +342,102 @@ class Ipam:
     def _allocate_once(self, handle: str, node: str, family: int,
                        candidates: list[tuple[Pool, Entry]], hinted: list[BlockUsage],
                        current: Entry | None, existing: Handle | None,
-                       attrs: dict[str, str]) -> Handle | _Retry:
+                       attrs: dict[str, str], also_put: AlsoPut | None,
+                       also_absent: tuple[str, ...], cached: bool,
+                       since: float) -> Allocated | _Retry:
         by_name = {p.name: (p, e) for p, e in candidates}
-        choice = next((u for u in hinted if u.block.affinity == node
+        choice = next((u for u in self._with_pending(hinted) if u.block.affinity == node
                        and u.block.pool in by_name and u.free > 0), None)
+        borrowed = False
+        cached = cached and choice is not None  # a scan reads afresh
         if choice is None:
-            self.stats["scans"] += 1
-            affinity_rows = self.store.list(keys.affinity_prefix(node)).entries
-            mine = [c for c, pool_name in map(_affinity_cidr, affinity_rows)
-                    if pool_name in by_name]
-            choice = pick_block([u for u in self._usage(mine) if u.block.affinity == node])
+            hint = self._hints.get((node, family))
+            with self._node_lock(node):
+                if self._hints.get((node, family)) != hint:
+                    return _Retry()  # another allocation just found or claimed a block
+                found = self._scan(node, family, candidates, by_name)
+            if isinstance(found, _Retry):
+                return found
+            choice, borrowed = found
+        _, pool_entry = by_name[choice.block.pool]
+        return self._commit(handle, node, pool_entry, choice, current, existing, attrs,
+                            borrowed, also_put, also_absent, cached, since)
+
+    def _scan(self, node: str, family: int, candidates: list[tuple[Pool, Entry]],
+              by_name: dict[str, tuple[Pool, Entry]]) -> tuple[BlockUsage, bool] | _Retry:
+        """(block, borrowed) to allocate from when the hinted block cannot serve, or
+        _Retry after claiming a new block for the node. Run under the node's lock."""
+        self._count("scans")
+        affinity_rows = self.store.list(keys.affinity_prefix(node)).entries
+        mine = [c for c, pool_name in map(_affinity_cidr, affinity_rows)
+                if pool_name in by_name]
+        choice = pick_block(self._with_pending(
+            [u for u in self._usage(mine) if u.block.affinity == node]))
         if choice is not None:
             self._hints[node, family] = choice.block.cidr
-            _, pool_entry = by_name[choice.block.pool]
-            return self._commit(handle, node, pool_entry, choice, current, existing, attrs,
-                                borrowed=False)
+            return choice, False
         for pool, pool_entry in candidates:
             claimed = self._claim(pool, pool_entry, node)
             if claimed is not None:  # a new block (or a race): read again and use it
                 self._hints[node, family] = claimed
                 return _Retry()
-        for pool, pool_entry in candidates:
+        for pool, _ in candidates:
             if pool.strict_affinity:
                 continue
             others = [b.cidr for b in self._blocks() if b.pool == pool.name
                       and b.affinity != node]
-            choice = pick_block(self._usage(others))
+            choice = pick_block(self._with_pending(self._usage(others)))
             if choice is not None:
-                return self._commit(handle, node, pool_entry, choice, current, existing,
-                                    attrs, borrowed=True)
+                return choice, True
         names = ", ".join(p.name for p, _ in candidates)
         raise Exhausted(f"no free address left for node {node} in pool(s) {names}")
 
+    def _with_pending(self, usages: Iterable[BlockUsage]) -> list[BlockUsage]:
+        """The usages with the ordinals of this process's commits in flight as used."""
+        with self._guard:
+            return [BlockUsage(u.block, u.mod_revision,
+                               u.used | self._pending.get(u.block.cidr, frozenset()))
+                    for u in usages]
+
     def _commit(self, handle: str, node: str, pool_entry: Entry, usage: BlockUsage,
                 current: Entry | None, existing: Handle | None, attrs: dict[str, str],
-                borrowed: bool) -> Handle | _Retry:
-        ordinal = choose_ordinal(usage.size, usage.used, self.rng)
-        assert ordinal is not None  # only blocks with room get here
+                borrowed: bool, also_put: AlsoPut | None, also_absent: tuple[str, ...],
+                cached: bool, since: float) -> Allocated | _Retry:
+        cidr = usage.block.cidr
+        family = 6 if ":" in cidr else 4
+        with self._guard:
+            # A commit of ours that finished after this allocation's view was read is
+            # pending no more, but the view it kept (before it stopped pending) holds
+            # its address. A cached view is replaced by the newest one; a view read
+            # from etcd takes the ordinals of one kept since it began to be read.
+            used = usage.used
+            kept = self._views.get((node, family))
+            if kept is not None and kept[0] == cidr:  # rows: pools, block, ip keys
+                if cached:
+                    usage = next(iter(_usages([cidr], kept[1][1:])), usage)
+                    used = usage.used
+                elif kept[2] >= since:
+                    used = used | {int(keys.last_segment(r.key)) for r in kept[1][-1]}
+            pending = self._pending.setdefault(cidr, set())
+            ordinal = choose_ordinal(usage.size, used | pending, self.rng)
+            if ordinal is None:  # the last free ones are being taken right now
+                if not pending:
+                    del self._pending[cidr]
+                return _Retry()
+            pending.add(ordinal)
+        try:
+            return self._commit_ordinal(handle, node, pool_entry, usage, ordinal, current,
+                                        existing, attrs, borrowed, also_put, also_absent)
+        finally:
+            with self._guard:
+                pending.discard(ordinal)
+                if not pending and self._pending.get(cidr) is pending:
+                    del self._pending[cidr]
+
+    def _commit_ordinal(self, handle: str, node: str, pool_entry: Entry, usage: BlockUsage,
+                        ordinal: int, current: Entry | None, existing: Handle | None,
+                        attrs: dict[str, str], borrowed: bool, also_put: AlsoPut | None,
+                        also_absent: tuple[str, ...]) -> Allocated | _Retry:
         cidr = usage.block.cidr
         address = address_at(cidr, ordinal)
         allocation = Allocation(address, cidr, usage.block.pool, borrowed)
@@ -327,6 +449,7 @@ class Ipam:
                    absent(keys.ip(cidr, ordinal))]
         compare.append(unchanged(current.key, current.mod_revision) if current
                        else absent(keys.handle(handle)))
+        compare += [absent(key) for key in also_absent]
         success = [put(keys.ip(cidr, ordinal), {"handle": handle, "node": node,
                                                 "address": address}),
                    put(keys.handle(handle), record.to_record())]
@@ -335,15 +458,39 @@ class Ipam:
                                {"handle": handle, "block": cidr, "address": address}))
             self.log.info("borrowing address", handle=handle, node=node, address=address,
                           block=cidr)
+        if also_put is not None:
+            success += [put(key, value) for key, value in also_put(record)]
         after = _view_reads(None, [cidr])
-        ok, fresh = self.store.txn(compare, [*success, *after], _view_reads(handle, [cidr]))
-        self.stats["commits" if ok else "lost_races"] += 1
+        ok, fresh = self.store.txn(compare, [*success, *after],
+                                   [*_view_reads(handle, [cidr]),
+                                    *(get_op(key) for key in also_absent)])
+        self._count("commits" if ok else "lost_races")
         if not ok:
             self._views.pop((node, allocation.family), None)
-            return _Retry([cidr], fresh)
+            view = fresh[:len(fresh) - len(also_absent)]
+            for key, rows in zip(also_absent, fresh[len(view):], strict=True):
+                if rows:
+                    raise KeyPresent(key)
+            return _Retry([cidr], view)
+        view = fresh[len(success):]
         if not borrowed:
-            self._views[node, allocation.family] = (cidr, fresh[len(success):])
-        return record
+            self._keep_view(node, allocation.family, cidr, view)
+        # The view was read in the commit's own transaction and holds the new address
+        # key: its newest revision is the commit's.
+        return Allocated(record, True, current is None, _newest(view))
+
+    def _keep_view(self, node: str, family: int, cidr: str,
+                   rows: list[list[Entry | CorruptValue]]) -> None:
+        """Keep the view a commit read back, unless a later commit's is kept already.
+
+        A view read in a commit's transaction holds that commit's own address key,
+        and no key newer than it: the highest mod revision in it is the transaction's
+        revision. Commits run side by side, so they may finish in any order."""
+        revision = _newest(rows)
+        with self._guard:
+            kept = self._views.get((node, family))
+            if kept is None or kept[0] != cidr or _newest(kept[1]) <= revision:
+                self._views[node, family] = (cidr, rows, time.monotonic())
 
     def _claim(self, pool: Pool, pool_entry: Entry, node: str) -> str | None:
         """Claim the lowest free block of `pool` for `node`; None when the pool is full."""
@@ -358,7 +505,7 @@ class Ipam:
             [absent(keys.block(cidr)), unchanged(pool_entry.key, pool_entry.mod_revision)],
             [put(keys.block(cidr), Block(cidr, pool.name, node).to_record()),
              put(keys.affinity(node, cidr), {"cidr": cidr, "pool": pool.name})])
-        self.stats["claims" if ok else "lost_claims"] += 1
+        self._count("claims" if ok else "lost_claims")
         if ok:
             self.log.info("claimed block", node=node, block=cidr, pool=pool.name)
         return cidr
@@ -402,15 +549,26 @@ class Ipam:
 
     # -- release -----------------------------------------------------------------------
     def release(self, handle: str, *, only_if_unregistered: bool = False,
-                also_delete: Sequence[str] = ()) -> list[str]:
+                also_delete: Sequence[str] = (), known: Entry | None = None,
+                node: str | None = None) -> list[str]:
         """Free every address of `handle`. Releasing a free handle is not an error.
+
+        With `node`, only a handle of that node is released: one held by another node
+        (another container with the same ID) is left alone, and only `also_delete` is
+        done.
 
         With `only_if_unregistered`, the transaction also compares that the handle's
         workload registration does not exist, so GC never frees an address whose
         workload registered in the meantime. `also_delete` names keys (a workload
-        registration) to delete in the same transaction.
+        registration) to delete in the same transaction. `known` is the handle's
+        entry if the caller just read it: see `_release_known`.
         """
         check_handle(handle)
+        if known is not None and not only_if_unregistered and (
+                node is None or known.value.get("node") == node):
+            freed = self._release_known(handle, known, also_delete)
+            if freed is not None:
+                return freed
         for attempt in range(self.max_attempts):
             entry = self.store.get(keys.handle(handle))
             if entry is None:
@@ -418,6 +576,10 @@ class Ipam:
                     self.store.txn([], [delete(k) for k in also_delete])
                 return []
             record = Handle.from_record(entry.value)
+            if node is not None and record.node != node:
+                if also_delete:
+                    self.store.txn([], [delete(k) for k in also_delete])
+                return []
             ip_keys = [_ip_key(a) for a in record.allocations]
             ip_rows = self._read_chunked([get_op(k) for k in ip_keys])
             compare = [unchanged(entry.key, entry.mod_revision)]
@@ -441,6 +603,104 @@ class Ipam:
                 return []
             self._backoff(attempt)
         raise Conflict(f"could not release {handle}: lost {self.max_attempts} races")
+
+    def _release_known(self, handle: str, entry: Entry, also_delete: Sequence[str]
+                       ) -> list[str] | None:
+        """Release in one round trip, from a handle entry the caller read; None when
+        the guess below does not hold (then `release` reads and decides as always).
+
+        An allocation commit writes the address key and the handle record in one
+        transaction, so the key's mod revision is that transaction's: the handle's
+        create revision for its first address, its mod revision for the last one
+        added. Comparing the keys at those revisions proves they are still this
+        handle's, without reading them; anything else (a record rewritten by a repair,
+        three addresses) fails the guess and takes the usual path.
+        """
+        record = Handle.from_record(entry.value)
+        allocations = record.allocations
+        if len(allocations) == 1 and entry.create_revision == entry.mod_revision:
+            revisions = [entry.mod_revision]
+        elif len(allocations) == 2:
+            revisions = [entry.create_revision, entry.mod_revision]
+        else:
+            return None
+        compare = [unchanged(entry.key, entry.mod_revision)]
+        success = [delete(entry.key), *(delete(k) for k in also_delete)]
+        for allocation, revision in zip(allocations, revisions, strict=True):
+            compare.append(unchanged(_ip_key(allocation), revision))
+            success.append(delete(_ip_key(allocation)))
+            if allocation.borrowed:
+                success.append(delete(keys.borrowed(record.node, allocation.address)))
+        ok, _ = self.store.txn(compare, success)
+        if not ok:
+            return None
+        freed = [a.address for a in allocations]
+        self.log.debug("released", handle=handle, addresses=freed)
+        return freed
+
+    def adopt(self, handle: str, node: str, addresses: Sequence[str],
+              attrs: dict[str, str] | None = None) -> Handle:
+        """Record addresses already in use on `node` under `handle`, in one transaction.
+
+        For what etcd forgot but a host still routes to a live container interface (a
+        restore from an older backup): recorded again, the allocator never hands them
+        to a second container. A block that is gone is claimed back for `node`; an
+        address held by another handle meanwhile raises InUse naming it (a duplicate
+        exists already: only an operator can choose which container keeps it).
+        """
+        check_handle(handle)
+        pools = self.pools()
+        compare: list[Any] = [absent(keys.handle(handle))]
+        success: list[Any] = []
+        allocations: list[Allocation] = []
+        blocks: dict[str, Block | None] = {}
+        for address in addresses:
+            pool = pool_of(address, pools)
+            if pool is None:
+                continue
+            cidr = block_containing(pool, address)
+            if cidr not in blocks:
+                entry = self.store.get(keys.block(cidr))
+                blocks[cidr] = _block(entry) if entry else None
+                if entry is None:
+                    compare.append(absent(keys.block(cidr)))
+                    success += [put(keys.block(cidr), Block(cidr, pool.name, node).to_record()),
+                                put(keys.affinity(node, cidr), {"cidr": cidr,
+                                                                "pool": pool.name})]
+                else:
+                    compare.append(unchanged(entry.key, entry.mod_revision))
+            block = blocks[cidr]
+            borrowed = block is not None and block.affinity != node
+            ip_key = keys.ip(cidr, ordinal_of(cidr, address))
+            holder = self.store.get(ip_key)
+            if holder is not None:
+                raise InUse(f"{address} is held by {holder.value.get('handle')}")
+            compare.append(absent(ip_key))
+            success.append(put(ip_key, {"handle": handle, "node": node, "address": address}))
+            if borrowed:
+                success.append(put(keys.borrowed(node, address),
+                                   {"handle": handle, "block": cidr, "address": address}))
+            allocations.append(Allocation(address, cidr, pool.name, borrowed))
+        record = Handle(handle, node, tuple(allocations), dict(attrs or {}))
+        ok, _ = self.store.txn(compare, [*success, put(keys.handle(handle),
+                                                       record.to_record())])
+        if not ok:
+            raise Conflict(f"adopting {', '.join(addresses)} for {handle}: etcd changed "
+                           "meanwhile; try again")
+        self.log.warning("adopted addresses in use", handle=handle, node=node,
+                         addresses=list(addresses))
+        return record
+
+    def restore_block(self, cidr: str, pool: str, node: str) -> bool:
+        """Write a block record that is gone while `node` still has addresses in it
+        (deleted by hand): without it the node stops announcing the block. False when
+        a record exists (nothing to do)."""
+        ok, _ = self.store.txn([absent(keys.block(cidr))],
+                               [put(keys.block(cidr), Block(cidr, pool, node).to_record()),
+                                put(keys.affinity(node, cidr), {"cidr": cidr, "pool": pool})])
+        if ok:
+            self.log.warning("restored a block record that was gone", block=cidr, node=node)
+        return ok
 
     def release_address(self, address: str, *, force: bool = False) -> str | None:
         """Free one address whoever holds it; returns the handle that held it, if any.
@@ -776,6 +1036,11 @@ def _usages(cidrs: list[str], rows: list[list[Entry | CorruptValue]]) -> list[Bl
         used = frozenset(int(keys.last_segment(r.key)) for r in ip_rows)
         usages.append(BlockUsage(_block(entry), entry.mod_revision, used))
     return usages
+
+
+def _newest(rows: list[list[Entry | CorruptValue]]) -> int:
+    return max((r.mod_revision for group in rows for r in group if isinstance(r, Entry)),
+               default=0)
 
 
 def _ip_key(allocation: Allocation) -> str:

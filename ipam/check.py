@@ -8,6 +8,9 @@ What it finds:
 * duplicate: an address listed by two handles, or held by another handle than the
   one listing it; must never happen, never auto-repaired;
 * orphan-block: a block affine to a node that is not registered;
+* blockless: addresses reserved inside a block that has no record (deleted by hand):
+  its node stops announcing it and another node may claim it (the agent of the
+  node holding them writes the record again; this says so meanwhile);
 * workload-unreserved: a registered workload uses an address that no handle holds
   (no address key): the allocator can hand it to the next ADD while the container
   still uses it;
@@ -30,8 +33,8 @@ from fabric.model.pools import Pool
 from fabric.store.errors import CorruptValue
 from ipam.blocks import capacity
 
-KINDS = ("leak", "orphan-ip", "dangling", "duplicate", "orphan-block", "workload-unreserved",
-         "workload-conflict", "corrupt")
+KINDS = ("leak", "orphan-ip", "dangling", "duplicate", "orphan-block", "blockless",
+         "workload-unreserved", "workload-conflict", "corrupt")
 NEEDS_A_PERSON = ("duplicate", "workload-unreserved", "workload-conflict", "corrupt")
 
 
@@ -148,6 +151,18 @@ def check(snap: Snapshot) -> Report:
                 "orphan-block", block.cidr,
                 f"affine to {block.affinity}, which is not registered "
                 f"({used_per_block[block.cidr]} address(es) in use)", block.affinity))
+
+    recorded = {b.cidr for b in snap.blocks}
+    missing: dict[str, list[IpOwner]] = defaultdict(list)
+    for ip in snap.ips:
+        if ip.block not in recorded:
+            missing[ip.block].append(ip)
+    for cidr, held in sorted(missing.items()):
+        nodes = sorted({ip.node for ip in held if ip.node})
+        findings.append(Finding(
+            "blockless", cidr, f"{len(held)} address(es) reserved (by {', '.join(nodes)}) "
+            "in a block with no record", nodes[0] if nodes else None,
+            tuple(sorted(ip.address for ip in held))))
 
     for bad in snap.corrupt:
         findings.append(Finding("corrupt", bad.key, bad.reason))

@@ -15,7 +15,7 @@ import re
 import socket
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +153,8 @@ SETTINGS = (
             "route protocol number the agent owns"),
     Setting("resync_interval", "kernel", "resync_interval", _seconds,
             "seconds between full kernel re-reads"),
+    Setting("host_check_interval", "kernel", "host_check_interval", _seconds,
+            "seconds between checks that forwarding is on and the NAT rules are in place"),
     Setting("nat_outgoing", "kernel", "nat_outgoing", _bool,
             "masquerade traffic of nat-outgoing pools leaving the fabric"),
     Setting("lease_ttl", "etcd", "lease_ttl", _int_in(3, 3600),
@@ -160,6 +162,9 @@ SETTINGS = (
     Setting("gc_interval", "ipam", "gc_interval", _seconds, "seconds between IPAM GC rounds"),
     Setting("gc_grace", "ipam", "gc_grace", _seconds,
             "seconds a leak must be seen before GC frees it"),
+    Setting("gone_grace", "ipam", "gone_grace", _seconds,
+            "seconds a workload's host interface must be gone before its addresses are "
+            "freed (its container is gone: a reboot, a runtime that never sent DEL)"),
     Setting("dns_domain", "dns", "domain", _text, "workloads resolve as NAME.<domain>"),
     Setting("dns_port", "dns", "port", _int_in(0, 65535), "DNS port (0: off)"),
     Setting("metrics_port", "metrics", "port", _int_in(0, 65535),
@@ -189,10 +194,12 @@ class AgentConfig:
     exabgp: str | None = None
     route_protocol: int = DEFAULT_PROTOCOL
     resync_interval: float = 10.0
+    host_check_interval: float = 30.0
     nat_outgoing: bool = True
     lease_ttl: int = 20
     gc_interval: float = 60.0
     gc_grace: float = 600.0
+    gone_grace: float = 60.0
     dns_domain: str = "fabric.internal"
     dns_port: int = 53
     metrics_port: int = 9473
@@ -308,6 +315,19 @@ def _validate(config: AgentConfig) -> None:
 
 def describe() -> list[dict[str, str]]:
     """Every setting with its three names and default (for docs and `--help`)."""
-    defaults = {f.name: f.default for f in fields(AgentConfig)}
+    defaults: dict[str, str] = {}
+    for f in fields(AgentConfig):
+        if f.default is not MISSING:  # computed defaults (the hostname) are in the help
+            defaults[f.name] = "" if f.default is None else str(f.default)
     return [{"setting": f"[{s.section}] {s.key}", "env": s.env, "flag": s.flag,
-             "default": str(defaults.get(s.name, "")), "help": s.help} for s in SETTINGS]
+             "default": defaults.get(s.name, ""), "help": s.help} for s in SETTINGS]
+
+
+def settings_table() -> str:
+    """The settings as docs/operations.md shows them (a test keeps the page in step)."""
+    rows = ["| file | environment | flag | default | meaning |", "| --- | --- | --- | --- | --- |"]
+    for item in describe():
+        default = f"`{item['default']}`" if item["default"] else ""
+        rows.append(f"| `{item['setting']}` | `{item['env']}` | `{item['flag']}` | {default} "
+                    f"| {item['help']} |")
+    return "\n".join(rows) + "\n"

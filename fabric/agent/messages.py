@@ -191,6 +191,28 @@ class ResolveOrphan:
 
 
 @dataclass(frozen=True)
+class CheckHost:
+    """kernel: forwarding on, our NAT rules and hook in place (repaired if not)."""
+
+
+@dataclass(frozen=True)
+class ReleaseGone:
+    """etcd + kernel: a workload whose host link has been gone for the grace period:
+    release its addresses and registration (unless its link is back)."""
+
+    handle: str
+    host_ifname: str
+
+
+@dataclass(frozen=True)
+class RestoreBlock:
+    """etcd: our block's record is gone while our workloads have addresses in it."""
+
+    cidr: str
+    pool: str
+
+
+@dataclass(frozen=True)
 class ApplyNat:
     nat_pools: tuple[str, ...]
     all_pools: tuple[str, ...]
@@ -215,4 +237,5 @@ class CheckPolicy:
 
 
 Job = (ApplyRoutes | Resync | Configure | Send | RegisterNode | RefreshLiveness
-       | CollectGarbage | ListLinks | ResolveOrphan | ApplyNat | ApplyPolicy | CheckPolicy)
+       | CollectGarbage | ListLinks | CheckHost | ResolveOrphan | ReleaseGone | RestoreBlock
+       | ApplyNat | ApplyPolicy | CheckPolicy)

@@ -105,11 +105,49 @@ def families(status: Mapping[str, Any], counters: Mapping[str, int]) -> list[Fam
     ]
 
 
+MAX_CLIENTS = 8  # scrapes served at once; more connections are closed at once
+CLIENT_TIMEOUT = 5.0  # seconds a client may take to send its request
+
+
+class _BoundedServer(http.server.ThreadingHTTPServer):
+    """At most MAX_CLIENTS connections at a time, each with a deadline: the port is
+    reachable from every container on the host (their default route leads to it), and
+    a thread per idle connection once let one container take the agent's descriptors
+    (1,024 idle connections: every netlink listing failed, CNI requests timed out)."""
+
+    daemon_threads = True
+    request_queue_size = 64
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(MAX_CLIENTS)
+        self.refused = 0
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.refused += 1
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except Exception:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 class MetricsServer:
     def __init__(self, address: str, port: int, collect: Callable[[], list[Family]]) -> None:
         collect_ = collect
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            timeout = CLIENT_TIMEOUT
+
             def do_GET(self) -> None:
                 if self.path.split("?")[0] != "/metrics":
                     self.send_error(404, "try /metrics")
@@ -124,8 +162,7 @@ class MetricsServer:
             def log_message(self, *_: object) -> None:
                 return
 
-        self.server = http.server.ThreadingHTTPServer((address, port), Handler)
-        self.server.daemon_threads = True
+        self.server = _BoundedServer((address, port), Handler)
         self._thread = threading.Thread(target=self.server.serve_forever, name="metrics",
                                         daemon=True)
 

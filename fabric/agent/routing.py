@@ -160,8 +160,14 @@ class Routing:
         nodes = [*self.view.nodes, self.me]
         return {a for n in nodes for a in (n.ipv4, n.ipv6) if a} | set(self.peers)
 
+    def underlay_networks(self) -> list[Prefix]:
+        """The segments the nodes' underlay addresses sit in (their gateways, etcd)."""
+        nodes = [*self.view.nodes, self.me]
+        return sorted({Prefix.parse(n) for node in nodes for n in node.networks})
+
     def _refresh_exports(self, out: Outcome) -> None:
         underlay = [address_int(a) for a in self.underlay()]
+        networks = self.underlay_networks()
         own: set[str] = set()
         refused: dict[str, str] = {}
         for block in self.view.blocks:
@@ -173,10 +179,13 @@ class Routing:
             if covered:
                 refused[block.cidr] = "contains an underlay address (a node or BGP peer)"
                 continue
+            segment = next((n for n in networks if n.overlaps(prefix)), None)
+            if segment is not None:
+                refused[block.cidr] = f"overlaps the underlay network {segment}"
+                continue
             own.add(block.cidr)
         for cidr in set(refused) - set(self.refused_blocks):
-            self.log.error("not routing our own block: it covers an underlay address",
-                           block=cidr)
+            self.log.error("not routing our own block", block=cidr, reason=refused[cidr])
         self.refused_blocks = refused
         borrowed = {f"{a}/{128 if ':' in a else 32}" for a, n in self.view.borrowed.items()
                     if n == self.me.name}
@@ -201,7 +210,8 @@ class Routing:
         ctx = policy.PolicyContext.build(
             self.me.asn, [(p.cidr, p.block_size) for p in self.view.pools if not p.disabled],
             [b.cidr for b in self.view.blocks if b.affinity == self.me.name],
-            self.underlay(), blocks, borrowed, self.me.bgp_id, self.me.rr_cluster_id or "")
+            self.underlay(), blocks, borrowed, self.me.bgp_id, self.me.rr_cluster_id or "",
+            self.underlay_networks())
         if ctx == self.ctx:
             return
         self.ctx = ctx

@@ -53,7 +53,7 @@ from fabric.agent.workers import Worker
 from fabric.agent.workloads import HostLink
 from fabric.kernel import links
 from fabric.kernel.nat import OutgoingNat
-from fabric.kernel.netlink import RouteSocket
+from fabric.kernel.netlink import RouteSocket, connected_networks
 from fabric.kernel.nftables import Nft, NftError, PolicyTable
 from fabric.kernel.routes import Failure, kind_of
 from fabric.kernel.writer import KernelWriter
@@ -63,7 +63,7 @@ from fabric.model.prefix import Prefix
 from fabric.policy.compiler import PolicyReport
 from fabric.store import keys
 from fabric.store.datastore import Datastore, absent, put, unchanged
-from fabric.store.errors import Unavailable
+from fabric.store.errors import CorruptValue, Unavailable
 from fabric.store.registry import Registry
 from fabric.store.watch import Mirror
 from ipam.allocator import Ipam
@@ -101,11 +101,10 @@ class Agent:
         self._claim()
         self.store = self._connect()
         links.enable_forwarding()
-        entry = self.store.get(keys.BGP_CONFIG)
-        bgp_config = BgpConfig.from_record(entry.value if entry else None)
-        node = Node(config.node_name, config.address, config.asn or bgp_config.asn,
+        node = Node(config.node_name, config.address, config.asn or self._fabric_asn(),
                     dict(config.labels), config.rr_cluster_id, time.time(), __version__,
-                    config.node_address6 or "", config.router_id or "")
+                    config.node_address6 or "", config.router_id or "",
+                    tuple(connected_networks([config.address, config.node_address6 or ""])))
         self.registration = Registration(self.store, node.name, config.lease_ttl)
         self.registration.register(node)
         self.registration.refresh()
@@ -118,7 +117,8 @@ class Agent:
                      config.max_prefixes, config.asn),
             Intervals(resync=config.resync_interval, links=config.resync_interval,
                       gc=config.gc_interval, gc_first=min(config.gc_interval, 30.0),
-                      liveness=max(1.0, config.lease_ttl / 3)),
+                      liveness=max(1.0, config.lease_ttl / 3), gone_grace=config.gone_grace,
+                      host=config.host_check_interval),
             relay_command=tuple(self.speaker.relay_command), nat_outgoing=config.nat_outgoing)
         self.loop = OwnerLoop(self.state, self.clock, self._dispatch)
         self.writer = KernelWriter(config.route_protocol, self.loop.post)
@@ -189,13 +189,9 @@ class Agent:
 
     def _start_mirrors(self) -> None:
         for name, prefix in MIRRORS:
-            mirror = Mirror(self.store, prefix, self._poster(name), name)
+            mirror = Mirror(self.store, prefix, self.loop.snapshots(name), name)
             self._threads[f"watch-{name}"] = mirror.start()
             self._mirrors.append(mirror)
-
-    def _poster(self, name: str) -> Callable[[dict[str, Any], dict[str, str]], None]:
-        return lambda records, unreadable: self.loop.post(m.Snapshot(name, records,
-                                                                     unreadable))
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + READY_WAIT
@@ -237,6 +233,17 @@ class Agent:
         self._servers.append(sockets.serve(config.control_socket, self._serve_control,
                                            "control", max_request=CONTROL_MAX_REQUEST))
 
+    def _fabric_asn(self) -> int:
+        """The fabric's AS from etcd; the default when the record is missing or bad (the
+        owner loop reports a bad one once its mirror reads it)."""
+        try:
+            entry = self.store.get(keys.BGP_CONFIG)
+            return BgpConfig.from_record(entry.value if entry else None).asn
+        except (CorruptValue, ValueError) as exc:
+            self.log.error("bgp configuration in etcd unusable; using the default AS",
+                           error=str(exc))
+            return BgpConfig().asn
+
     def _spawn(self, name: str, target: Callable[[], None]) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
         thread.start()
@@ -277,6 +284,12 @@ class Agent:
             self.etcd_jobs.submit("gc", self._collect_garbage)
         elif isinstance(job, m.ResolveOrphan):
             self.etcd_jobs.submit("orphan", lambda: self._resolve_orphan(job.link))
+        elif isinstance(job, m.ReleaseGone):
+            self.etcd_jobs.submit("gone", lambda: self._release_gone(job))
+        elif isinstance(job, m.RestoreBlock):
+            self.etcd_jobs.submit("restore-block", lambda: self._restore_block(job))
+        elif isinstance(job, m.CheckHost):
+            self.host_jobs.submit("host", self._check_host)
         elif isinstance(job, m.ListLinks):
             self.host_jobs.submit("links", self._list_links)
         elif isinstance(job, m.ApplyNat):
@@ -292,6 +305,30 @@ class Agent:
     def _collect_garbage(self) -> dict[str, Any]:
         result = collect(self.ipam, self.config.node_name, self.leaks)
         return {"released": len(result.released), "blocks_freed": len(result.blocks_freed)}
+
+    def _release_gone(self, job: m.ReleaseGone) -> dict[str, Any]:
+        try:
+            released = self.cni.release_gone(job.handle, job.host_ifname)
+        except Exception as exc:  # reported back with the handle: asked again later
+            self.log.warning("could not release a gone workload", handle=job.handle,
+                             error=str(exc))
+            return {"handle": job.handle, "released": False, "error": str(exc)}
+        return {"handle": job.handle, "released": released}
+
+    def _restore_block(self, job: m.RestoreBlock) -> dict[str, Any]:
+        try:
+            restored = self.ipam.restore_block(job.cidr, job.pool, self.config.node_name)
+        except Exception as exc:
+            self.log.warning("could not restore a block record", block=job.cidr,
+                             error=str(exc))
+            return {"cidr": job.cidr, "restored": False, "error": str(exc)}
+        return {"cidr": job.cidr, "restored": restored}
+
+    def _check_host(self) -> dict[str, Any]:
+        repaired = links.enable_forwarding()
+        if self.config.nat_outgoing:
+            repaired += self.nat.verify()
+        return {"repaired": repaired}
 
     def _list_links(self) -> None:
         found = tuple(HostLink(n, i, up) for n, i, up in links.host_link_states())
@@ -340,10 +377,34 @@ class Agent:
                 links.remove(link.name, link.index)
                 log.warning("removed a host link nobody registered (left by a crash)")
                 return {"link": link.name, "outcome": "removed"}
+            if self._adopt(link):
+                return {"link": link.name, "outcome": "adopted"}
         except Exception as exc:
             log.warning("could not resolve an unregistered host link", error=str(exc))
         log.warning("unregistered host link kept: it is up and no IPAM handle names it")
         return {"link": link.name, "outcome": "kept"}
+
+    def _adopt(self, link: HostLink) -> bool:
+        """A live container interface etcd knows nothing of (a restore from an older
+        backup): the addresses our routes send to it are recorded again under a
+        handle of its own, with a registration naming the link, so that no new
+        container is given them. The registration goes with the link (`ReleaseGone`)."""
+        sock = RouteSocket(self.config.route_protocol)
+        try:
+            routed = sorted(str(r.prefix).partition("/")[0] for r in sock.dump()
+                            if r.oif == link.index and not r.gateways and r.type == "unicast")
+        finally:
+            sock.close()
+        if not routed:
+            return False
+        handle = f"adopted.{link.name}"
+        held = self.ipam.adopt(handle, self.config.node_name, routed, {"adopted": link.name})
+        record = Workload(handle, self.config.node_name, "", "", "", held.addresses(),
+                          None, link.name, time.time(), "")
+        self.registry.register_workload(record)
+        self.log.warning("adopted a live container interface etcd did not know", link=link.name,
+                         addresses=routed, handle=handle)
+        return True
 
     def _restore_registration(self, held: Any) -> bool:
         attrs = held.attrs
@@ -519,9 +580,10 @@ class LoopRoutes:
         self.loop.post(m.Detach(handle, tuple(ips), host_ifname, reply))
         return reply.result(self.timeout)
 
-    def missing(self, ips: Sequence[str]) -> list[str]:
-        wanted = self.loop.ask(lambda s: set(s.desired.source("workloads")))
-        return [a for a in ips if Prefix.parse(a) not in wanted]
+    def missing(self, ips: Sequence[str], index: int | None = None) -> list[str]:
+        wanted = self.loop.ask(lambda s: dict(s.desired.source("workloads")))
+        return [a for a in ips if (route := wanted.get(Prefix.parse(a))) is None
+                or (index is not None and route.oif != index)]
 
 
 

@@ -40,13 +40,15 @@ from fabric.model import checks
 from fabric.model.blocks import Block
 from fabric.model.nodes import Node, Workload
 from fabric.model.peers import BgpConfig, PeerSpec
-from fabric.model.pools import Pool
+from fabric.model.pools import Pool, pool_of
 from fabric.model.prefix import Prefix
 from fabric.store import keys
+from ipam.blocks import block_containing
 
 T = TypeVar("T")
 MIRRORS = ("pools", "nodes", "blocks", "borrowed", "bgp-config", "bgp-peers", "workloads",
            "policies", "namespaces")
+EVENT_RESYNC_GAP = 0.5  # seconds between resyncs prompted by route events, at least
 SPEAKER_GRACE = 15.0  # seconds ExaBGP may be down or unconnected (a restart) unreported
 
 
@@ -59,6 +61,8 @@ class Intervals:
     gc: float = 60.0
     gc_first: float = 30.0
     liveness: float = 20 / 3
+    gone_grace: float = 60.0  # a registration without its host link this long: released
+    host: float = 30.0  # forwarding and NAT checked (an iptables call per family in use)
 
 
 @dataclass
@@ -103,6 +107,10 @@ class Counters:
     gc_released: int = 0
     orphans_restored: int = 0
     orphans_removed: int = 0
+    orphans_adopted: int = 0
+    gone_released: int = 0
+    blocks_restored: int = 0
+    host_repairs: int = 0
 
 
 @dataclass
@@ -126,6 +134,7 @@ class AgentState:
         self.mirrors_seen: set[str] = set()
         self.ignored: dict[str, dict[str, str]] = {}  # mirror -> key -> why not used
         self._good: dict[str, dict[str, Any]] = {}  # mirror -> key -> last usable record
+        self._raw: dict[str, dict[str, Any]] = {}  # mirror -> key -> the value it came from
         self.speaker_live = False  # ExaBGP was started with `initial_config()`
         self.kernel = KernelStats()
         self.drift: collections.deque[Drift] = collections.deque(maxlen=100)
@@ -136,9 +145,13 @@ class AgentState:
         self.registration = RegistrationInfo(registered=True)
         self.counters = Counters()
         self.nat_applied: tuple[tuple[str, ...], tuple[str, ...]] | None = None
+        self.restoring_blocks: set[str] = set()  # RestoreBlock jobs not finished yet
+        self.last_host_repair = ""
+        self.event_resync_after = 0.0  # monotonic: an event may prompt a resync from then
         now = self.clock.monotonic()
         self.due: dict[str, float] = {
-            "resync": now, "links": now, "gc": now + self.intervals.gc_first,
+            "resync": now, "links": now, "host": now + self.intervals.host,
+            "gc": now + self.intervals.gc_first,
             "liveness": now + self.intervals.liveness, "policy": now}
 
     # -- the entry points --------------------------------------------------------------
@@ -186,8 +199,13 @@ class AgentState:
             self.policy.detach(message.handle)
             self._policy(jobs)  # its addresses leave the sets once its route is gone
         elif isinstance(message, m.LinksListed):
-            for orphan in self.workloads.on_links(message.links):
+            now = self.clock.monotonic()
+            for orphan in self.workloads.on_links(message.links, now):
                 jobs.append(m.ResolveOrphan(orphan))
+            for handle, link in self.workloads.gone(now, self.intervals.gone_grace):
+                self.log.info("workload's host link gone; releasing it", handle=handle,
+                              link=link)
+                jobs.append(m.ReleaseGone(handle, link))
             self._apply(self._workload_routes(), jobs)
             self._policy(jobs)
         elif isinstance(message, m.JobDone):
@@ -227,6 +245,9 @@ class AgentState:
         if now >= self.due["gc"]:
             self.due["gc"] = now + self.intervals.gc
             jobs.append(m.CollectGarbage())
+        if now >= self.due["host"]:
+            self.due["host"] = now + self.intervals.host
+            jobs.append(m.CheckHost())
         if now >= self.due["liveness"]:
             self.due["liveness"] = now + self.intervals.liveness
             jobs.append(m.RefreshLiveness())
@@ -250,6 +271,35 @@ class AgentState:
     # -- etcd mirrors ------------------------------------------------------------------
     def _on_snapshot(self, snap: m.Snapshot, jobs: list[m.Job]) -> None:
         self.mirrors_seen.add(snap.name)
+        self._handle_snapshot(snap, jobs)
+        if snap.name in ("blocks", "workloads", "pools"):
+            self._check_blocks(jobs)
+
+    def _check_blocks(self, jobs: list[m.Job]) -> None:
+        """Every block our workloads have addresses in must have its record: one deleted
+        by hand stops us announcing it (its containers unreachable) and lets another
+        node claim it. Borrowed addresses are another node's business."""
+        if not {"blocks", "workloads", "pools", "borrowed"} <= self.mirrors_seen:
+            return
+        view = self.routing.view
+        have = {b.cidr for b in view.blocks}
+        missing: dict[str, str] = {}
+        for known in self.workloads.registered.values():
+            for ip in known.ips:
+                address = ip.partition("/")[0]
+                pool = pool_of(address, view.pools)
+                if pool is None or address in view.borrowed:
+                    continue
+                cidr = block_containing(pool, address)
+                if cidr not in have:
+                    missing[cidr] = pool.name
+        for cidr in sorted(set(missing) - self.restoring_blocks):
+            self.log.warning("a block our workloads use has no record; restoring it",
+                             block=cidr)
+            jobs.append(m.RestoreBlock(cidr, missing[cidr]))
+        self.restoring_blocks = set(missing)
+
+    def _handle_snapshot(self, snap: m.Snapshot, jobs: list[m.Job]) -> None:
         if snap.name == "pools":
             pools = self._decode(snap, _value(Pool.from_record))
             self._carry_out(self.routing.set_view(pools=pools), jobs)
@@ -295,10 +345,16 @@ class AgentState:
         field that is not what it must be) is not acted on: its key keeps its last
         usable record, if it had one (an unreadable node record must not look like the
         node leaving), and it is reported (`ignored_records` in status)."""
-        good = self._good.get(snap.name, {})
-        ignored = dict(snap.unreadable)
+        good, raw = self._good.get(snap.name, {}), self._raw.get(snap.name, {})
+        ignored = {k: why for k, why in self.ignored.get(snap.name, {}).items()
+                   if k in snap.records and snap.records[k] is raw.get(k)}
+        ignored.update(snap.unreadable)
         usable: dict[str, Any] = {}
         for key, value in snap.records.items():
+            if value is raw.get(key) and key not in snap.unreadable:
+                if key in good:  # the same value as last time: parsed then (a mirror
+                    usable[key] = good[key]  # keeps unchanged values as they were)
+                continue
             try:
                 usable[key] = parse(key, dict(value))
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -310,6 +366,7 @@ class AgentState:
             self.log.warning("ignoring an etcd record", key=key, reason=ignored[key])
         self.ignored[snap.name] = ignored
         self._good[snap.name] = usable
+        self._raw[snap.name] = dict(snap.records)
         return tuple(usable.values())
 
     def _check_registration(self, nodes: Iterable[Node], jobs: list[m.Job]) -> None:
@@ -447,6 +504,10 @@ class AgentState:
 
     def _on_resynced(self, resynced: Resynced) -> None:
         self.resync_pending = False
+        # Repairs prompted by route events wait this long after the last one (60,000
+        # routes added by hand once caused 875 full resyncs in a few seconds).
+        self.event_resync_after = self.clock.monotonic() + max(EVENT_RESYNC_GAP,
+                                                               20 * resynced.seconds)
         self.applies_in_flight = 0  # ApplyRoutes jobs the writer has not reported yet
         stats = self.kernel
         stats.resyncs += 1
@@ -472,10 +533,15 @@ class AgentState:
             differs = wanted is not None
         else:
             differs = wanted != event.route and prefix not in self.desired.kept()
-        if differs:
+        if not differs:
+            return
+        now = self.clock.monotonic()
+        if now >= self.event_resync_after:
             self.log.info("route changed outside the agent", prefix=str(prefix),
                           deleted=event.deleted)
             self._request_resync(jobs)
+        else:  # a flood of foreign changes: one repair when the gap is over, not one each
+            self.due["resync"] = min(self.due["resync"], self.event_resync_after)
 
     # -- jobs --------------------------------------------------------------------------
     def _on_job_done(self, done: m.JobDone, jobs: list[m.Job]) -> None:
@@ -501,6 +567,27 @@ class AgentState:
             self.workloads.resolved(name, outcome)
             self.counters.orphans_restored += outcome == "restored"
             self.counters.orphans_removed += outcome == "removed"
+            self.counters.orphans_adopted += outcome == "adopted"
+        elif done.kind == "gone":
+            handle = str(done.result.get("handle", ""))
+            if done.error or not done.result.get("released"):
+                self.workloads.release_failed(handle)
+            else:
+                self.counters.gone_released += 1
+        elif done.kind == "restore-block":
+            if done.result.get("restored"):
+                self.counters.blocks_restored += 1
+            else:  # failed, or a record exists now: the next snapshot decides again
+                self.restoring_blocks.discard(str(done.result.get("cidr", "")))
+        elif done.kind == "host":
+            repaired = list(done.result.get("repaired", ()))
+            if repaired:
+                self.log.warning("host settings changed outside the agent; put back",
+                                 repaired=repaired)
+                self.counters.host_repairs += len(repaired)
+                self.last_host_repair = f"{', '.join(repaired)} (at {self.clock.time():.0f})"
+            if done.error:
+                self.log.warning("could not check host settings", error=done.error)
         elif done.kind == "links" and done.error:
             self.log.warning("could not list host links", error=done.error)
 
@@ -569,6 +656,7 @@ class AgentState:
                             "last_restart_reason": speaker.last_restart_reason},
             "degraded": self.degraded(),
             "ignored_records": self.ignored_records(),
+            "last_host_repair": self.last_host_repair,
             "kernel": dict(self.kernel.__dict__),
             "route_kinds": dict(collections.Counter(
                 r.kind for r in self.desired.effective().values())),

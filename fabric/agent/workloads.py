@@ -11,6 +11,11 @@ workload's route stays until its DEL, or until its link is gone, even if its
 registration vanishes meanwhile (deleted by mistake, or an etcd restore from an older
 backup): the container lives as long as its link does, whatever etcd says.
 
+A registration whose host link is gone for `grace` seconds (listing after listing) is
+a container that is gone: its namespace went with its veth (a host rebooted, a
+runtime that never sent DEL). Its addresses are released (`gone`), or a rebooted host
+would keep one address per container it ran, for ever.
+
 A host link of ours (name prefix `l3f`) that no registration explains is suspect; seen
 so on two listings in a row (with the same index: not a link re-made meanwhile) it is
 an orphan, and the agent resolves it: the IPAM handle it belongs to still exists -> its
@@ -53,6 +58,8 @@ class Workloads:
     links: dict[str, HostLink] = field(default_factory=dict)  # name -> (kernel)
     suspects: dict[str, int] = field(default_factory=dict)  # name -> index seen
     unresolved: dict[str, str] = field(default_factory=dict)  # link name -> why it stays
+    linkless: dict[str, float] = field(default_factory=dict)  # handle -> since (no link)
+    releasing: set[str] = field(default_factory=set)  # handles handed to `gone` already
 
     # -- inputs ------------------------------------------------------------------------
     def on_registrations(self, records: Iterable[Workload]) -> None:
@@ -64,6 +71,7 @@ class Workloads:
         for handle in set(registered) & set(self.retained):
             del self.retained[handle]
         self.registered = registered
+        self.releasing &= set(registered)
 
     def attach(self, handle: str, ips: Iterable[str], host_ifname: str, index: int) -> None:
         self.attached[handle] = Known(tuple(ips), host_ifname)
@@ -79,9 +87,11 @@ class Workloads:
         if host_ifname:
             self.links.pop(host_ifname, None)
 
-    def on_links(self, links: Iterable[HostLink]) -> list[HostLink]:
+    def on_links(self, links: Iterable[HostLink], now: float = 0.0) -> list[HostLink]:
         """A fresh listing of our host links; returns the orphans to resolve now."""
         self.links = {link.name: link for link in links}
+        self.linkless = {h: self.linkless.get(h, now) for h, k in self.registered.items()
+                         if k.host_ifname not in self.links and h not in self.detached}
         self.retained = {h: k for h, k in self.retained.items() if k.host_ifname in self.links}
         explained = {k.host_ifname for h, k in self.registered.items()
                      if h not in self.detached}
@@ -96,6 +106,19 @@ class Workloads:
         self.suspects = suspects
         self.unresolved = {n: why for n, why in self.unresolved.items() if n in suspects}
         return orphans
+
+    def gone(self, now: float, grace: float) -> list[tuple[str, str]]:
+        """(handle, host link) of registrations without their link for `grace`, each
+        once: to be released (see the module docstring)."""
+        found = sorted((h, self.registered[h].host_ifname) for h, since in self.linkless.items()
+                       if now - since >= grace and h not in self.releasing)
+        self.releasing.update(h for h, _ in found)
+        return found
+
+    def release_failed(self, handle: str) -> None:
+        """The release did not happen (etcd down, the link came back): ask again later."""
+        self.releasing.discard(handle)
+        self.linkless.pop(handle, None)
 
     def resolved(self, name: str, outcome: str) -> None:
         """What the resolver did with an orphan; "kept" ones are reported, not retried."""

@@ -4,6 +4,7 @@ BGP received, accepted, rejected and advertised on a node."""
 from __future__ import annotations
 
 import argparse
+import ipaddress
 
 from bgp.config import password_ok
 from fabric import logs
@@ -198,7 +199,14 @@ def _public(spec: PeerSpec) -> dict[str, object]:
 
 
 def routes_cmd(ctx: Context) -> int:
-    rows = ctx.agent("bgp_routes", peer=ctx.peer, which=ctx.which)
+    peer = ctx.peer
+    if peer is not None:
+        try:
+            peer = str(ipaddress.ip_address(peer))
+        except ValueError:
+            raise CliError(f"--peer {peer!r} is not an IP address (a peer's address, "
+                           "as `node status` lists them)") from None
+    rows = ctx.agent("bgp_routes", peer=peer, which=ctx.which)
     if ctx.json:
         emit_json(rows)
         return OK

@@ -84,6 +84,10 @@ class Context:
     def host_netns(self) -> str | None:
         host = getattr(self.args, "host", None)
         if not host:
+            if getattr(self.args, "lab", None) and self.lab is not None:
+                # A lab's agents live in its hosts' namespaces, not in this one.
+                raise CliError(f"which host of lab {self.lab.name}? add --host NAME (hosts: "
+                               f"{', '.join(sorted(self.lab.state.hosts)) or 'none yet'})")
             return None
         lab = self.lab
         assert lab is not None

@@ -468,6 +468,8 @@ def exec_cmd(ctx: Context) -> int:
 
 
 def add_host_cmd(ctx: Context) -> int:
+    if ctx.containers < 0:
+        raise CliError(f"--containers {ctx.containers}: a count of at least 0")
     lab = _existing(ctx)
     name = ctx.host_name or f"h{len(lab.state.hosts) + 1}"
     try:
@@ -515,6 +517,9 @@ def restart_cmd(ctx: Context) -> int:
     lab = _existing(ctx)
     if ctx.host_name not in lab.state.hosts:
         raise CliError(f"lab {lab.name} has no host {ctx.host_name}")
+    if not lab.state.hosts[ctx.host_name].alive:
+        raise CliError(f"host {ctx.host_name} was killed (lab kill): it has no underlay and "
+                       "runs nothing; a new host is `lab add-host`")
     try:
         old, pid = lab.restart_agent(ctx.host_name,
                                      sig=signal.SIGKILL if ctx.kill else signal.SIGTERM)

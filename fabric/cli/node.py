@@ -73,7 +73,10 @@ def status(ctx: Context) -> int:
            "accepted", "advertised", "last error"],
           [[p["address"], p["name"], p["kind"], p["asn"], p["family"], p["state"],
             _ago(p["since"]), p["received"], p["accepted"], p["advertised"],
-            p["last_error"] or None] for p in peers])
+            # An old error under an Established session reads as a current one: the
+            # JSON keeps it (with `flaps`), the table shows it while the session is down.
+            None if p["state"] == "Established" else (p["last_error"] or None)]
+           for p in peers])
     if not peers:
         print("(no peers: the only node, or the mesh is off and no peer is configured)")
     for cidr, why in sorted(doc.get("refused_blocks", {}).items()):
@@ -84,6 +87,8 @@ def status(ctx: Context) -> int:
         print(f"network policy NOT enforced, its record does not parse: {key}: {why}")
     for key, why in sorted(doc.get("ignored_records", {}).items()):
         print(f"ignored etcd record {key}: {why}")
+    if doc.get("last_host_repair"):
+        print(f"host settings put back: {doc['last_host_repair']}")
     return OK if healthy else PROBLEM
 
 
@@ -148,7 +153,9 @@ def nodes(ctx: Context) -> int:
     rows: list[dict[str, Any]] = []
     for node in found:
         ttl = _liveness(ctx, node.name)
-        rows.append({"name": node.name, "address": node.address, "asn": node.asn,
+        rows.append({"name": node.name, "address": node.address,
+                     "address6": node.ipv6 or None, "router_id": node.bgp_id,
+                     "networks": list(node.networks), "asn": node.asn,
                      "labels": node.labels, "route_reflector": node.rr_cluster_id,
                      "blocks": [b.cidr for b in blocks if b.affinity == node.name],
                      "started_at": node.started_at, "agent_alive": ttl > 0,
@@ -157,7 +164,8 @@ def nodes(ctx: Context) -> int:
         emit_json(rows)
         return OK
     table(["name", "address", "as", "blocks", "agent", "started", "labels"],
-          [[r["name"], r["address"], r["asn"], " ".join(r["blocks"]) or None,
+          [[r["name"], ", ".join(dict.fromkeys(a for a in (r["address"], r["address6"]) if a)),
+            r["asn"], " ".join(r["blocks"]) or None,
             "alive" if r["agent_alive"] else "NOT alive (lease expired)",
             _ago(r["started_at"]),
             ",".join(f"{k}={v}" for k, v in r["labels"].items()) or None] for r in rows])

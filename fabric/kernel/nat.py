@@ -45,6 +45,7 @@ class OutgoingNat:
         self.log = logs.get("kernel.nat")
         self._hooked: set[int] = set()
         self._last: dict[int, str] = {}
+        self._inputs: dict[int, tuple[list[str], list[str]]] = {}
 
     def apply(self, nat_pools: Iterable[str], all_pools: Iterable[str]) -> None:
         nat_pools, all_pools = list(nat_pools), list(all_pools)
@@ -70,9 +71,39 @@ class OutgoingNat:
                 self._run([tool, "-t", "nat", "-A", "POSTROUTING", "-j", CHAIN], "")
             self._hooked.add(family)
         self._last[family] = document
+        self._inputs[family] = (nat_pools, all_pools)
         self.log.info("outgoing NAT rules applied", family=family, pools=sorted(nat_pools))
+
+    def verify(self) -> list[str]:
+        """Put back what someone removed (a flushed nat table, a deleted jump): what
+        `apply` wrote is checked against the kernel, and written again where it
+        differs. Returns what was repaired."""
+        repaired = []
+        for family, document in list(self._last.items()):
+            tool, _ = self.TOOLS[family]
+            listed = subprocess.run([tool, "-t", "nat", "-S", CHAIN], capture_output=True,
+                                    text=True, check=False)
+            wanted = [line for line in document.splitlines() if line.startswith("-A ")]
+            have = [line for line in listed.stdout.splitlines() if line.startswith("-A ")]
+            hooked = subprocess.run([tool, "-t", "nat", "-C", "POSTROUTING", "-j", CHAIN],
+                                    capture_output=True, check=False).returncode == 0
+            if listed.returncode == 0 and _same_rules(have, wanted) and hooked:
+                continue
+            what = f"IPv{family} outgoing NAT " + ("rules" if hooked else "hook")
+            self.log.warning("outgoing NAT changed outside the agent; writing it again",
+                             family=family)
+            del self._last[family]
+            self._hooked.discard(family)
+            self._apply(family, *self._inputs[family])
+            repaired.append(what)
+        return repaired
 
     def _run(self, argv: list[str], stdin: str) -> None:
         result = subprocess.run(argv, input=stdin, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise NatError(f"{' '.join(argv)}: {result.stderr.strip()}")
+
+
+def _same_rules(have: list[str], wanted: list[str]) -> bool:
+    """iptables -S prints the rules it was given, normalised (a /32 mask kept)."""
+    return [line.split() for line in have] == [line.split() for line in wanted]

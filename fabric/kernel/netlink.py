@@ -15,6 +15,7 @@ destination, gateways (also inside RTA_MULTIPATH) and output interface.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import socket
 import struct
@@ -50,7 +51,14 @@ _SEND_CHUNK = 64 * 1024  # well under the socket send buffer
 
 
 class NetlinkError(OSError):
-    pass
+    """The kernel refused a request: its errno (also as `.code`) and text."""
+
+    def __init__(self, code: int, message: str | None = None) -> None:
+        super().__init__(code, message or os.strerror(code))
+
+    @property
+    def code(self) -> int:
+        return int(self.errno or 0)
 
 
 def _attr(kind: int, payload: bytes) -> bytes:
@@ -346,3 +354,41 @@ def route_event(msg: Message, protocol: int) -> tuple[bool, Route] | None:
     if proto != protocol or table != RT_TABLE_MAIN:
         return None
     return msg.type == RTM_DELROUTE, route
+
+
+# -- addresses: which networks the host's own addresses sit in -------------------------
+RTM_NEWADDR, RTM_GETADDR = 20, 22
+IFA_ADDRESS, IFA_LOCAL = 1, 2
+IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
+
+
+def connected_networks(addresses: Iterable[str]) -> list[str]:
+    """The networks (`10.99.0.0/24`) of the host's interfaces that hold `addresses`, in
+    the current namespace; an address held by no interface is left out."""
+    wanted = {ipaddress.ip_address(a) for a in addresses if a}
+    found: list[str] = []
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+        sock.bind((0, 0))
+        header = NLMSGHDR.pack(NLMSGHDR.size + 8, RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
+        sock.send(header + struct.pack("=B3xI", socket.AF_UNSPEC, 0))
+        while True:
+            for msg in split(sock.recv(1 << 20)):
+                if msg.type == NLMSG_DONE:
+                    return found
+                if msg.type == NLMSG_ERROR:
+                    (code,) = NLMSGERR.unpack_from(msg.payload)
+                    if code:
+                        raise NetlinkError(-code, f"address dump: {os.strerror(-code)}")
+                    continue
+                if msg.type != RTM_NEWADDR:
+                    continue
+                family, length, _, _, _ = IFADDRMSG.unpack_from(msg.payload)
+                attrs = dict(_attrs(msg.payload, IFADDRMSG.size))
+                raw = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)
+                if raw is None or family not in _FAMILY:
+                    continue
+                ip = ipaddress.ip_address(bytes(raw))
+                if ip in wanted:
+                    network = str(ipaddress.ip_interface(f"{ip}/{length}").network)
+                    if network not in found:
+                        found.append(network)

@@ -20,6 +20,10 @@ class Exhausted(IpamError):
     """No free address is left where this node may allocate."""
 
 
+class HandleElsewhere(IpamError):
+    """The handle (container ID and interface) is held on another node."""
+
+
 class InUse(IpamError):
     """An address a registered workload still uses; the message names the workload."""
 

@@ -29,6 +29,9 @@ class Node:
     version: str = ""
     address6: str = ""
     router_id: str = ""  # BGP identifier (IPv4 form); derived when empty, see `bgp_id`
+    # The networks its underlay addresses sit in (10.99.0.0/24): no IP pool may overlap
+    # them, or a block would swallow the hosts' own segment (its gateway, etcd...).
+    networks: tuple[str, ...] = ()
 
     @property
     def is_route_reflector(self) -> bool:
@@ -64,7 +67,8 @@ class Node:
         return {"name": self.name, "address": self.address, "asn": self.asn,
                 "labels": dict(self.labels), "rr_cluster_id": self.rr_cluster_id,
                 "started_at": self.started_at, "version": self.version,
-                "address6": self.address6, "router_id": self.router_id}
+                "address6": self.address6, "router_id": self.router_id,
+                "networks": list(self.networks)}
 
     @classmethod
     def from_record(cls, value: dict[str, Any]) -> Node:
@@ -78,7 +82,9 @@ class Node:
                    float(value.get("started_at", 0.0)),
                    str(value.get("version", "")),
                    checks.ipv6(value.get("address6"), "address6", empty_ok=True),
-                   checks.ipv4(value.get("router_id"), "router_id", empty_ok=True))
+                   checks.ipv4(value.get("router_id"), "router_id", empty_ok=True),
+                   tuple(checks.network(n, "networks entry")
+                         for n in _sequence(value.get("networks"), "networks")))
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,14 @@ class Workload:
                    value.get("host_ifname"), float(value.get("created_at", 0.0)),
                    str(value.get("network", "")), str(value.get("namespace") or ""),
                    {str(k): str(v) for k, v in _mapping(value.get("labels"), "labels")})
+
+
+def _sequence(value: Any, what: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ValueError(f"{what} {value!r} is not a list")
+    return value
 
 
 def _mapping(value: Any, what: str) -> list[tuple[Any, Any]]:

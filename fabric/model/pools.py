@@ -83,6 +83,10 @@ def parse_pool(name: str, cidr: str, block_size: int | None = None, *,
             raise PoolError(f"pool CIDR {cidr!r} has host bits set; did you mean {loose}?"
                             ) from exc
         raise PoolError(f"pool CIDR {cidr!r} is not a valid network: {exc}") from exc
+    special = _special(network)
+    if special:
+        raise PoolError(f"pool {network} overlaps {special}: containers cannot use those "
+                        "addresses")
     family = network.version
     size = DEFAULT_BLOCK_SIZE[family] if block_size is None else int(block_size)
     low, high = BLOCK_SIZE_RANGE[family]
@@ -95,6 +99,29 @@ def parse_pool(name: str, cidr: str, block_size: int | None = None, *,
                 strict_affinity=strict_affinity)
 
 
+# Ranges no container address may come from (RFC 6890): each with why, for the error.
+_SPECIAL = [(ipaddress.ip_network(n), why) for n, why in (
+    ("0.0.0.0/8", "'this network' (0.0.0.0/8)"),
+    ("127.0.0.0/8", "the loopback range 127.0.0.0/8"),
+    ("169.254.0.0/16", "the link-local range 169.254.0.0/16 (the containers' gateway "
+     "169.254.1.1 is there)"),
+    ("224.0.0.0/4", "the multicast range 224.0.0.0/4"),
+    ("240.0.0.0/4", "the reserved range 240.0.0.0/4 (and broadcast)"),
+    ("::/127", "the unspecified and loopback addresses ::/127"),
+    ("fe80::/10", "the link-local range fe80::/10"),
+    ("ff00::/8", "the multicast range ff00::/8"),
+)]
+
+
+def _special(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> str:
+    if network.prefixlen == 0:
+        return "every address (a /0 pool would take the default route's place)"
+    for special, why in _SPECIAL:
+        if special.version == network.version and special.overlaps(network):
+            return why
+    return ""
+
+
 def check_overlap(pool: Pool, existing: Iterable[Pool]) -> None:
     """Refuse a pool that shares addresses with another (or reuses its name)."""
     for other in existing:
@@ -104,19 +131,29 @@ def check_overlap(pool: Pool, existing: Iterable[Pool]) -> None:
             raise PoolError(f"pool {pool.cidr} overlaps pool {other.name!r} ({other.cidr})")
 
 
-def underlay_conflicts(pool: Pool, nodes: Iterable[Node], peers: Iterable[PeerSpec]
-                       ) -> list[str]:
+def underlay_conflicts(pool: Pool, nodes: Iterable[Node], peers: Iterable[PeerSpec],
+                       others: Iterable[tuple[str, str]] = ()) -> list[str]:
     """What in the underlay `pool` would swallow: each node or BGP peer whose own
-    address lies inside it, as a phrase naming it ("node h1 (10.99.0.11)").
+    address lies inside it, each node's underlay network it overlaps (its gateway, its
+    neighbours), and `others` (what, address: etcd's endpoints), as phrases naming
+    them ("node h1 (10.99.0.11)").
 
     A host routes every block it owns to a blackhole (so unallocated addresses go
     nowhere) and other hosts route the block to that host: a block covering an
     underlay address cuts the hosts off from it, BGP sessions included. Addresses that
     do not parse are left out: they reach no one either.
     """
-    found = []
+    found: list[str] = []
+    nodes = list(nodes)
     named = [(f"node {n.name}", n.address) for n in nodes]
     named += [(f"BGP peer {p.name}", p.address) for p in peers]
+    named += list(others)
+    for node in nodes:
+        for text in node.networks:
+            network = ipaddress.ip_network(text)
+            if network.version == pool.family and network.overlaps(pool.network) and \
+                    f"underlay network {network}" not in " ".join(found):
+                found.append(f"node {node.name}'s underlay network {network}")
     for what, address in named:
         try:
             ip = ipaddress.ip_address(address)
@@ -127,13 +164,14 @@ def underlay_conflicts(pool: Pool, nodes: Iterable[Node], peers: Iterable[PeerSp
     return found
 
 
-def check_underlay(pool: Pool, nodes: Iterable[Node], peers: Iterable[PeerSpec]) -> None:
-    """Refuse a pool that contains a node's or a configured BGP peer's address."""
-    conflicts = underlay_conflicts(pool, nodes, peers)
+def check_underlay(pool: Pool, nodes: Iterable[Node], peers: Iterable[PeerSpec],
+                   others: Iterable[tuple[str, str]] = ()) -> None:
+    """Refuse a pool that overlaps the underlay (see `underlay_conflicts`)."""
+    conflicts = underlay_conflicts(pool, nodes, peers, others)
     if conflicts:
-        raise PoolError(f"pool {pool.cidr} contains the address of {', '.join(conflicts)}: "
-                        "hosts would route it into the pool's blocks and lose it; choose a "
-                        "range outside the underlay")
+        raise PoolError(f"pool {pool.cidr} overlaps {', '.join(conflicts)}: hosts would "
+                        "route those addresses into the pool's blocks and lose them; choose "
+                        "a range outside the underlay")
 
 
 def pool_of(address: str, pools: Iterable[Pool]) -> Pool | None:

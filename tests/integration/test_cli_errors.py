@@ -138,3 +138,9 @@ def test_output_into_a_pipe_already_closed(etcd_server, many_workloads):
     finally:
         os.close(write)
     assert (result.returncode, result.stderr) == (141, "")
+
+
+def test_a_peer_that_is_not_an_address_is_refused_before_asking_any_agent():
+    result = run(["bgp", "routes", "--peer", "notanip"])
+    assert result.returncode == 2
+    assert "--peer 'notanip' is not an IP address" in result.stderr

@@ -72,3 +72,9 @@ def test_lab_env_is_a_line_for_the_shell(lab):
                                 timeout=60, env=env)
     assert after_eval.returncode == 0, after_eval.stderr
     assert json.loads(after_eval.stdout)[0]["cidr"] == "10.244.0.0/16"
+
+
+def test_a_lab_without_a_host_is_asked_for_one(lab):
+    result = run("--lab", lab.name, "node", "status")
+    assert result.returncode == 2
+    assert f"which host of lab {lab.name}? add --host NAME" in result.stderr, result.stderr

@@ -275,6 +275,47 @@ def test_gc_removes_stale_attachments(lab, store, containers):
     plugin(lab, "DEL", third, cfg=other, ifname="net1")
 
 
+def test_gc_without_valid_attachments_is_refused_and_releases_nothing(lab, store,
+                                                                      containers):
+    container = containers()
+    assert plugin(lab, "ADD", container).ok
+    outcome = plugin(lab, "GC", "", cfg=config("1.1.0"), netns_path="", ifname="")
+    assert outcome.document["code"] == 7 and "valid-attachments" in outcome.document["msg"]
+    assert Ipam(store).handle(f"{container}.eth0") is not None
+    assert "eth0" in links_in(container)
+
+
+def test_del_of_an_add_that_found_the_name_taken_leaves_the_other_container_alone(
+        lab, store, containers):
+    """The runtime's usual clean-up of a failed ADD: DEL with the same netns and name."""
+    first = containers()
+    added = plugin(lab, "ADD", first)
+    assert added.ok
+    clash = plugin(lab, "ADD", f"{first}-two", netns_path=netns.path(first))
+    assert clash.status != 0 and netns.path(first) in clash.document["msg"]  # runtime's path
+    assert plugin(lab, "DEL", f"{first}-two", netns_path=netns.path(first)).ok
+    assert "eth0" in links_in(first)
+    checked = plugin(lab, "CHECK", first, cfg=config("1.1.0", prevResult=added.document))
+    assert checked.ok, checked.stdout
+
+
+def test_a_second_interface_in_a_container_gets_its_own_address(lab, store, containers):
+    container = containers()
+    assert plugin(lab, "ADD", container).ok
+    second = plugin(lab, "ADD", container, ifname="eth1")
+    assert second.ok, second.stdout
+    address = second.document["ips"][0]["address"].split("/")[0]
+    inside = subprocess.run(["ip", "-n", container, "-4", "addr", "show", "eth1"],
+                            capture_output=True, text=True).stdout
+    assert address in inside
+    checked = plugin(lab, "CHECK", container, ifname="eth1",
+                     cfg=config("1.1.0", prevResult=second.document))
+    assert checked.ok, checked.stdout
+    assert plugin(lab, "DEL", container, ifname="eth1").ok
+    wait_for(lambda: "eth1" not in links_in(container), "eth1 deleted (in the background)")
+    assert "eth0" in links_in(container)
+
+
 def test_version_and_status(lab):
     version = plugin(lab, "VERSION", "", netns_path="", ifname="")
     assert json.loads(version.stdout) == {

@@ -20,10 +20,12 @@ import pytest
 
 from cni import invoke
 from fabric.agent.routing import DEPARTURE_GRACE
-from fabric.kernel import netns
+from fabric.kernel import links, netns
 from fabric.processes import kill_pid
 from fabric.store import keys
+from fabric.store.datastore import delete
 from ipam.allocator import Ipam
+from ipam.blocks import ordinal_of
 from ipam.check import check
 from tests.conftest import needs_root, running_lab
 from tests.support.fabric import kernel_routes, pinging, status, wait_until
@@ -31,12 +33,12 @@ from tests.support.fabric import kernel_routes, pinging, status, wait_until
 pytestmark = [needs_root, pytest.mark.root, pytest.mark.slow]
 HOSTS = ("h1", "h2", "h3")
 AGENT_ARGS = ["--resync-interval", "2", "--lease-ttl", "6", "--gc-interval", "2",
-              "--gc-grace", "3"]
+              "--gc-grace", "3", "--gone-grace", "4", "--host-check-interval", "2"]
 
 
 @pytest.fixture(scope="module")
 def lab():
-    with running_lab(pool="10.244.0.0/16") as lab:
+    with running_lab(pool="10.244.0.0/16", nat_outgoing=True) as lab:
         for host in HOSTS:
             lab.add_host(host, agent_args=AGENT_ARGS)
         for host in HOSTS:
@@ -217,6 +219,93 @@ def test_workload_record_deleted_while_its_container_lives(lab):
     finally:
         store.close()
     assert lab.ping(lab.state.workloads["h3-w1"].netns, workload.ips[0], count=2)
+
+
+def test_a_container_gone_without_a_del_gives_its_address_back(lab, netns_factory):
+    """As after a reboot: the namespace (and with it the veth) goes, no DEL comes."""
+    name = netns_factory("g")
+    added = cni(lab, "h2", "ADD", "faultgone", netns.path(name))
+    assert added.ok, added.stdout
+    store = lab.store()
+    try:
+        assert Ipam(store).handle("faultgone.eth0") is not None
+        subprocess.run(["ip", "netns", "del", name], check=True)
+        wait_until(lambda: Ipam(store).handle("faultgone.eth0") is None,
+                   "its addresses released after the grace (4 s)", 30)
+        assert store.get(keys.workload("h2", "faultgone.eth0")) is None
+    finally:
+        store.close()
+
+
+def test_a_block_record_deleted_by_hand_is_restored(lab):
+    store = lab.store()
+    try:
+        block = next(b for b in Ipam(store).blocks() if b.affinity == "h3")
+        assert store.delete(keys.block(block.cidr))
+        wait_until(lambda: store.get(keys.block(block.cidr)) is not None,
+                   "h3 restored its block's record", 15)
+        assert Ipam(store).blocks_of("h3")[0].cidr == block.cidr
+        via = f"via {lab.state.hosts['h3'].address}"
+        wait_until(lambda: kernel_routes(lab.state.hosts["h1"].netns).get(block.cidr) == via,
+                   "h1 routes the block to h3 again", 15)
+    finally:
+        store.close()
+    assert lab.ping(lab.state.workloads["h1-w1"].netns,
+                    lab.state.workloads["h3-w1"].ips[0], count=2)
+
+
+def test_a_live_container_etcd_forgot_is_adopted_and_its_address_never_reissued(
+        lab, netns_factory):
+    """As after restoring etcd from a backup older than the container: its handle,
+    address and registration are gone, its veth and route are not."""
+    name = netns_factory("r")
+    added = cni(lab, "h2", "ADD", "faultold", netns.path(name))
+    address = added.document["ips"][0]["address"].split("/")[0]
+    store = lab.store()
+    try:
+        held = Ipam(store).handle("faultold.eth0")
+        allocation = held.allocations[0]
+        store.txn([], [delete(keys.handle("faultold.eth0")),
+                       delete(keys.workload("h2", "faultold.eth0")),
+                       delete(keys.ip(allocation.block, ordinal_of(allocation.block,
+                                                                     address)))])
+        link = links.host_ifname("faultold.eth0")
+        wait_until(lambda: Ipam(store).handle(f"adopted.{link}") is not None,
+                   "the live interface adopted", 30)
+        assert Ipam(store).handle(f"adopted.{link}").addresses() == (address,)
+        assert ipam_problems(lab) == []
+    finally:
+        store.close()
+    assert lab.ping(lab.state.workloads["h1-w1"].netns, address, count=2)
+    subprocess.run(["ip", "netns", "del", name], check=True)  # it goes: so does its record
+    store = lab.store()
+    try:
+        wait_until(lambda: Ipam(store).handle(f"adopted.{link}") is None,
+                   "the adopted record released with its interface", 30)
+    finally:
+        store.close()
+
+
+def test_forwarding_and_outgoing_nat_turned_off_by_hand_are_put_back(lab):
+    ns = lab.state.hosts["h1"].netns
+    flush = ["iptables", "-t", "nat", "-F"]
+    subprocess.run(["ip", "netns", "exec", ns, *flush], check=True)
+    subprocess.run(["ip", "netns", "exec", ns, "iptables", "-t", "nat", "-X"], check=True)
+    subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=0"],
+                   check=True)
+
+    def nat_rules() -> str:
+        return subprocess.run(["ip", "netns", "exec", ns, "iptables", "-t", "nat", "-S"],
+                              capture_output=True, text=True).stdout
+
+    wait_until(lambda: "-A POSTROUTING -j L3FABRIC-NAT-OUTGOING" in nat_rules()
+               and "MASQUERADE" in nat_rules(), "the NAT chain and its hook back", 15)
+    forwarding = subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-n",
+                                 "net.ipv4.ip_forward"], capture_output=True, text=True)
+    assert forwarding.stdout.strip() == "1"
+    assert "ip_forward" in status(lab, "h1")["last_host_repair"]
+    assert lab.ping(lab.state.workloads["h2-w1"].netns, lab.state.workloads["h1-w1"].ips[0],
+                    count=2)
 
 
 # -- the CNI plugin misused --------------------------------------------------------------

@@ -10,7 +10,7 @@ from fabric.model.handles import Exhausted, IpamError
 from fabric.model.pools import PoolError, parse_pool
 from fabric.store import keys
 from fabric.store.errors import CorruptValue
-from ipam.allocator import Ipam
+from ipam.allocator import Ipam, KeyPresent
 
 
 @pytest.fixture
@@ -178,3 +178,82 @@ def test_threads_of_one_process_share_a_node_without_duplicates(ipam):
     assert not errors
     assert len(got) == 96 and len(set(got)) == 96
     assert ipam.stats["lost_races"] == 0  # one process, one node: no self-inflicted races
+
+
+def test_allocate_with_writes_extra_records_in_the_same_commit(ipam, store):
+    ipam.add_pool(parse_pool("default", "10.244.0.0/24"))
+    extra_key = f"{keys.ROOT}bench-extra/c1.eth0"
+
+    def also_put(record):
+        return [(extra_key, {"ips": list(record.addresses())})]
+
+    done = ipam.allocate_with("c1.eth0", "node-a", also_put=also_put,
+                              also_absent=[extra_key])
+    extra, handle = store.get(extra_key), store.get(keys.handle("c1.eth0"))
+    assert done.written and done.created
+    assert extra.value["ips"] == list(done.record.addresses())
+    assert extra.mod_revision == handle.mod_revision == done.revision  # one transaction
+    # Again: the first attempt (the cached view assumes a new handle) builds a commit
+    # that fails its compares, writing nothing; the handle's record comes back...
+    again = ipam.allocate_with("c1.eth0", "node-a", also_put=also_put)
+    assert again.record == done.record and not again.written
+    # ...unless a key that must be absent exists: then nothing is written, and it says.
+    with pytest.raises(KeyPresent):
+        ipam.allocate_with("c2.eth0", "node-a", also_put=also_put, also_absent=[extra_key])
+    assert store.get(keys.handle("c2.eth0")) is None
+    assert store.get(extra_key).value == extra.value
+
+
+def test_release_from_a_known_entry_in_one_transaction_or_the_usual_way(ipam, store):
+    """The one-round-trip release guesses the address keys' revisions from the handle
+    entry; a record that was rewritten since (a repair) fails the guess and is
+    released the usual way, never left half released."""
+    ipam.add_pool(parse_pool("default", "10.244.0.0/24"))
+    ipam.add_pool(parse_pool("v6", "fd00:244::/64"))
+    simple = ipam.allocate("c1.eth0", "node-a")
+    dual = ipam.allocate("c2.eth0", "node-a", families=(4, 6))
+    assert ipam.release("c1.eth0", known=store.get(keys.handle("c1.eth0"))) == \
+        list(simple.addresses())
+    assert ipam.release("c2.eth0", known=store.get(keys.handle("c2.eth0"))) == \
+        list(dual.addresses())
+    three = ipam.allocate("c3.eth0", "node-a")
+    stale = store.get(keys.handle("c3.eth0"))
+    ipam.update_pool("default", nat_outgoing=True)  # unrelated write: revisions move on
+    store.put(keys.handle("c3.eth0"), stale.value)  # rewritten: create != mod revision
+    assert ipam.release("c3.eth0", known=store.get(keys.handle("c3.eth0"))) == \
+        list(three.addresses())
+    assert store.keys(keys.IPS) == [] and store.keys(keys.HANDLES) == []
+
+
+def test_a_handle_held_by_one_node_is_neither_given_nor_freed_by_another(ipam, store):
+    """The same container ID on two hosts is two containers: the second must not get
+    the first one's address, and a DEL on the second host must not free it."""
+    from fabric.model.handles import HandleElsewhere
+
+    ipam.add_pool(parse_pool("p", "10.244.0.0/16"))
+    first = ipam.allocate("same.eth0", "n1")
+    with pytest.raises(HandleElsewhere, match="held by node n1"):
+        ipam.allocate("same.eth0", "n2")
+    assert ipam.release("same.eth0", node="n2") == []
+    assert ipam.handle("same.eth0") == first
+    assert ipam.release("same.eth0", node="n1") == list(first.addresses())
+
+
+def test_adopting_addresses_etcd_forgot_reserves_them_and_their_block(ipam, store):
+    """After a restore from an older backup: an address a live container still uses is
+    recorded again (its block too), so no second container gets it."""
+    from fabric.model.handles import InUse
+
+    ipam.add_pool(parse_pool("p", "10.244.0.0/24"))
+    adopted = ipam.adopt("recovered.l3fabcdef", "n1", ["10.244.0.70"], {"recovered": "1"})
+    assert adopted.allocations[0].block == "10.244.0.64/26"
+    assert [b.affinity for b in ipam.blocks()] == ["n1"]
+    given = {a for i in range(62) for a in ipam.allocate(f"c{i}.eth0", "n1").addresses()}
+    assert "10.244.0.70" not in given
+    with pytest.raises(InUse, match="held by c"):
+        ipam.adopt("recovered.other", "n1", [sorted(given)[0]])
+    assert ipam.handle("recovered.other") is None  # nothing written
+    assert ipam.restore_block("10.244.0.64/26", "p", "n1") is False  # it exists
+    store.delete(keys.block("10.244.0.64/26"))
+    assert ipam.restore_block("10.244.0.64/26", "p", "n1") is True
+    assert [b.cidr for b in ipam.blocks_of("n1")] == ["10.244.0.64/26"]

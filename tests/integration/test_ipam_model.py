@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from fabric.model.handles import Exhausted
+from fabric.model.handles import Exhausted, HandleElsewhere
 from fabric.model.pools import parse_pool
 from fabric.store.datastore import Datastore
 from fabric.store.keys import ROOT
@@ -32,11 +32,16 @@ def machine_class(etcd_settings):
             self.ipam.add_pool(parse_pool("m", "10.60.0.0/29", 30))
             self.ipam.add_pool(parse_pool("m2", "10.60.0.8/30", 30, strict_affinity=True))
             self.model: dict[str, str] = {}
+            self.owner: dict[str, str] = {}  # handle -> the node holding it
 
         @rule(handle=HANDLES, node=NODES)
         def allocate(self, handle, node):
             try:
                 got = self.ipam.allocate(handle, node).allocations[0].address
+            except HandleElsewhere:
+                # One container is on one node: its handle is held by another one.
+                assert handle in self.model and self.owner[handle] != node
+                return
             except Exhausted:
                 # Only when the borrowable pool is full and the strict one is either
                 # full or another node's.
@@ -49,8 +54,10 @@ def machine_class(etcd_settings):
                 return
             if handle in self.model:
                 assert got == self.model[handle], "retried ADD got another address"
+                assert self.owner[handle] == node
             assert got not in {a for h, a in self.model.items() if h != handle}
             self.model[handle] = got
+            self.owner[handle] = node
 
         @rule(handle=HANDLES)
         def release(self, handle):

@@ -167,3 +167,29 @@ def test_a_call_keeps_its_place_and_a_guard_that_failed_installs_nothing(ns, wri
     assert installed.result(10) == []
     assert order == ["rules False: []", "rules True: []"]  # each ran before the next batch
     assert kernel_routes(ns) == {"10.3.0.0/26": "via 192.0.2.2"}
+
+
+def test_our_codec_and_pyroute2_read_the_same_routes(ns, writer):
+    """pyroute2, an independent netlink implementation, is the oracle for the agent's
+    own struct-packed codec: what we wrote is what it reads, field by field."""
+    from pyroute2 import NetNS
+
+    made, _ = writer
+    index = int(subprocess.run(["ip", "-n", ns, "-o", "link", "show", "a0"],
+                               capture_output=True, text=True, check=True).stdout.split(":")[0])
+    routes = [remote(p(f"10.244.{i}.0/26"), ["192.0.2.2"]) for i in range(50)]
+    routes += [blackhole(p("10.244.200.0/26")),
+               Route(p("10.244.201.7/32"), "unicast", (), index, "workload"),
+               remote(p("10.244.202.0/26"), ["192.0.2.2", "192.0.2.3"])]
+    assert applied(made, routes) == []
+    with NetNS(ns) as ipr:
+        seen = {}
+        for msg in ipr.get_routes(family=2, proto=73):
+            dst = f"{msg.get_attr('RTA_DST')}/{msg['dst_len']}"
+            hops = sorted([msg.get_attr("RTA_GATEWAY")] if msg.get_attr("RTA_GATEWAY") else
+                          [h.get_attr("RTA_GATEWAY") for h in msg.get_attr("RTA_MULTIPATH") or []])
+            seen[p(dst)] = (msg["type"], tuple(hops), (msg.get_attr("RTA_OIF") or 0) if not hops
+                            else 0)
+    expected = {r.prefix: ({"unicast": 1, "blackhole": 6}[r.type], tuple(sorted(r.gateways)),
+                           r.oif if not r.gateways else 0) for r in routes}
+    assert seen == expected

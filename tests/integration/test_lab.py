@@ -51,7 +51,9 @@ def test_lab_up_inspect_kill_down(name):
     up = json.loads(ctl("-o", "json", "lab", "up", "--name", name, "--hosts", "3").stdout)
     assert up["all_reachable"] is True
     assert len(up["matrix"]) == 6 and all(all(row.values()) for row in up["matrix"].values())
-    assert [h["sessions_up"] for h in up["hosts"]] == [2, 2, 2]
+    # Dual stack by default: a session per other host and family.
+    assert up["families"] == ["ipv4", "ipv6"]
+    assert [h["sessions_up"] for h in up["hosts"]] == [4, 4, 4]
 
     again = ctl("--lab", name, "lab", "up", expect=2)
     assert f"a lab named {name} is already up" in again.stderr
@@ -70,7 +72,8 @@ def test_lab_up_inspect_kill_down(name):
     learned = {r["prefix"]: r["next_hop"] for r in routes if r["best"]}
     for other in ("h2", "h3"):
         for block in nodes[other]["blocks"]:
-            assert learned[block] == nodes[other]["address"]
+            hop = nodes[other]["address6"] if ":" in block else nodes[other]["address"]
+            assert learned[block] == hop
     advertised = json.loads(ctl("-o", "json", "--lab", name, "--host", "h1", "bgp", "routes",
                                 "--advertised").stdout)
     assert {r["prefix"] for r in advertised} == set(nodes["h1"]["blocks"])
@@ -82,7 +85,9 @@ def test_lab_up_inspect_kill_down(name):
                   "h3-w2.fabric.internal")
     assert "1 received" in by_name.stdout
     workloads = json.loads(ctl("-o", "json", "--lab", name, "workloads", "h3-w2").stdout)
-    assert workloads[0]["node"] == "h3" and workloads[0]["ips"][0] in by_name.stdout
+    # The name resolves to both families; ping picks one of them.
+    assert workloads[0]["node"] == "h3" and any(ip in by_name.stdout
+                                                 for ip in workloads[0]["ips"])
 
     added = json.loads(ctl("-o", "json", "lab", "add-host", "--name", name, "--containers",
                            "1").stdout)

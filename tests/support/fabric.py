@@ -106,10 +106,13 @@ def pinging(lab: Lab, source: str, target: str, interval: float = 0.05) -> Itera
     Counts per sequence number rather than ping's summary: the summary counts an echo
     sent just before the interrupt as lost, which on a loaded machine made a clean run
     look like a dropped packet. Echoes sent in the last IN_FLIGHT seconds are not judged;
-    the body's own echoes are at least 1.5 s older than that.
+    the body's own echoes are at least 1.5 s older than that. It starts once `target`
+    answers at all.
     """
     loss = Loss()
     src, dst = lab.state.workloads[source], lab.state.workloads[target]
+    # A workload just added may not be routed everywhere yet: that is not the body's loss.
+    wait_until(lambda: lab.ping(src.netns, dst.ips[0]), f"{source} reaches {target}", 20)
     process = subprocess.Popen(["ip", "netns", "exec", src.netns, "ping", "-n", "-i",
                                 str(interval), dst.ips[0]], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)

@@ -69,3 +69,14 @@ def test_fabric_agent_refuses_a_bad_setting_in_one_line():
                               "/dev/null", "--node-address", "192.0.2.1", "--check-config"],
                              capture_output=True, text=True, timeout=60, env={})
     assert checked.returncode == 0 and "hold_time = 9" in checked.stdout
+
+
+def test_the_settings_table_in_the_docs_is_the_one_the_code_describes():
+    from pathlib import Path
+
+    from fabric.agent.config import settings_table
+
+    page = (Path(__file__).parents[2] / "docs" / "operations.md").read_text()
+    assert settings_table() in page, "regenerate it: python -c 'from fabric.agent.config " \
+        "import settings_table; print(settings_table())'"
+    assert "MISSING" not in page

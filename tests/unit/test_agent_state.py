@@ -15,7 +15,7 @@ from bgp import api
 from fabric.agent import messages as m
 from fabric.agent.clock import FakeClock
 from fabric.agent.routing import DEPARTURE_GRACE, MAX_PREFIX_HOLD_DOWN, Settings
-from fabric.agent.state import MIRRORS, AgentState, Intervals
+from fabric.agent.state import EVENT_RESYNC_GAP, MIRRORS, AgentState, Intervals
 from fabric.agent.workloads import HostLink
 from fabric.kernel.routes import Applied, Resynced, Route, RouteEvent, blackhole, remote
 from fabric.model.blocks import Block
@@ -330,6 +330,7 @@ def test_a_route_changed_by_someone_else_asks_for_one_resync(fab):
     fab.announce("192.0.2.2", "10.244.0.64/26")
     fab.tick()  # the start-up resync
     fab.send(Resynced((), 0, (), 0.0))
+    fab.clock.advance(EVENT_RESYNC_GAP)
     route = fab.kernel[P("10.244.0.64/26")]
     first = fab.send(RouteEvent(True, route))
     second = fab.send(RouteEvent(True, route))
@@ -338,6 +339,20 @@ def test_a_route_changed_by_someone_else_asks_for_one_resync(fab):
     assert resync.desired[P("10.244.0.64/26")] == route
     unrelated = fab.send(RouteEvent(False, remote(P("10.9.0.0/16"), ["192.0.2.9"])))
     assert unrelated == []  # already pending; and the next resync removes it anyway
+
+
+def test_a_flood_of_foreign_route_changes_costs_one_resync_per_gap(fab):
+    fab.up("192.0.2.2")
+    fab.announce("192.0.2.2", "10.244.0.64/26")
+    fab.tick()
+    fab.send(Resynced((), 0, (), 0.2))  # that resync took 0.2 s: the gap is 4 s
+    route = fab.kernel[P("10.244.0.64/26")]
+    for _ in range(1000):
+        assert fab.send(RouteEvent(True, route)) == []
+    fab.clock.advance(3.9)
+    assert not [j for j in fab.tick() if isinstance(j, m.Resync)]
+    fab.clock.advance(0.2)
+    assert len([j for j in fab.tick() if isinstance(j, m.Resync)]) == 1
 
 
 def test_a_node_record_deleted_and_written_again_costs_no_route(fab):
@@ -627,3 +642,77 @@ def test_a_bgp_config_gone_bad_keeps_the_last_good_one(fab):
     fab.snapshot("bgp-config", {keys.BGP_CONFIG: BgpConfig(64600).to_record()})
     fab.snapshot("bgp-config", {keys.BGP_CONFIG: {"asn": "x"}})
     assert fab.state.routing.view.config.asn == 64600
+
+
+def test_a_block_over_the_underlay_segment_is_neither_blackholed_nor_accepted():
+    """10.99.0.192/26 holds no node address but the segment's gateway and etcd."""
+    me = Node("a", "10.99.0.11", 64512, networks=("10.99.0.0/24",))
+    other = Node("b", "10.99.0.12", 64512, networks=("10.99.0.0/24",))
+    fab = Fabric(me, nodes=(me, other))
+    edge = parse_pool("edge", "10.99.0.0/16")
+    fab.snapshot("pools", {"p": POOL.to_record(), "edge": edge.to_record()})
+    fab.snapshot("blocks", {"10.99.0.192/26": Block("10.99.0.192/26", "edge", "a").to_record(),
+                            "10.99.1.0/26": Block("10.99.1.0/26", "edge", "b").to_record()})
+    assert P("10.99.0.192/26") not in fab.kernel  # no blackhole over our own segment
+    assert "overlaps the underlay network" in fab.state.routing.refused_blocks["10.99.0.192/26"]
+    fab.up("10.99.0.12")
+    fab.announce("10.99.0.12", "10.99.0.128/26", "10.99.1.0/26")
+    assert fab.learned() == {"10.99.1.0/26": ("10.99.0.12",)}
+
+
+def test_a_workload_whose_link_is_gone_for_the_grace_is_released_once():
+    fab = Fabric()
+    grace = fab.state.intervals.gone_grace
+    fab.snapshot("workloads", {"k": workload("c1.eth0", "10.244.0.5",
+                                             "l3f000000000001").to_record()})
+    link = (HostLink("l3f000000000001", 7, True),)
+    fab.send(m.LinksListed(link))
+    assert not [j for j in fab.jobs if isinstance(j, m.ReleaseGone)]
+    fab.send(m.LinksListed(()))  # the container's namespace went (a reboot, no DEL)
+    fab.clock.advance(grace - 1)
+    assert not [j for j in fab.send(m.LinksListed(())) if isinstance(j, m.ReleaseGone)]
+    fab.clock.advance(2)
+    released = [j for j in fab.send(m.LinksListed(())) if isinstance(j, m.ReleaseGone)]
+    assert released == [m.ReleaseGone("c1.eth0", "l3f000000000001")]
+    assert not [j for j in fab.send(m.LinksListed(())) if isinstance(j, m.ReleaseGone)]
+    fab.send(m.JobDone("gone", result={"handle": "c1.eth0", "released": False}))
+    fab.clock.advance(grace + 1)
+    fab.send(m.LinksListed(()))
+    fab.clock.advance(grace + 1)  # asked again, after a grace of its own
+    assert [j for j in fab.send(m.LinksListed(())) if isinstance(j, m.ReleaseGone)]
+
+
+def test_a_link_back_within_the_grace_is_not_released():
+    fab = Fabric()
+    fab.snapshot("workloads", {"k": workload("c1.eth0", "10.244.0.5",
+                                             "l3f000000000001").to_record()})
+    fab.send(m.LinksListed(()))
+    fab.clock.advance(fab.state.intervals.gone_grace / 2)
+    fab.send(m.LinksListed((HostLink("l3f000000000001", 7, True),)))
+    fab.clock.advance(fab.state.intervals.gone_grace)
+    assert not [j for j in fab.send(m.LinksListed(())) if isinstance(j, m.ReleaseGone)]
+
+
+def test_a_block_our_workloads_use_is_restored_when_its_record_goes(fab):
+    fab.snapshot("workloads", {"k": workload("c1.eth0", "10.244.0.5",
+                                             "l3f000000000001").to_record()})
+    blocks = dict(fab.records["blocks"])
+    fab.jobs.clear()
+    fab.snapshot("blocks", {k: v for k, v in blocks.items() if k != "10.244.0.0/26"})
+    assert [j for j in fab.jobs if isinstance(j, m.RestoreBlock)] == [
+        m.RestoreBlock("10.244.0.0/26", "p")]
+    fab.jobs.clear()
+    fab.snapshot("blocks", {k: v for k, v in blocks.items() if k != "10.244.0.0/26"})
+    assert not [j for j in fab.jobs if isinstance(j, m.RestoreBlock)]  # once
+    fab.snapshot("blocks", blocks)  # restored
+    assert not fab.state.restoring_blocks
+
+
+def test_host_settings_are_checked_on_their_timer_and_repairs_reported(fab):
+    fab.jobs.clear()
+    fab.clock.advance(fab.state.intervals.host + 0.1)
+    assert [j for j in fab.tick() if isinstance(j, m.CheckHost)]
+    assert not [j for j in fab.tick() if isinstance(j, m.CheckHost)]  # once per interval
+    fab.send(m.JobDone("host", result={"repaired": ["net.ipv4.ip_forward"]}))
+    assert "net.ipv4.ip_forward" in fab.state.status()["last_host_repair"]
+    assert fab.state.counters.host_repairs == 1

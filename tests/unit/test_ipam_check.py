@@ -88,3 +88,10 @@ def test_leak_tracker_needs_continuous_sighting():
     assert tracker.observe(["a"], now=600) == ["a"]  # b recovered: forgotten
     assert tracker.observe(["a", "b"], now=700) == ["a"]
     assert tracker.observe(["a", "b"], now=1300) == ["a", "b"]
+
+
+def test_addresses_in_a_block_with_no_record_are_found():
+    snap = snapshot([handle("a", "10.0.0.1")], [IpOwner("10.0.0.1", BLOCK, "a", "n1")],
+                    [("n1", "a")], blocks=[Block("10.0.0.64/26", "p", "n2")], nodes=("n1", "n2"))
+    [finding] = check(snap).of("blockless")
+    assert (finding.subject, finding.node, finding.addresses) == (BLOCK, "n1", ("10.0.0.1",))

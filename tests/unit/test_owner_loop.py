@@ -114,3 +114,21 @@ def test_a_failing_message_answers_its_caller_and_the_loop_goes_on():
     assert loop.ask(lambda s: s.ready)  # still serving
     loop.stop()
     thread.join(5)
+
+
+def test_a_burst_of_snapshots_from_a_mirror_is_handled_as_its_newest_one():
+    clock = FakeClock()
+    state = AgentState(A, clock, Settings(max_prefixes=10_000))
+    handled: list[object] = []
+    real = state.handle
+    state.handle = lambda message: handled.append(message) or real(message)  # type: ignore[method-assign]
+    loop = OwnerLoop(state, clock, Recorder())
+    post = loop.snapshots("workloads")
+    for count in range(500):  # the loop is busy: nothing is taken meanwhile
+        post({f"k{i}": {"handle": f"h{i}.eth0", "node": "a"} for i in range(count)}, {})
+    assert loop.inbox.qsize() == 1  # one token, not 500 full copies
+    loop.step(loop.inbox.get())
+    [snapshot] = handled
+    assert isinstance(snapshot, m.Snapshot) and len(snapshot.records) == 499
+    post({}, {})  # a later change is queued again
+    assert loop.inbox.qsize() == 1

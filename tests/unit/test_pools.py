@@ -59,7 +59,7 @@ def test_underlay_conflicts_name_nodes_and_peers():
     pool = parse_pool("underlay", "10.99.0.0/24")
     assert underlay_conflicts(pool, nodes, peers) == ["node h1 (10.99.0.11)",
                                                       "BGP peer tor1 (10.99.0.254)"]
-    with pytest.raises(PoolError, match=r"contains the address of node h1 \(10.99.0.11\), "
+    with pytest.raises(PoolError, match=r"overlaps node h1 \(10.99.0.11\), "
                                         r"BGP peer tor1 \(10.99.0.254\)"):
         check_underlay(pool, nodes, peers)
     check_underlay(parse_pool("ok", "10.244.0.0/16"), nodes, peers)
@@ -67,6 +67,40 @@ def test_underlay_conflicts_name_nodes_and_peers():
         "node v6 (fd00:99::1)"]
 
 
+def test_a_pool_inside_a_nodes_underlay_network_or_over_etcd_is_refused():
+    """10.99.0.192/26 holds no node address but the segment's gateway and etcd
+    (10.99.0.254): one ADD from it took etcd away from the whole fabric."""
+    from fabric.model.nodes import Node
+    from fabric.model.pools import check_underlay, underlay_conflicts
+
+    nodes = [Node("h1", "10.99.0.11", 64512, networks=("10.99.0.0/24", "fd99::/64"))]
+    edge = parse_pool("edge", "10.99.0.192/26")
+    assert underlay_conflicts(edge, nodes, []) == ["node h1's underlay network 10.99.0.0/24"]
+    with pytest.raises(PoolError, match=r"underlay network 10\.99\.0\.0/24"):
+        check_underlay(edge, nodes, [])
+    far = parse_pool("far", "10.50.0.0/16")
+    assert underlay_conflicts(far, [], [], [("etcd endpoint 10.50.0.1", "10.50.0.1")]) == [
+        "etcd endpoint 10.50.0.1 (10.50.0.1)"]
+    assert underlay_conflicts(parse_pool("ok", "10.244.0.0/16"), nodes, []) == []
+
+
 def test_names_with_a_trailing_newline_are_refused():
     with pytest.raises(PoolError, match="pool name"):
         parse_pool("p\n", "10.0.0.0/24")
+
+
+@pytest.mark.parametrize("cidr,why", [
+    ("127.0.0.0/8", "loopback"), ("169.254.0.0/16", "169.254.1.1"),
+    ("224.0.0.0/4", "multicast"), ("fe80::/10", "link-local"), ("::/0", "every address"),
+    ("0.0.0.0/0", "every address"), ("240.0.0.0/8", "reserved"), ("ff02::/16", "multicast"),
+    ("127.0.0.0/26", "loopback"),
+])
+def test_pools_over_addresses_containers_cannot_use_are_refused(cidr, why):
+    with pytest.raises(PoolError, match=why):
+        parse_pool("p", cidr)
+
+
+def test_ordinary_private_and_documentation_pools_are_fine():
+    for cidr in ("10.244.0.0/16", "192.168.0.0/16", "172.16.0.0/12", "fd00:244::/64",
+                 "100.64.0.0/10", "2001:db8::/48"):
+        parse_pool("p", cidr)

@@ -71,9 +71,8 @@ def test_teardown_tolerates_only_not_found():
     """DEL succeeds when things are gone, and fails on anything else (busy, forbidden)."""
     import errno
 
-    from pyroute2.netlink.exceptions import NetlinkError
-
     from fabric.kernel import links
+    from fabric.kernel.netlink import NetlinkError
 
     for gone in (errno.ENODEV, errno.ENOENT, errno.ESRCH):
         with links._unless_gone("deleting x"):
