@@ -27,6 +27,7 @@ from pathlib import Path
 
 # This file's folder would shadow the `cni` package it measures.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for bench.common
 
 import argparse
 import json
@@ -43,6 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from bench.common import cpu_seconds, memory_kb, pct
 from cni import invoke
 from cni.install import conflist
 from cni.shim import DEFAULT_SOCKET, FIELDS, encode_request, socket_address
@@ -53,27 +55,6 @@ from fabric.lab.topology import Lab
 
 REF_DIR = "/usr/lib/cni"
 LAB = "benchcni"
-TICK = 100  # USER_HZ: /proc/PID/stat counts CPU in these
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def proc_cpu(pid: int) -> float:
-    """CPU seconds (user + system) a process has used so far."""
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
-
-
-def peak_rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def children_cpu() -> float:
@@ -120,11 +101,11 @@ class Meter:
         self.pids = (agent_pid, etcd_pid)
 
     def __enter__(self) -> Meter:
-        self.start = (children_cpu(), *(proc_cpu(p) for p in self.pids))
+        self.start = (children_cpu(), *(cpu_seconds(p) for p in self.pids))
         return self
 
     def __exit__(self, *_: object) -> None:
-        end = (children_cpu(), *(proc_cpu(p) for p in self.pids))
+        end = (children_cpu(), *(cpu_seconds(p) for p in self.pids))
         self.plugins, self.agent, self.etcd = (b - a for a, b in zip(self.start, end,
                                                                       strict=True))
 
@@ -364,7 +345,7 @@ def main() -> int:
                   f"{1000 * ours.cpu[case] / n_ours:.1f} ms + agent "
                   f"{1000 * ours.agent_cpu[case] / n_ours:.1f} ms + etcd "
                   f"{1000 * ours.etcd_cpu[case] / n_ours:.1f} ms")
-        print(f"agent peak RSS {peak_rss_mb(agent_pid):.1f} MB; largest plugin process "
+        print(f"agent peak RSS {memory_kb(agent_pid)['hwm'] / 1024:.1f} MB; largest plugin process "
               f"{resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.1f} MB "
               "(either side)")
         print()

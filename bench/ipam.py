@@ -35,6 +35,7 @@ from pathlib import Path
 
 # This file's folder would shadow the `ipam` package it measures.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for bench.common
 
 import argparse
 import json
@@ -49,6 +50,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from bench.common import cpu_seconds, memory_kb, pct
 from cni import invoke
 from cni.shim import DEFAULT_SOCKET, FIELDS, encode_request, socket_address
 from fabric import logs
@@ -63,26 +65,6 @@ from ipam.check import check
 LAB = "benchipam"
 HOSTS, WORKERS = 3, 8
 IPAM_PLUGIN = "l3fabric-ipam"
-TICK = 100  # USER_HZ
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def proc_cpu(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
-
-
-def peak_rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def _enter(ns_path: str) -> None:
@@ -346,9 +328,9 @@ def main() -> int:
                      "--nonblocking", "--output", str(args.profile / f"{tag}-{r}.txt")],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(0.5)
-            before = [proc_cpu(p) for p in (*agents, etcd_pid)]
+            before = [cpu_seconds(p) for p in (*agents, etcd_pid)]
             case.add(*run_parallel(cni_worker, jobs))
-            after = [proc_cpu(p) for p in (*agents, etcd_pid)]
+            after = [cpu_seconds(p) for p in (*agents, etcd_pid)]
             case.cpu["agents"] += sum(after[:HOSTS]) - sum(before[:HOSTS])
             case.cpu["etcd"] += after[HOSTS] - before[HOSTS]
             if spy is not None:
@@ -385,7 +367,7 @@ def main() -> int:
             if case.rates:
                 case.print()
         print(f"{'':<42} agents' peak RSS: " + ", ".join(
-            f"{peak_rss_mb(p):.1f} MB" for p in agents))
+            f"{memory_kb(p)['hwm'] / 1024:.1f} MB" for p in agents))
         print()
         ratio = cni.rate() / cas.rate()
         print(f"CNI ADD allocations/s vs etcd CAS/s ({HOSTS}x{WORKERS}): {ratio:.2f} "

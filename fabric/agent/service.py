@@ -53,7 +53,7 @@ from fabric.agent.workers import Worker
 from fabric.agent.workloads import HostLink
 from fabric.kernel import links
 from fabric.kernel.nat import OutgoingNat
-from fabric.kernel.netlink import RouteSocket, connected_networks
+from fabric.kernel.netlink import RouteSocket
 from fabric.kernel.nftables import Nft, NftError, PolicyTable
 from fabric.kernel.routes import Failure, kind_of
 from fabric.kernel.writer import KernelWriter
@@ -104,7 +104,8 @@ class Agent:
         node = Node(config.node_name, config.address, config.asn or self._fabric_asn(),
                     dict(config.labels), config.rr_cluster_id, time.time(), __version__,
                     config.node_address6 or "", config.router_id or "",
-                    tuple(connected_networks([config.address, config.node_address6 or ""])))
+                    tuple(links.connected_networks([config.address,
+                                                    config.node_address6 or ""])))
         self.registration = Registration(self.store, node.name, config.lease_ttl)
         self.registration.register(node)
         self.registration.refresh()

@@ -39,13 +39,34 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import ipaddress
 import os
 import socket
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-from fabric.kernel.netlink import NetlinkError
+from fabric.kernel.netlink import (
+    NLM_F_ACK,
+    NLM_F_CREATE,
+    NLM_F_DUMP,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    NLMSGERR,
+    NLMSGHDR,
+    RT_TABLE_MAIN,
+    RTA_GATEWAY,
+    RTA_OIF,
+    RTM_GETROUTE,
+    RTM_NEWROUTE,
+    RTMSG,
+    RTN_UNICAST,
+    U32,
+    NetlinkError,
+    each_attr,
+)
+from fabric.kernel.netlink import attr as _attr
 from fabric.kernel.netns import NetnsError, entered
 
 HOST_MAC = "ee:ee:ee:ee:ee:ee"
@@ -57,31 +78,24 @@ NUD_PERMANENT = 0x80
 RTNH_F_ONLINK = 4
 IFA_F_NODAD = 0x02
 
-# rtnetlink (linux/netlink.h, linux/rtnetlink.h, linux/if_link.h, linux/veth.h)
-NLMSG_ERROR, NLMSG_DONE = 2, 3
-NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE, NLM_F_DUMP = 0x1, 0x4, 0x200, 0x400, 0x300
+# rtnetlink for links, addresses and neighbours (linux/if_link.h, linux/veth.h); the
+# header, route message and attribute encoding are shared with `netlink`.
+NLM_F_EXCL = 0x200
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
 RTM_NEWADDR, RTM_GETADDR = 20, 22
-RTM_NEWROUTE, RTM_GETROUTE = 24, 26
 RTM_NEWNEIGH = 28
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_OPERSTATE = 1, 3, 4, 16
 IFLA_LINKINFO, IFLA_GROUP, IFLA_NET_NS_FD = 18, 27, 28
 IFLA_INFO_KIND, IFLA_INFO_DATA, VETH_INFO_PEER = 1, 2, 1
 IFA_ADDRESS, IFA_LOCAL, IFA_FLAGS = 1, 2, 8
 NDA_DST, NDA_LLADDR = 1, 2
-RTA_OIF, RTA_GATEWAY = 4, 5
 IFF_UP = 0x1
-RT_TABLE_MAIN, RTPROT_BOOT, RTN_UNICAST = 254, 3, 1
+RTPROT_BOOT = 3
 OPERSTATES = ("UNKNOWN", "NOTPRESENT", "DOWN", "LOWERLAYERDOWN", "TESTING", "DORMANT", "UP")
 
-NLMSGHDR = struct.Struct("=IHHII")
 IFINFOMSG = struct.Struct("=BxHiII")
 IFADDRMSG = struct.Struct("=BBBBi")
 NDMSG = struct.Struct("=BxxxiHBB")
-RTMSG = struct.Struct("=BBBBBBBBI")
-RTATTR = struct.Struct("=HH")
-U32 = struct.Struct("=I")
-ERRNO = struct.Struct("=i")
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 
 
@@ -106,11 +120,6 @@ class Attachment:
 
 
 # -- netlink messages ------------------------------------------------------------------
-def _attr(kind: int, payload: bytes) -> bytes:
-    length = RTATTR.size + len(payload)
-    return RTATTR.pack(length, kind) + payload + b"\0" * (-length % 4)
-
-
 def _name(value: str) -> bytes:
     return value.encode() + b"\0"
 
@@ -125,15 +134,7 @@ def _mac_text(raw: bytes) -> str:
 
 def _attrs(view: memoryview | bytes, offset: int = 0) -> dict[int, memoryview]:
     """Attributes from `offset` on, by type (the last of a repeated type wins)."""
-    view = memoryview(view)
-    found: dict[int, memoryview] = {}
-    while offset + RTATTR.size <= len(view):
-        length, kind = RTATTR.unpack_from(view, offset)
-        if length < RTATTR.size:
-            break
-        found[kind & 0x3FFF] = view[offset + RTATTR.size:offset + length]
-        offset += (length + 3) & ~3
-    return found
+    return dict(each_attr(view, offset))
 
 
 def _text(raw: memoryview | None) -> str:
@@ -206,7 +207,7 @@ class _Rtnl:
                 if mseq != seq:
                     continue  # a late answer to an earlier request
                 if mtype == NLMSG_ERROR:
-                    code = -ERRNO.unpack_from(payload, 0)[0]
+                    code = -NLMSGERR.unpack_from(payload, 0)[0]
                     if code:
                         raise NetlinkError(code)
                     return replies
@@ -329,6 +330,25 @@ def enable_forwarding() -> list[str]:
         except OSError:  # IPv6 may be disabled on the host
             continue
     return changed
+
+
+def connected_networks(addresses: Iterable[str]) -> list[str]:
+    """The networks (`10.99.0.0/24`) of this namespace's interfaces that hold
+    `addresses`; an address no interface holds is left out."""
+    wanted = {ipaddress.ip_address(a) for a in addresses if a}
+    found: list[str] = []
+    with _Rtnl() as nl:
+        for reply in nl.request(RTM_GETADDR, IFADDRMSG.pack(0, 0, 0, 0, 0), NLM_F_DUMP):
+            af, length, _, _, _ = IFADDRMSG.unpack_from(reply, 0)
+            attrs = _attrs(reply, IFADDRMSG.size)
+            raw = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)
+            if raw is None or af not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            ip = ipaddress.ip_address(bytes(raw))
+            network = str(ipaddress.ip_interface(f"{ip}/{length}").network)
+            if ip in wanted and network not in found:
+                found.append(network)
+    return found
 
 
 def host_links(prefix: str = HOST_PREFIX) -> dict[str, int]:

@@ -15,7 +15,6 @@ destination, gateways (also inside RTA_MULTIPATH) and output interface.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import os
 import socket
 import struct
@@ -61,9 +60,11 @@ class NetlinkError(OSError):
         return int(self.errno or 0)
 
 
-def _attr(kind: int, payload: bytes) -> bytes:
+def attr(kind: int, payload: bytes) -> bytes:
+    """One route attribute (type, length, payload, padding to 4 bytes)."""
     length = RTATTR.size + len(payload)
     return RTATTR.pack(length, kind) + payload + b"\0" * (-length % 4)
+
 
 
 def _gateway(gateway: str) -> tuple[int, bytes]:
@@ -75,22 +76,22 @@ def encode_route(route: Route, seq: int, protocol: int, delete: bool = False,
                  flags: int = 0) -> bytes:
     """One RTM_NEWROUTE (create or replace) or RTM_DELROUTE message."""
     prefix = route.prefix
-    attrs = [_attr(RTA_DST, prefix.packed)]
+    attrs = [attr(RTA_DST, prefix.packed)]
     rtype = RTN_BLACKHOLE if route.type == "blackhole" else RTN_UNICAST
     # A delete must match the route's scope exactly unless it says "nowhere", which
     # matches any (as `ip route del` does): a workload's /32 has link scope.
     scope = RT_SCOPE_NOWHERE if delete else RT_SCOPE_UNIVERSE
     if not delete and rtype == RTN_UNICAST:
         if len(route.gateways) == 1:
-            attrs.append(_attr(RTA_GATEWAY, _gateway(route.gateways[0])[1]))
+            attrs.append(attr(RTA_GATEWAY, _gateway(route.gateways[0])[1]))
         elif route.gateways:
             hops = b""
             for gateway in route.gateways:
-                gw = _attr(RTA_GATEWAY, _gateway(gateway)[1])
+                gw = attr(RTA_GATEWAY, _gateway(gateway)[1])
                 hops += RTNEXTHOP.pack(RTNEXTHOP.size + len(gw), 0, 0, 0) + gw
-            attrs.append(_attr(RTA_MULTIPATH, hops))
+            attrs.append(attr(RTA_MULTIPATH, hops))
         if route.oif:
-            attrs.append(_attr(RTA_OIF, U32.pack(route.oif)))
+            attrs.append(attr(RTA_OIF, U32.pack(route.oif)))
             if not route.gateways:
                 scope = RT_SCOPE_LINK
     body = RTMSG.pack(_AF[prefix.family], prefix.length, 0, 0, RT_TABLE_MAIN, protocol,
@@ -128,7 +129,9 @@ def split(data: bytes | memoryview) -> Iterator[Message]:
         offset += (length + 3) & ~3
 
 
-def _attrs(view: memoryview, offset: int) -> Iterator[tuple[int, memoryview]]:
+def each_attr(view: memoryview | bytes, offset: int = 0) -> Iterator[tuple[int, memoryview]]:
+    """The attributes from `offset` on, in order, as (type, payload)."""
+    view = memoryview(view)
     while offset + RTATTR.size <= len(view):
         length, kind = RTATTR.unpack_from(view, offset)
         if length < RTATTR.size:
@@ -146,7 +149,7 @@ def decode_route(payload: memoryview) -> tuple[Route, int, int] | None:
     dst = b"\0" * (16 if family == 6 else 4)
     gateways: list[str] = []
     oif = 0
-    for kind, value in _attrs(payload, RTMSG.size):
+    for kind, value in each_attr(payload, RTMSG.size):
         if kind == RTA_DST:
             dst = bytes(value)
         elif kind == RTA_GATEWAY:
@@ -162,7 +165,7 @@ def decode_route(payload: memoryview) -> tuple[Route, int, int] | None:
                 if hop_len < RTNEXTHOP.size:
                     break
                 hop = value[offset:offset + hop_len]
-                for sub, sub_value in _attrs(hop, RTNEXTHOP.size):
+                for sub, sub_value in each_attr(hop, RTNEXTHOP.size):
                     if sub == RTA_GATEWAY:
                         gateways.append(socket.inet_ntop(af, bytes(sub_value)))
                 offset += (hop_len + 3) & ~3
@@ -355,40 +358,3 @@ def route_event(msg: Message, protocol: int) -> tuple[bool, Route] | None:
         return None
     return msg.type == RTM_DELROUTE, route
 
-
-# -- addresses: which networks the host's own addresses sit in -------------------------
-RTM_NEWADDR, RTM_GETADDR = 20, 22
-IFA_ADDRESS, IFA_LOCAL = 1, 2
-IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
-
-
-def connected_networks(addresses: Iterable[str]) -> list[str]:
-    """The networks (`10.99.0.0/24`) of the host's interfaces that hold `addresses`, in
-    the current namespace; an address held by no interface is left out."""
-    wanted = {ipaddress.ip_address(a) for a in addresses if a}
-    found: list[str] = []
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
-        sock.bind((0, 0))
-        header = NLMSGHDR.pack(NLMSGHDR.size + 8, RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
-        sock.send(header + struct.pack("=B3xI", socket.AF_UNSPEC, 0))
-        while True:
-            for msg in split(sock.recv(1 << 20)):
-                if msg.type == NLMSG_DONE:
-                    return found
-                if msg.type == NLMSG_ERROR:
-                    (code,) = NLMSGERR.unpack_from(msg.payload)
-                    if code:
-                        raise NetlinkError(-code, f"address dump: {os.strerror(-code)}")
-                    continue
-                if msg.type != RTM_NEWADDR:
-                    continue
-                family, length, _, _, _ = IFADDRMSG.unpack_from(msg.payload)
-                attrs = dict(_attrs(msg.payload, IFADDRMSG.size))
-                raw = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)
-                if raw is None or family not in _FAMILY:
-                    continue
-                ip = ipaddress.ip_address(bytes(raw))
-                if ip in wanted:
-                    network = str(ipaddress.ip_interface(f"{ip}/{length}").network)
-                    if network not in found:
-                        found.append(network)

@@ -17,7 +17,7 @@ from fabric.lab.topology import Lab, sample_pairs
 from ipam.allocator import Ipam
 from ipam.check import check
 from tests.conftest import lab_name, needs_root
-from tests.support.fabric import kernel_routes, pinging, status, wait_until
+from tests.support.fabric import blocks_of, kernel_routes, pinging, status, wait_until
 
 pytestmark = [needs_root, pytest.mark.root, pytest.mark.slow]
 
@@ -87,7 +87,7 @@ def test_losing_one_of_two_route_reflectors_loses_no_route():
         for host in clients:
             kinds = sorted(p["kind"] for p in status(lab, host)["peers"])
             assert kinds == ["reflector", "reflector"]  # clients peer with reflectors only
-        block = next(c for c, o in _blocks(lab).items() if o == "h4")
+        block = next(c for c, o in blocks_of(lab).items() if o == "h4")
         via = f"via {lab.state.hosts['h4'].address}"
         wait_until(lambda: kernel_routes(lab.state.hosts["h3"].netns).get(block) == via,
                    "h3 learned h4's block through the reflectors", 20)
@@ -96,14 +96,6 @@ def test_losing_one_of_two_route_reflectors_loses_no_route():
             time.sleep(12)
             assert kernel_routes(lab.state.hosts["h3"].netns).get(block) == via
         assert loss.lost == 0, loss
-
-
-def _blocks(lab: Lab) -> dict[str, str]:
-    store = lab.store()
-    try:
-        return {b.cidr: b.affinity for b in Ipam(store).blocks() if b.affinity}
-    finally:
-        store.close()
 
 
 def test_a_reachability_sample_has_every_host_as_source_and_destination():
