@@ -83,8 +83,10 @@ class WorkloadRoutes(Protocol):
 
     Each call returns once the kernel has the change, with what the kernel refused."""
 
-    def attach(self, handle: str, ips: Sequence[str], host_ifname: str,
-               index: int) -> list[Failure]: ...
+    def attach(self, handle: str, ips: Sequence[str], host_ifname: str, index: int,
+               namespace: str = "", labels: Mapping[str, str] | None = None,
+               name: str = "") -> list[Failure]:
+        """Also enforces the workload's network policy, before its route exists."""
 
     def detach(self, handle: str, ips: Sequence[str],
                host_ifname: str | None) -> list[Failure]: ...
@@ -185,7 +187,8 @@ class CniHandler:
         # in the allocation's own transaction, which also makes it "registered only
         # while the handle exists" (fabric.store.registry) with no round trip of its own.
         workload = Workload(req.handle, self.node, req.container_id, req.ifname, req.netns,
-                            (), req.workload_name, host_if, time.time(), req.conf.name)
+                            (), req.workload_name, host_if, time.time(), req.conf.name,
+                            req.pod_namespace, dict(req.conf.labels))
         undo = Undo()
         try:
             done: Allocated | dict[str, Any] | None = self._add_new(req, workload, undo)
@@ -286,7 +289,9 @@ class CniHandler:
         undo.push("remove veth", lambda: links.detach(host_if))
         undo.push("remove host routes",
                   lambda: self.routes.detach(req.handle, addresses, host_if))
-        failures = self.routes.attach(req.handle, addresses, host_if, attachment.host_index)
+        failures = self.routes.attach(req.handle, addresses, host_if, attachment.host_index,
+                                      req.pod_namespace, req.conf.labels,
+                                      req.workload_name or "")
         if failures:
             raise CniError(IO_FAILURE, f"host route: {failures[0]}")
         return attachment
@@ -480,7 +485,9 @@ class CniHandler:
     def _allocate(self, req: Request, also_put: AlsoPut,
                   also_absent: Sequence[str] = ()) -> Allocated:
         attrs = {"netns": req.netns, "network": req.conf.name,
-                 "container_id": req.container_id, "ifname": req.ifname}
+                 "container_id": req.container_id, "ifname": req.ifname,
+                 "namespace": req.pod_namespace,
+                 "labels": json.dumps(req.conf.labels, sort_keys=True)}
         try:
             return self.ipam.allocate_with(req.handle, self.node, families=req.conf.families,
                                            pools=req.conf.pools, attrs=attrs,

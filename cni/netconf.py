@@ -14,6 +14,12 @@ from typing import Any
 
 from cni.spec import DECODE_FAILURE, INVALID_CONFIG, INVALID_ENV, CniError, check_version
 from fabric.model.handles import MAX_HANDLE, IpamError, check_handle
+from fabric.model.policy import (
+    DEFAULT_NAMESPACE,
+    label_key_problem,
+    label_value_problem,
+    namespace_problem,
+)
 
 PLUGIN = "l3fabric"
 IPAM_PLUGIN = "l3fabric-ipam"
@@ -34,6 +40,7 @@ _CONTAINER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _IFNAME_BAD = re.compile(r"[/:\s]")
 _DNS_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 NAME_ARGS = ("K8S_POD_NAME", "NAME")
+NAMESPACE_ARG = "K8S_POD_NAMESPACE"
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,7 @@ class NetConf:
     runtime_config: dict[str, Any] = field(default_factory=dict)
     valid_attachments: tuple[tuple[str, str], ...] | None = None
     ipam_routes: tuple[tuple[str, str | None], ...] = ()  # (dst, gw) for IPAM-only use
+    labels: dict[str, str] = field(default_factory=dict)  # the workload's, for policy
 
 
 @dataclass(frozen=True)
@@ -82,6 +90,12 @@ class Request:
             return None
         name = str(raw).lower()
         return name if _DNS_NAME.fullmatch(name) else None
+
+    @property
+    def pod_namespace(self) -> str:
+        """The workload's namespace for network policy: K8S_POD_NAMESPACE as kubelet
+        and containerd send it, else `default`."""
+        return self.args.get(NAMESPACE_ARG) or DEFAULT_NAMESPACE
 
 
 def parse_args(text: str) -> dict[str, str]:
@@ -204,13 +218,41 @@ def parse_conf(raw: bytes, verb: str, plugin: str) -> NetConf:
             and isinstance(r.get("gw"), str | None) for r in routes):
         raise CniError(INVALID_CONFIG, "ipam.routes must be a list of "
                                        "{\"dst\": CIDR, \"gw\": address (optional)}")
+    labels = _labels(doc, runtime)
     valid = None
     if verb == "GC":
         valid = _valid_attachments(doc.get("cni.dev/valid-attachments"))
     return NetConf(version, name, str(doc.get("type", plugin)), mtu,
                    tuple(pools) if pools is not None else None, tuple(families),
                    socket_path, dns, prev, runtime, valid,
-                   tuple((r["dst"], r.get("gw")) for r in routes))
+                   tuple((r["dst"], r.get("gw")) for r in routes), labels)
+
+
+def _labels(doc: Mapping[str, Any], runtime: Mapping[str, Any]) -> dict[str, str]:
+    """The workload's labels: `args.cni.labels` (the CNI conventions' list of
+    {key, value}), then `runtimeConfig.labels` (a map; a runtime passes it per
+    container through the `labels` capability), later ones winning."""
+    labels: dict[str, str] = {}
+    args = doc.get("args")
+    cni_args = args.get("cni") if isinstance(args, dict) else None
+    listed = cni_args.get("labels") if isinstance(cni_args, dict) else None
+    if listed is not None:
+        if not isinstance(listed, list) or not all(
+                isinstance(i, dict) and "key" in i and "value" in i for i in listed):
+            raise CniError(INVALID_CONFIG, "args.cni.labels must be a list of "
+                                           "{\"key\": K, \"value\": V}")
+        labels.update((i["key"], i["value"]) for i in listed)
+    mapped = runtime.get("labels")
+    if mapped is not None:
+        if not isinstance(mapped, dict):
+            raise CniError(INVALID_CONFIG, "runtimeConfig.labels must be a map of label "
+                                           "keys to values")
+        labels.update(mapped)
+    for key, value in labels.items():
+        problem = label_key_problem(key) or label_value_problem(value)
+        if problem:
+            raise CniError(INVALID_CONFIG, f"workload labels: {problem}")
+    return {str(k): str(v) for k, v in labels.items()}
 
 
 def _valid_attachments(value: Any) -> tuple[tuple[str, str], ...]:
@@ -266,5 +308,8 @@ def parse_request(env: Mapping[str, str], stdin: bytes, plugin: str = PLUGIN) ->
     netns = env.get("CNI_NETNS", "")
     if netns and not netns.startswith("/"):
         raise CniError(INVALID_ENV, f"CNI_NETNS {netns!r} must be an absolute path")
-    return Request(command, plugin, container_id, netns, ifname,
-                   parse_args(env.get("CNI_ARGS", "")), conf)
+    args = parse_args(env.get("CNI_ARGS", ""))
+    if args.get(NAMESPACE_ARG) and namespace_problem(args[NAMESPACE_ARG]):
+        raise CniError(INVALID_ENV, f"CNI_ARGS {NAMESPACE_ARG}: "
+                                    f"{namespace_problem(args[NAMESPACE_ARG])}")
+    return Request(command, plugin, container_id, netns, ifname, args, conf)

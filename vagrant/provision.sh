@@ -37,7 +37,7 @@ POOL="${FABRIC_POOL:-10.244.0.0/16}"
 EXPECT_PEERS="${FABRIC_EXPECT_PEERS:-0}"
 WAIT="${FABRIC_WAIT:-1}"
 WAIT_TIMEOUT="${FABRIC_WAIT_TIMEOUT:-180}"
-PACKAGES=(python3 python3-venv iproute2 iptables iputils-ping procps
+PACKAGES=(python3 python3-venv iproute2 iptables nftables iputils-ping procps
           containernetworking-plugins podman runc busybox-static)
 
 # Ready: at least the expected number of sessions, and every session Established.

@@ -18,6 +18,7 @@ from fabric.agent.workloads import HostLink
 from fabric.kernel.routes import Applied, EventsLost, Failure, Resynced, Route, RouteEvent
 from fabric.model.nodes import Node
 from fabric.model.prefix import Prefix
+from fabric.policy.compiler import HostRules, PolicyReport
 
 # -- inputs ------------------------------------------------------------------------------
 
@@ -60,13 +61,19 @@ class ReloadStatus:
 
 @dataclass(frozen=True)
 class Attach:
-    """A CNI ADD wired a workload: route its addresses out of `index`, then reply."""
+    """A CNI ADD wired a workload: enforce its network policy, route its addresses out
+    of `index`, then reply. `policy_reply` completes once its rules are in the kernel,
+    which is before its route is (both go through the kernel writer's one queue)."""
 
     handle: str
     ips: tuple[str, ...]
     host_ifname: str
     index: int
     reply: Future[list[Failure]] = field(compare=False)
+    namespace: str = ""
+    labels: tuple[tuple[str, str], ...] = ()
+    name: str = ""
+    policy_reply: Future[PolicyReport] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -106,8 +113,16 @@ class Stop:
     pass
 
 
+@dataclass(frozen=True)
+class PolicyDone:
+    """The kernel writer applied (or checked) the policy table."""
+
+    report: PolicyReport
+    check: bool = False
+
+
 Input = (Snapshot | BgpEvent | SpeakerStatus | ReloadStatus | Applied | Resynced | RouteEvent
-         | EventsLost | Attach | Detach | LinksListed | JobDone | Query | Stop)
+         | EventsLost | Attach | Detach | LinksListed | JobDone | PolicyDone | Query | Stop)
 
 # -- jobs (outputs) ----------------------------------------------------------------------
 
@@ -119,6 +134,8 @@ class ApplyRoutes:
     replace: tuple[Route, ...]
     delete: tuple[Prefix, ...]
     reply: Future[list[Failure]] | None = field(default=None, compare=False)
+    # A policy apply this batch waits on (an ADD's): if it failed, nothing is installed.
+    guard: Future[PolicyReport] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -201,6 +218,24 @@ class ApplyNat:
     all_pools: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class ApplyPolicy:
+    """Kernel writer (in its queue, among the route batches): make the nftables table
+    hold `rules` (None: nothing to change, only reply in order); `full` replaces it
+    whole."""
+
+    rules: HostRules | None
+    full: bool = False
+    reply: Future[PolicyReport] | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class CheckPolicy:
+    """Kernel writer: compare the table with `rules`, replace it if it differs."""
+
+    rules: HostRules
+
+
 Job = (ApplyRoutes | Resync | Configure | Send | RegisterNode | RefreshLiveness
        | CollectGarbage | ListLinks | CheckHost | ResolveOrphan | ReleaseGone | RestoreBlock
-       | ApplyNat)
+       | ApplyNat | ApplyPolicy | CheckPolicy)

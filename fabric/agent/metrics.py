@@ -61,6 +61,7 @@ def families(status: Mapping[str, Any], counters: Mapping[str, int]) -> list[Fam
                     for p in peers for reason, count in p["rejected_by_reason"].items())
     kernel = status["kernel"]
     health = status.get("health", {})
+    policy = status.get("policy") or {}
     return [
         Family("bgp_sessions", "gauge", "BGP sessions by state",
                tuple(Sample("bgp_sessions", n, {"state": s}) for s, n in sorted(states.items()))),
@@ -90,6 +91,17 @@ def families(status: Mapping[str, Any], counters: Mapping[str, int]) -> list[Fam
         Family("agent_healthy", "gauge", "1 while every agent thread runs, the loop beats "
                "and nothing is degraded (ExaBGP down, registration failing)",
                (Sample("agent_healthy", int(bool(health.get("healthy", False)))),)),
+        Family("policy_rules", "gauge", "network policy rules and sets in this host's table",
+               (Sample("policy_rules", policy.get("rules", 0), {"what": "rules"}),
+                Sample("policy_rules", policy.get("sets", 0), {"what": "sets"}))),
+        Family("policy_in_sync", "gauge", "1 while the policy table holds what is wanted",
+               (Sample("policy_in_sync", int(bool(policy.get("in_sync", False)))),)),
+        Family("policy_apply_failures_total", "counter",
+               "policy table changes nftables refused",
+               (Sample("policy_apply_failures_total", policy.get("failures", 0)),)),
+        Family("policy_drift_repaired_total", "counter",
+               "policy table replacements after a check found it changed",
+               (Sample("policy_drift_repaired_total", policy.get("repaired", 0)),)),
     ]
 
 

@@ -6,6 +6,8 @@ the adapters around it and wires them up:
     etcd mirrors ──Snapshot──►┐                          ┌──► kernel writer (routes)
     ExaBGP speaker ──events──►│                          ├──► ExaBGP speaker (config, API)
     kernel writer ──reports──►├──► owner loop ──jobs──►──┼──► etcd worker (registration, GC)
+                              │                          │    (and the nftables table, in
+                              │                          │     the writer's same queue)
     job workers ──JobDone────►│   (AgentState)           └──► host worker (links, NAT)
     CNI / control ──requests─►┘
 
@@ -27,7 +29,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -36,7 +38,7 @@ from bgp.config import environment
 from bgp.speaker import Speaker
 from cni.handler import CniHandler
 from cni.shim import MAX_REQUEST, decode_request
-from cni.spec import DECODE_FAILURE, LATEST, CniError
+from cni.spec import DECODE_FAILURE, IO_FAILURE, LATEST, CniError
 from fabric import __version__, logs, sockets
 from fabric.agent import messages as m
 from fabric.agent import metrics
@@ -52,11 +54,13 @@ from fabric.agent.workloads import HostLink
 from fabric.kernel import links
 from fabric.kernel.nat import OutgoingNat
 from fabric.kernel.netlink import RouteSocket
+from fabric.kernel.nftables import Nft, NftError, PolicyTable
 from fabric.kernel.routes import Failure, kind_of
 from fabric.kernel.writer import KernelWriter
 from fabric.model.nodes import Node, Workload
 from fabric.model.peers import BgpConfig
 from fabric.model.prefix import Prefix
+from fabric.policy.compiler import PolicyReport
 from fabric.store import keys
 from fabric.store.datastore import Datastore, absent, put, unchanged
 from fabric.store.errors import CorruptValue, Unavailable
@@ -71,7 +75,8 @@ STUCK_LOOP = 60.0  # seconds without a beat: the loop is stuck, the agent unheal
 CONTROL_MAX_REQUEST = 1 << 20  # fabricctl sends a method and a few parameters
 MIRRORS = (("pools", keys.POOLS), ("nodes", keys.NODES), ("blocks", keys.BLOCKS),
            ("borrowed", keys.BORROWED), ("bgp-config", keys.BGP_CONFIG),
-           ("bgp-peers", keys.BGP_PEERS), ("workloads", keys.WORKLOADS))
+           ("bgp-peers", keys.BGP_PEERS), ("workloads", keys.WORKLOADS),
+           ("policies", keys.POLICIES), ("namespaces", keys.NAMESPACES))
 
 
 class AgentAlreadyRunning(RuntimeError):
@@ -118,6 +123,9 @@ class Agent:
             relay_command=tuple(self.speaker.relay_command), nat_outgoing=config.nat_outgoing)
         self.loop = OwnerLoop(self.state, self.clock, self._dispatch)
         self.writer = KernelWriter(config.route_protocol, self.loop.post)
+        # The policy table is never flushed at start: the previous run's rules stay in
+        # force until the first apply replaces them in one transaction.
+        self.policy_table = PolicyTable()
         taken = self.writer.take_over()
         self.state.desired.take_over(r.prefix for r in taken)  # the loop is not running yet
         self.ipam = Ipam(self.store)
@@ -262,7 +270,7 @@ class Agent:
     def _dispatch(self, job: m.Job) -> None:
         """Hand one job to its adapter (called on the owner loop: never blocks)."""
         if isinstance(job, m.ApplyRoutes):
-            self.writer.apply(job.replace, job.delete, job.reply)
+            self.writer.apply(job.replace, job.delete, job.reply, job.guard)
         elif isinstance(job, m.Resync):
             self.writer.resync(job.desired, job.keep)
         elif isinstance(job, m.Configure):
@@ -287,6 +295,10 @@ class Agent:
             self.host_jobs.submit("links", self._list_links)
         elif isinstance(job, m.ApplyNat):
             self.host_jobs.submit("nat", lambda: self._apply_nat(job))
+        elif isinstance(job, m.ApplyPolicy):
+            self.writer.call(lambda: self._apply_policy(job))
+        elif isinstance(job, m.CheckPolicy):
+            self.writer.call(lambda: self._check_policy(job))
         else:
             raise TypeError(f"no adapter for {job!r}")
 
@@ -322,6 +334,28 @@ class Agent:
     def _list_links(self) -> None:
         found = tuple(HostLink(n, i, up) for n, i, up in links.host_link_states())
         self.loop.post(m.LinksListed(found))
+
+    def _apply_policy(self, job: m.ApplyPolicy) -> None:
+        """On the kernel writer's thread, in order with the route batches."""
+        try:
+            report = PolicyReport(True) if job.rules is None else \
+                self.policy_table.apply(job.rules, job.full)
+        except Exception as exc:  # libnftables missing, or worse: fail the ADD, not the agent
+            self.log.exception("network policy apply failed")
+            report = PolicyReport(False, error=str(exc) or type(exc).__name__)
+        if job.reply is not None and not job.reply.done():
+            job.reply.set_result(report)
+        if not report.ok:
+            self.log.error("network policy not applied", error=report.error)
+        if job.rules is not None:
+            self.loop.post(m.PolicyDone(report))
+
+    def _check_policy(self, job: m.CheckPolicy) -> None:
+        try:
+            report = self.policy_table.check(job.rules)
+        except Exception as exc:
+            report = PolicyReport(False, error=str(exc) or type(exc).__name__)
+        self.loop.post(m.PolicyDone(report, check=True))
 
     def _apply_nat(self, job: m.ApplyNat) -> None:
         self.nat.apply(job.nat_pools, job.all_pools)
@@ -378,7 +412,8 @@ class Agent:
         record = Workload(held.handle, self.config.node_name, attrs.get("container_id", ""),
                           attrs.get("ifname", ""), attrs.get("netns", ""),
                           held.addresses(), None, links.host_ifname(held.handle),
-                          time.time(), attrs.get("network", ""))
+                          time.time(), attrs.get("network", ""), attrs.get("namespace", ""),
+                          _labels_attr(attrs.get("labels", "")))
         handle_entry = self.store.get(keys.handle(held.handle))
         if handle_entry is None:
             return False
@@ -404,7 +439,7 @@ class Agent:
             params = dict(request.get("params") or {})
             handlers: dict[str, Callable[..., Any]] = {
                 "status": self.status, "bgp_routes": self._bgp_routes,
-                "routes": self._kernel_routes}
+                "routes": self._kernel_routes, "policy": self._policy_table}
             handler = handlers.get(method)
             if handler is None:
                 return json.dumps({"error": f"unknown method {method!r}"}).encode()
@@ -448,6 +483,21 @@ class Agent:
                          "stale": want is None and route.prefix in kept})
         return {"routes": rows, "drift": drift, "failed": failed,
                 "protocol": self.config.route_protocol}
+
+    def _policy_table(self) -> dict[str, Any]:
+        """The nftables table as the kernel lists it, and the agent's view of it."""
+        nft = Nft()
+        try:
+            listing = nft.list_table()
+        except NftError as exc:
+            listing, error = None, str(exc)
+        else:
+            error = ""
+        finally:
+            nft.close()
+        status = self.loop.ask(lambda s: s.policy.status())
+        return {"listing": listing, "error": error, "status": status,
+                "node": self.config.node_name}
 
     def _collect_metrics(self) -> list[metrics.Family]:
         status = self.status()
@@ -493,6 +543,7 @@ class Agent:
             for worker in (self.etcd_jobs, self.host_jobs):
                 worker.stop()
             self.writer.stop()
+            self.policy_table.close()
         if hasattr(self, "registration"):
             self.registration.withdraw_liveness()
         if hasattr(self, "store"):
@@ -510,11 +561,19 @@ class LoopRoutes:
         self.loop = loop
         self.timeout = timeout
 
-    def attach(self, handle: str, ips: Sequence[str], host_ifname: str,
-               index: int) -> list[Failure]:
+    def attach(self, handle: str, ips: Sequence[str], host_ifname: str, index: int,
+               namespace: str = "", labels: Mapping[str, str] | None = None,
+               name: str = "") -> list[Failure]:
         reply: Future[list[Failure]] = Future()
-        self.loop.post(m.Attach(handle, tuple(ips), host_ifname, index, reply))
-        return reply.result(self.timeout)
+        policy: Future[PolicyReport] = Future()
+        self.loop.post(m.Attach(handle, tuple(ips), host_ifname, index, reply, namespace,
+                                tuple(sorted((labels or {}).items())), name, policy))
+        report = policy.result(self.timeout)
+        failures = reply.result(self.timeout)
+        if not report.ok:
+            raise CniError(IO_FAILURE, f"network policy for the workload could not be "
+                                       f"enforced (no route installed): {report.error}")
+        return failures
 
     def detach(self, handle: str, ips: Sequence[str],
                host_ifname: str | None) -> list[Failure]:
@@ -527,3 +586,12 @@ class LoopRoutes:
         return [a for a in ips if (route := wanted.get(Prefix.parse(a))) is None
                 or (index is not None and route.oif != index)]
 
+
+
+def _labels_attr(text: str) -> dict[str, str]:
+    """Workload labels kept in an IPAM handle's attributes (as JSON)."""
+    try:
+        value = json.loads(text) if text else {}
+    except ValueError:
+        return {}
+    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}

@@ -14,6 +14,7 @@ What it owns:
 * `desired`: the kernel routes we want, by source (`fabric.agent.desired`);
 * `workloads`: this node's workloads and host links (`fabric.agent.workloads`);
 * `announcer`: ExaBGP's configuration and what it was told (`fabric.agent.exports`);
+* `policy`: policies, labels and this host's nftables rule model (`fabric.agent.policy`);
 * what the adapters last reported: kernel counters and drift, ExaBGP's process,
   the registration, etcd errors; the periodic jobs' deadlines.
 """
@@ -31,6 +32,7 @@ from fabric.agent import messages as m
 from fabric.agent.clock import Clock
 from fabric.agent.desired import DesiredRoutes, KernelBatch
 from fabric.agent.exports import Announcer
+from fabric.agent.policy import PolicyView
 from fabric.agent.routing import Outcome, Routing, Settings
 from fabric.agent.workloads import Workloads, names
 from fabric.kernel.routes import Applied, Drift, EventsLost, Resynced, RouteEvent, blackhole
@@ -44,7 +46,8 @@ from fabric.store import keys
 from ipam.blocks import block_containing
 
 T = TypeVar("T")
-MIRRORS = ("pools", "nodes", "blocks", "borrowed", "bgp-config", "bgp-peers", "workloads")
+MIRRORS = ("pools", "nodes", "blocks", "borrowed", "bgp-config", "bgp-peers", "workloads",
+           "policies", "namespaces")
 EVENT_RESYNC_GAP = 0.5  # seconds between resyncs prompted by route events, at least
 SPEAKER_GRACE = 15.0  # seconds ExaBGP may be down or unconnected (a restart) unreported
 
@@ -126,6 +129,7 @@ class AgentState:
         self.desired = DesiredRoutes()
         self.workloads = Workloads()
         self.announcer = Announcer(self.relay_command)
+        self.policy = PolicyView(self.me.name)
         self.dns_names: Mapping[str, tuple[str, ...]] = {}  # replaced whole, never mutated
         self.mirrors_seen: set[str] = set()
         self.ignored: dict[str, dict[str, str]] = {}  # mirror -> key -> why not used
@@ -148,7 +152,7 @@ class AgentState:
         self.due: dict[str, float] = {
             "resync": now, "links": now, "host": now + self.intervals.host,
             "gc": now + self.intervals.gc_first,
-            "liveness": now + self.intervals.liveness}
+            "liveness": now + self.intervals.liveness, "policy": now}
 
     # -- the entry points --------------------------------------------------------------
     def handle(self, message: object) -> list[m.Job]:
@@ -177,7 +181,13 @@ class AgentState:
         elif isinstance(message, m.Attach):
             self.workloads.attach(message.handle, message.ips, message.host_ifname,
                                   message.index)
-            self._apply(self._workload_routes(), jobs, reply=message.reply)
+            self.policy.attach(message.handle, message.ips, message.namespace,
+                               dict(message.labels), message.name, message.host_ifname)
+            # Rules first, then the route, in the writer's one queue: the workload is
+            # never reachable before its policy is enforced (the route waits on it).
+            self._policy(jobs, reply=message.policy_reply)
+            self._apply(self._workload_routes(), jobs, reply=message.reply,
+                        guard=message.policy_reply)
         elif isinstance(message, m.Detach):
             self.workloads.detach(message.handle, message.host_ifname)
             batch = self._workload_routes()
@@ -186,6 +196,8 @@ class AgentState:
             # Addresses DEL names but no route of ours did (a half-made ADD): make sure.
             self._apply(KernelBatch(batch.replace, batch.delete + gone), jobs,
                         reply=message.reply)
+            self.policy.detach(message.handle)
+            self._policy(jobs)  # its addresses leave the sets once its route is gone
         elif isinstance(message, m.LinksListed):
             now = self.clock.monotonic()
             for orphan in self.workloads.on_links(message.links, now):
@@ -195,8 +207,15 @@ class AgentState:
                               link=link)
                 jobs.append(m.ReleaseGone(handle, link))
             self._apply(self._workload_routes(), jobs)
+            self._policy(jobs)
         elif isinstance(message, m.JobDone):
             self._on_job_done(message, jobs)
+        elif isinstance(message, m.PolicyDone):
+            if not message.check:
+                self.policy.in_flight = max(0, self.policy.in_flight - 1)
+            self.policy.on_report(message.report, message.check)
+            if self.policy.dirty and not self.policy.in_flight:
+                self._policy(jobs)
         else:
             raise TypeError(f"not an input of the agent: {message!r}")
         return jobs
@@ -214,6 +233,12 @@ class AgentState:
                 self.due["resync"] = now + max(self.intervals.resync,
                                                50 * self.kernel.last_resync_seconds)
                 self._request_resync(jobs)
+        if now >= self.due["policy"]:
+            # Listing a big table costs too (1,000 policies: a few hundred ms of CPU):
+            # like the routes' resync, keep the periodic check under 2% of the time.
+            self.due["policy"] = now + max(self.intervals.resync,
+                                           50 * self.policy.stats.last_check_seconds)
+            self._check_policy(jobs)
         if now >= self.due["links"]:
             self.due["links"] = now + self.intervals.links
             jobs.append(m.ListLinks())
@@ -279,6 +304,8 @@ class AgentState:
             pools = self._decode(snap, _value(Pool.from_record))
             self._carry_out(self.routing.set_view(pools=pools), jobs)
             self._nat(pools, jobs)
+            self.policy.on_pools(p.family for p in pools)
+            self._policy(jobs)
         elif snap.name == "nodes":
             nodes = self._decode(snap, _value(Node.from_record))
             self._carry_out(self.routing.set_view(nodes=nodes), jobs)
@@ -301,6 +328,14 @@ class AgentState:
             self.dns_names = names(everyone)
             self.workloads.on_registrations(w for w in everyone if w.node == self.me.name)
             self._apply(self._workload_routes(), jobs)
+            self.policy.on_workloads(everyone)
+            self._policy(jobs)
+        elif snap.name == "policies":
+            self.policy.on_policies(snap.records)
+            self._policy(jobs)
+        elif snap.name == "namespaces":
+            self.policy.on_namespaces(snap.records)
+            self._policy(jobs)
         else:
             raise ValueError(f"unknown mirror {snap.name!r}")
 
@@ -407,10 +442,46 @@ class AgentState:
             info.down_since = self.clock.monotonic()
 
     # -- the kernel --------------------------------------------------------------------
-    def _apply(self, batch: KernelBatch, jobs: list[m.Job], reply: Any = None) -> None:
+    def _apply(self, batch: KernelBatch, jobs: list[m.Job], reply: Any = None,
+               guard: Any = None) -> None:
         if batch or reply is not None:
             self.applies_in_flight += 1
-            jobs.append(m.ApplyRoutes(batch.replace, batch.delete, reply))
+            jobs.append(m.ApplyRoutes(batch.replace, batch.delete, reply, guard))
+
+    # -- network policy ------------------------------------------------------------------
+    def _policy(self, jobs: list[m.Job], reply: Any = None) -> None:
+        """Hand the writer this host's rules when they changed (and only once the view
+        of etcd is complete: rules computed from half a view could open a hole; the
+        table a previous run left stays enforced until then).
+
+        While an apply is in flight, changes from etcd are coalesced: the rules are
+        computed again once it is done, so a burst (1,000 policies arrive as 16
+        transactions) costs one or two applies, not sixteen. An ADD never waits: its
+        workload's rules go now, ahead of its route."""
+        if not self.ready:
+            if reply is not None:
+                jobs.append(m.ApplyPolicy(None, reply=reply))
+            return
+        if reply is None and self.policy.in_flight:
+            self.policy.dirty = True
+            return
+        self.policy.dirty = False
+        rules = self.policy.desired(self.workloads.known(), self.workloads.detached)
+        full = self.policy.retry
+        if rules != self.policy.sent or full:
+            self.policy.sent = rules
+            self.policy.sent_digest = rules.digest()
+            self.policy.retry = False
+            self.policy.in_flight += 1
+            jobs.append(m.ApplyPolicy(rules, full, reply))
+        elif reply is not None:
+            jobs.append(m.ApplyPolicy(None, reply=reply))
+
+    def _check_policy(self, jobs: list[m.Job]) -> None:
+        if self.policy.retry or self.policy.dirty:
+            self._policy(jobs)
+        elif self.policy.sent is not None and not self.policy.in_flight:
+            jobs.append(m.CheckPolicy(self.policy.sent))
 
     def _workload_routes(self) -> KernelBatch:
         return self.desired.replace("workloads", self.workloads.routes())
@@ -590,6 +661,7 @@ class AgentState:
             "route_kinds": dict(collections.Counter(
                 r.kind for r in self.desired.effective().values())),
             "unregistered_links": dict(self.workloads.unresolved),
+            "policy": self.policy.status(),
             "counters": dict(self.counters.__dict__),
         }
 

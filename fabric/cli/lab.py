@@ -66,6 +66,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="hosts built at once (default 8)")
     up.add_argument("--etcd-members", type=int, default=1, choices=(1, 3, 5),
                     help="etcd cluster members, each in its own namespace (default 1)")
+    up.add_argument("--workloads", metavar="NS/NAME,...", type=_workload_list, default=[],
+                    help="workloads NS/NAME placed round robin on the hosts, labelled "
+                         "pod=NAME, serving TCP and UDP on ports 80 and 81 (as the "
+                         "Kubernetes network-policy tests); instead of "
+                         "--containers-per-host")
     up.set_defaults(handler=up_cmd)
 
     lab_sub.add_parser("status", help="hosts, sessions, routes, workloads"
@@ -91,6 +96,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     restart.add_argument("host_name", metavar="HOST")
     restart.add_argument("--kill", action="store_true", help="kill -9, as in a crash")
     restart.set_defaults(handler=restart_cmd)
+    add_workload = lab_sub.add_parser(
+        "add-workload", help="a workload NS/NAME labelled pod=NAME, serving TCP and UDP on "
+                             "ports 80 and 81, on --host HOST (default: the host with fewest)")
+    add_workload.add_argument("workload", metavar="NS/NAME")
+    add_workload.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                              help="another label (repeatable)")
+    add_workload.set_defaults(handler=add_workload_cmd)
+    probe = lab_sub.add_parser("probe", help="connectivity truth table: connect from every "
+                               "workload (row) to every other one (column)")
+    probe.add_argument("--port", type=int, default=80, help="port (default 80)")
+    probe.add_argument("--protocol", choices=("tcp", "udp"), default="tcp",
+                       help="tcp (connect and read) or udp (datagram and answer)")
+    probe.add_argument("--family", type=int, choices=(4, 6), default=None,
+                       help="the address family probed (default: the lab's first, 4 in a "
+                            "dual-stack lab)")
+    probe.set_defaults(handler=probe_cmd)
     lab_sub.add_parser("down", help="remove everything the lab made (safe to repeat)"
                        ).set_defaults(handler=down_cmd)
     lab_sub.add_parser("env", help="shell exports to use fabricctl against the lab's etcd"
@@ -189,7 +210,15 @@ def up_cmd(ctx: Context) -> int:
     def reflector(index: int) -> str | None:
         return f"10.255.0.{index}" if index <= ctx.route_reflectors else None
 
+    def install_cni() -> None:
+        """Once, before threads attach workloads: each would otherwise install the plugin
+        when it finds none, and two installs at once collide on the same file."""
+        if not (lab.cni_bin / "l3fabric").exists():
+            lab.install_cni()
+
     def workloads() -> None:
+        install_cni()
+
         def attach(name: str) -> None:
             own = Lab(lab.name)
             for _ in range(ctx.containers_per_host):
@@ -197,6 +226,23 @@ def up_cmd(ctx: Context) -> int:
 
         with ThreadPoolExecutor(max_workers=max(1, ctx.parallel)) as pool:
             list(pool.map(attach, list(lab.refresh().hosts)))
+        lab.refresh()
+
+    def named_workloads() -> None:
+        hosts = sorted(lab.refresh().hosts, key=lambda h: int(h[1:]) if h[1:].isdigit() else 0)
+        install_cni()
+        placed: dict[str, list[tuple[str, str]]] = {}
+        for index, ref in enumerate(ctx.workloads):
+            placed.setdefault(hosts[index % len(hosts)], []).append(ref)
+
+        def attach(host: str) -> None:
+            own = Lab(lab.name)  # a Lab per thread, as for the hosts
+            for namespace, name in placed[host]:
+                own.add_workload(host, name, namespace=namespace, labels={"pod": name},
+                                 serve=True)
+
+        with ThreadPoolExecutor(max_workers=max(1, ctx.parallel)) as pool:
+            list(pool.map(attach, list(placed)))
         lab.refresh()
 
     nets = [n for f, n in ((4, ctx.underlay), (6, ctx.underlay6)) if f in families]
@@ -209,7 +255,8 @@ def up_cmd(ctx: Context) -> int:
         steps.append((f"{ctx.peer} as {'eBGP ToR' if tor else 'route reflector'}",
                       lambda: lab.add_peer(ctx.peer, ctx.peer_role)))
     steps.append(("neighbour tables sized for the lab",
-                  lambda: _size_neighbours(ctx.hosts, ctx.containers_per_host, families)))
+                  lambda: _size_neighbours(ctx.hosts, max(ctx.containers_per_host, -(
+                      -len(ctx.workloads) // ctx.hosts)), families)))
     if ctx.hosts <= 5:  # one line per host: what people see in a small lab
         for index in range(1, ctx.hosts + 1):
             rr = reflector(index)
@@ -225,7 +272,10 @@ def up_cmd(ctx: Context) -> int:
         steps.append((f"{len(rest)} hosts with fabric-agent and ExaBGP, {ctx.parallel} at a "
                       "time", lambda: hosts(rest)))
     steps.append(("BGP sessions established", lambda: _wait_sessions(lab)))
-    if ctx.containers_per_host:
+    if ctx.workloads:
+        steps.append((f"{len(ctx.workloads)} workload(s) round robin through the CNI plugin, "
+                      "serving TCP and UDP on 80 and 81", named_workloads))
+    elif ctx.containers_per_host:
         steps.append((f"{ctx.containers_per_host} workload(s) per host through the CNI "
                       "plugin", workloads))
     check = ctx.check or ("all" if ctx.hosts <= 10 else "sample")
@@ -364,12 +414,19 @@ def _summary(ctx: Context, lab: Lab, matrices: dict[str, Matrix]) -> int:
                      for b in names]] for a in names])
     ctl = program()
     lab_opt = "" if lab.name == DEFAULT_LAB else f"--lab {lab.name} "
+    named = sorted(n for n, w in lab.state.workloads.items() if w.namespace)
+    if len(named) >= 2:
+        tries = (f"\n  {ctl} {lab_opt}lab probe --port 80 --protocol tcp"
+                 f"\n  {ctl} {lab_opt}policy apply -f docs/examples/networkpolicy.yaml"
+                 f"\n  {ctl} {lab_opt}--host {lab.state.workloads[named[1]].host} policy "
+                 f"explain {named[0]} {named[1]} --port 80/tcp")
+    else:
+        tries = f"\n  {ctl} {lab_opt}lab exec h1-w1 -- ping -c1 h2-w1.fabric.internal"
     verdict = ("reachability not checked (--check none)" if not matrices else
                "all workloads reach each other" if green else "SOME PINGS FAILED")
     print(f"\n{verdict}. Next:"
           f"\n  {ctl} {lab_opt}--host h1 node status\n  {ctl} {lab_opt}--host h1 bgp routes"
-          f"\n  {ctl} {lab_opt}--host h1 routes\n  {ctl} --lab {lab.name} nodes"
-          f"\n  {ctl} {lab_opt}lab exec h1-w1 -- ping -c1 h2-w1.fabric.internal"
+          f"\n  {ctl} {lab_opt}--host h1 routes\n  {ctl} --lab {lab.name} nodes{tries}"
           f"\n  {ctl} {lab_opt}lab down")
     return OK if green else PROBLEM
 
@@ -486,6 +543,75 @@ def down_cmd(ctx: Context) -> int:
         emit_json({"removed": removed})
     else:
         print("removed: " + (", ".join(removed) if removed else "nothing (no lab was up)"))
+    return OK
+
+
+def _workload_ref(text: str) -> tuple[str, str]:
+    from fabric.model.policy import namespace_problem
+
+    namespace, slash, name = text.partition("/")
+    if not slash or namespace_problem(namespace) or namespace_problem(name):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: use NAMESPACE/NAME (lower-case letters, digits and '-')")
+    return namespace, name
+
+
+def _workload_list(text: str) -> list[tuple[str, str]]:
+    return [_workload_ref(item) for item in text.split(",") if item]
+
+
+def add_workload_cmd(ctx: Context) -> int:
+    from fabric.model.policy import PolicyError, parse_label_assignments
+
+    lab = _existing(ctx)
+    try:
+        namespace, name = _workload_ref(ctx.workload)
+    except argparse.ArgumentTypeError as exc:
+        raise CliError(str(exc)) from exc
+    try:
+        extra, _ = parse_label_assignments(ctx.label)
+    except PolicyError as exc:
+        raise CliError(f"--label: {exc}") from exc
+    host = getattr(ctx.args, "host", None)  # the global --host: which lab host
+    if host is None:
+        counts = {h: 0 for h in lab.state.hosts}
+        for workload in lab.state.workloads.values():
+            counts[workload.host] = counts.get(workload.host, 0) + 1
+        host = min(sorted(counts), key=lambda h: counts[h])
+    elif host not in lab.state.hosts:
+        raise CliError(f"lab {lab.name} has no host {host}")
+    try:
+        made = lab.add_workload(host, name, namespace=namespace,
+                                labels={"pod": name, **extra}, serve=True)
+    except LabError as exc:
+        raise CliError(str(exc)) from exc
+    if ctx.json:
+        emit_json({"workload": made.name, "host": host, "ips": made.ips,
+                   "labels": made.labels})
+    else:
+        print(f"workload {made.name} on {host} ({' '.join(made.ips)}), labels "
+              + ",".join(f"{k}={v}" for k, v in made.labels.items()))
+    return OK
+
+
+def probe_cmd(ctx: Context) -> int:
+    lab = _existing(ctx)
+    if not lab.state.workloads:
+        raise CliError(f"lab {lab.name} has no workloads (lab add-workload NS/NAME)")
+    family = ctx.family or lab.families[0]
+    matrix = lab.probe(ctx.port, ctx.protocol, family=family)
+    if ctx.json:
+        emit_json({"port": ctx.port, "protocol": ctx.protocol, "family": family,
+                   "matrix": matrix})
+        return OK
+    names = sorted(matrix)
+    print(f"{ctx.protocol} port {ctx.port}, IPv{family}, from row to column "
+          "(ok: answered, X: refused or no answer):")
+    width = max(len(n) for n in names)
+    print(" " * width + "  " + "  ".join(n.ljust(width) for n in names).rstrip())
+    for a in names:
+        cells = ["-" if a == b else ("ok" if matrix[a].get(b) else "X") for b in names]
+        print(a.ljust(width) + "  " + "  ".join(c.ljust(width) for c in cells).rstrip())
     return OK
 
 

@@ -19,6 +19,7 @@ from fabric.cli import cni as cni_cmds
 from fabric.cli import ipam as ipam_cmds
 from fabric.cli import lab as lab_cmds
 from fabric.cli import node as node_cmds
+from fabric.cli import policy as policy_cmds
 from fabric.cli.context import Context
 from fabric.cli.output import (
     CLOSED,
@@ -34,10 +35,12 @@ from fabric.lab.etcd import EtcdError
 from fabric.lab.peers import PeerError
 from fabric.lab.topology import LabError
 from fabric.model.handles import IpamError
+from fabric.model.policy import PolicyError
 from fabric.model.pools import PoolError
 from fabric.settings import SettingsError, add_etcd_arguments
 from fabric.sockets import AgentError, AgentUnreachable
 from fabric.store.errors import CorruptValue, DatastoreError, Unavailable
+from fabric.store.policies import LabelError
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -50,7 +53,8 @@ GLOBAL_DEFAULTS: dict[str, object] = {
 # Errors that carry a message written for the user: shown as they are, exit 2.
 EXPECTED: tuple[type[Exception], ...] = (
     SettingsError, Unavailable, CorruptValue, IpamError, PoolError, AgentUnreachable,
-    AgentError, LabError, NetnsError, EtcdError, PeerError)
+    AgentError, LabError, NetnsError, EtcdError, PeerError, PolicyError,
+    LabelError)
 
 
 def global_options() -> argparse.ArgumentParser:
@@ -95,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fabricctl", description="Operate an l3fabric routed container fabric.",
         parents=[common])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (node_cmds, bgp_cmds, ipam_cmds, cni_cmds, lab_cmds):
+    for group in (node_cmds, bgp_cmds, ipam_cmds, cni_cmds, policy_cmds, lab_cmds):
         group.register(sub)
     for _, child in command_tree(parser):
         child._add_container_actions(common)  # what parents=[common] does, after the fact

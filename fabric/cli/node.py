@@ -66,7 +66,8 @@ def status(ctx: Context) -> int:
         ("announcing", ", ".join(doc["exports"]) or "nothing"),
         ("kernel routes", f"{doc['kernel']['applied']} changes applied, "
                           f"{doc['kernel']['repaired']} repaired, "
-                          f"{doc['kernel']['failures']} refused")])
+                          f"{doc['kernel']['failures']} refused"),
+        ("network policy", _policy(doc.get("policy")))])
     print()
     table(["peer address", "name", "kind", "as", "family", "state", "since", "received",
            "accepted", "advertised", "last error"],
@@ -82,6 +83,8 @@ def status(ctx: Context) -> int:
         print(f"NOT routing our own block {cidr}: {why}")
     for link, why in sorted(doc.get("unregistered_links", {}).items()):
         print(f"unregistered host interface {link}: {why}")
+    for key, why in sorted((doc.get("policy") or {}).get("refused", {}).items()):
+        print(f"network policy NOT enforced, its record does not parse: {key}: {why}")
     for key, why in sorted(doc.get("ignored_records", {}).items()):
         print(f"ignored etcd record {key}: {why}")
     if doc.get("last_host_repair"):
@@ -98,6 +101,18 @@ def _health(health: dict[str, Any]) -> str:
     if health.get("degraded"):
         return "DEGRADED: " + "; ".join(health["degraded"])
     return f"healthy, {len(health['threads'])} threads"
+
+
+def _policy(policy: dict[str, Any] | None) -> str:
+    if not policy:
+        return "-"
+    state = "in sync" if policy["in_sync"] else (
+        f"NOT applied: {policy['last_error']}" if policy["last_error"] else "applying")
+    return (f"{policy['policies']} policies, {policy['local_workloads']} local workload(s), "
+            f"{policy['rules']} rules, {policy['sets']} sets; {state} "
+            f"({policy['full_replacements']} table replacements, "
+            f"{policy.get('rule_updates', 0)} rule updates, "
+            f"{policy['element_updates']} element updates, {policy['repaired']} repaired)")
 
 
 def _registration(registration: dict[str, Any]) -> str:

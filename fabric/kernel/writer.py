@@ -11,18 +11,25 @@ earlier batch and before every later one; no write of ours can be in flight. Any
 difference left is somebody else's doing, and only that is reported as drift; a
 route the kernel refused earlier is retried, not called drift.
 
+Other kernel jobs that must keep their place among the route batches (the network
+policy table: a workload's rules go in before its route) run in the same queue
+(`call`). A batch may be guarded by such a job's outcome: an ADD's route is installed
+only if its workload's rules were.
+
 A second thread listens to netlink route events and reports those not caused by our
 own socket, so a route deleted by hand comes back within a moment.
 """
 
 from __future__ import annotations
 
+import errno
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 from fabric import logs
 from fabric.kernel import netlink
@@ -47,6 +54,12 @@ class _Apply:
     replace: tuple[Route, ...]
     delete: tuple[Prefix, ...]
     reply: Future[list[Failure]] | None = field(default=None, compare=False)
+    guard: Future[Any] | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class _Call:
+    work: Callable[[], None]
 
 
 @dataclass(frozen=True)
@@ -64,7 +77,7 @@ class KernelWriter:
         self.portid: int = self._sock.sock.getsockname()[0]
         self._installed: dict[Prefix, Route] = {}
         self._failed: set[Prefix] = set()
-        self._jobs: queue.SimpleQueue[_Apply | _Resync | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[_Apply | _Resync | _Call | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
 
@@ -78,8 +91,15 @@ class KernelWriter:
 
     # -- jobs (any thread) -------------------------------------------------------------
     def apply(self, replace: Iterable[Route], delete: Iterable[Prefix],
-              reply: Future[list[Failure]] | None = None) -> None:
-        self._jobs.put(_Apply(tuple(replace), tuple(delete), reply))
+              reply: Future[list[Failure]] | None = None,
+              guard: Future[Any] | None = None) -> None:
+        """`guard`: a Future completed by an earlier job in this queue; unless it holds
+        a result whose `ok` is true, `replace` is not installed (refused: ECANCELED)."""
+        self._jobs.put(_Apply(tuple(replace), tuple(delete), reply, guard))
+
+    def call(self, work: Callable[[], None]) -> None:
+        """Run `work` on the writer's thread, in order with the batches."""
+        self._jobs.put(_Call(work))
 
     def resync(self, desired: Mapping[Prefix, Route], keep: frozenset[Prefix]) -> None:
         self._jobs.put(_Resync(desired, keep))
@@ -107,6 +127,8 @@ class KernelWriter:
             try:
                 if isinstance(job, _Apply):
                     self._apply(job)
+                elif isinstance(job, _Call):
+                    job.work()
                 else:
                     self._resync(job)
             except Exception as exc:  # a bad moment must not end the writer for good
@@ -115,6 +137,8 @@ class KernelWriter:
                     if job.reply is not None and not job.reply.done():
                         job.reply.set_exception(exc)
                     self.report(Applied(0, (), 0.0))
+                elif isinstance(job, _Call):
+                    continue
                 else:
                     self.report(Resynced((), 0, (), 0.0))
 
@@ -124,12 +148,18 @@ class KernelWriter:
         replace = [r for r in job.replace
                    if self._installed.get(r.prefix) != r or r.prefix in self._failed]
         delete = [self._installed[p] for p in job.delete if p in self._installed]
-        failures = self._send(replace, delete)
+        refused: list[Failure] = []
+        if job.guard is not None and not _succeeded(job.guard):
+            refused = [Failure(r, False, errno.ECANCELED) for r in replace]
+            self._failed |= {r.prefix for r in replace}
+            replace = []
+        failures = self._send(replace, delete) + refused
         if job.reply is not None:
             job.reply.set_result(failures)
         # Reported even when nothing needed writing: the owner loop counts the batches
         # still in flight, and holds its periodic resync back while there are any.
-        self.report(Applied(len(replace) + len(delete) - len(failures), tuple(failures),
+        written = len(replace) + len(delete) - (len(failures) - len(refused))
+        self.report(Applied(written, tuple(failures),
                             time.perf_counter() - started))
 
     def _send(self, replace: list[Route], delete: list[Route]) -> list[Failure]:
@@ -194,3 +224,9 @@ class KernelWriter:
                 raise
         finally:
             sock.close()
+
+
+def _succeeded(guard: Future[Any]) -> bool:
+    if not guard.done() or guard.exception() is not None:
+        return False
+    return bool(getattr(guard.result(), "ok", False))

@@ -106,11 +106,14 @@ class HostState:
 
 @dataclass
 class WorkloadState:
-    name: str
+    name: str  # NS/NAME for workloads made with a namespace, else hN-wM
     host: str
     netns: str
     container_id: str
     ips: list[str] = field(default_factory=list)
+    namespace: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    server_pid: int | None = None  # fabric/lab/server.py: TCP and UDP on 80 and 81
 
 
 @dataclass
@@ -746,8 +749,15 @@ class Lab:
                 families=self.families)
 
     def add_workload(self, host_name: str, name: str | None = None,
-                     dns_domain: str = "fabric.internal") -> WorkloadState:
-        """A namespace attached to `host_name` through the real CNI plugin."""
+                     dns_domain: str = "fabric.internal", namespace: str | None = None,
+                     labels: dict[str, str] | None = None, serve: bool = False
+                     ) -> WorkloadState:
+        """A namespace attached to `host_name` through the real CNI plugin.
+
+        With `namespace`, the workload is NAMESPACE/NAME for network policy (CNI_ARGS
+        K8S_POD_NAMESPACE and K8S_POD_NAME, as kubelet sends them) and `labels` go in
+        the configuration's runtimeConfig. With `serve`, it runs the lab's TCP and UDP
+        servers on ports 80 and 81 (`fabric.lab.server`)."""
         from cni import invoke
 
         if not (self.cni_bin / "l3fabric").exists():
@@ -756,16 +766,25 @@ class Lab:
             host = state.hosts[host_name]
             count = sum(1 for w in state.workloads.values() if w.host == host_name)
             name = name or f"{host_name}-w{count + 1}"
-            if name in state.workloads:
-                raise LabError(f"lab {self.name} already has a workload {name}")
-            workload = WorkloadState(name, host_name, f"{self.name}-{name}",
-                                     f"{self.name}-{name}")
-            state.workloads[name] = workload
+            key = f"{namespace}/{name}" if namespace else name
+            if key in state.workloads:
+                raise LabError(f"lab {self.name} already has a workload {key}")
+            flat = key.replace("/", "-")
+            workload = WorkloadState(key, host_name, f"{self.name}-{flat}",
+                                     f"{self.name}-{flat}", namespace=namespace or "",
+                                     labels=dict(labels or {}))
+            state.workloads[key] = workload
         netns.create(workload.netns)
-        outcome = invoke.run(str(self.cni_bin / "l3fabric"), "ADD",
-                             invoke.network_config(self.conflist()),
+        args = f"NAME={name}"
+        config = invoke.network_config(self.conflist())
+        if namespace:
+            args = f"K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name}"
+            config["runtimeConfig"] = {"labels": dict(labels or {})}
+        if serve:
+            self._start_server(workload)
+        outcome = invoke.run(str(self.cni_bin / "l3fabric"), "ADD", config,
                              container_id=workload.container_id,
-                             netns=netns.path(workload.netns), args=f"NAME={name}",
+                             netns=netns.path(workload.netns), args=args,
                              host_netns=netns.path(host.netns))
         if not outcome.ok:
             raise LabError(f"CNI ADD for {name} on {host_name} failed: {outcome.stdout.strip()}")
@@ -775,9 +794,26 @@ class Lab:
         (resolv / "resolv.conf").write_text(f"nameserver {host.address}\n"
                                             f"search {dns_domain}\n")
         with self.locked() as state:
-            workload = state.workloads[name]
+            workload = state.workloads[key]
             workload.ips = ips
         return workload
+
+    def _start_server(self, workload: WorkloadState) -> None:
+        """The workload's servers, listening before its CNI ADD (so before any probe)."""
+        from fabric.lab import server
+
+        process = subprocess.Popen(
+            ["ip", "netns", "exec", workload.netns, sys.executable, "-I", "-S",
+             server.__file__], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL, start_new_session=True)
+        with self.locked() as state:
+            state.workloads[workload.name].server_pid = process.pid
+        workload.server_pid = process.pid
+        assert process.stdout is not None
+        line = process.stdout.readline()  # "ready", or EOF if it died
+        process.stdout.close()
+        if line.strip() != b"ready":
+            raise LabError(f"the servers of {workload.name} did not start")
 
     def remove_workload(self, name: str) -> None:
         from cni import invoke
@@ -791,6 +827,8 @@ class Lab:
                              host_netns=netns.path(host.netns))
         if not outcome.ok:
             raise LabError(f"CNI DEL for {name} failed: {outcome.stdout.strip()}")
+        if workload.server_pid and still_ours(workload.server_pid, "server.py"):
+            kill_pid(workload.server_pid, timeout=3)
         netns.remove(workload.netns)
         shutil.rmtree(Path("/etc/netns") / workload.netns, ignore_errors=True)
         with self.locked() as state:
@@ -823,6 +861,30 @@ class Lab:
             results = list(pool.map(
                 lambda pair: self.ping(pair[0].netns, address(pair[1]), count=2), pairs))
         out: dict[str, dict[str, bool]] = {w.name: {} for w in workloads}
+        for (a, b), ok in zip(pairs, results, strict=True):
+            out[a.name][b.name] = ok
+        return out
+
+    def probe(self, port: int = 80, protocol: str = "tcp", timeout: float = 3.0,
+              sources: list[str] | None = None, family: int = 4
+              ) -> dict[str, dict[str, bool]]:
+        """Connect from every workload to every other one's address of `family` on
+        `port`/`protocol` (TCP connect and read, or a UDP datagram and its answer), all
+        at once; from -> to -> answered. Denied traffic is rejected, so answers come
+        fast either way; `timeout` only bounds a lost packet."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def address(workload: WorkloadState) -> str:
+            return next((ip for ip in workload.ips if (":" in ip) == (family == 6)), "")
+
+        workloads = list(self.state.workloads.values())
+        chosen = [w for w in workloads if sources is None or w.name in sources]
+        pairs = [(a, b) for a in chosen for b in workloads if a.name != b.name and address(b)]
+        with ThreadPoolExecutor(max_workers=min(64, max(1, len(pairs)))) as pool:
+            results = list(pool.map(
+                lambda pair: connects(netns.path(pair[0].netns), address(pair[1]), port,
+                                      protocol, timeout), pairs))
+        out: dict[str, dict[str, bool]] = {w.name: {} for w in chosen}
         for (a, b), ok in zip(pairs, results, strict=True):
             out[a.name][b.name] = ok
         return out
@@ -928,6 +990,40 @@ def size_neighbour_tables(hosts: int, per_host: int, families: Iterable[int]) ->
             changes.append(f"raised {path} from {current} to {wanted[level]} "
                            f"(a lab of {hosts} hosts needs about {need} entries)")
     return changes
+
+
+def connects(netns_path: str, address: str, port: int, protocol: str = "tcp",
+             timeout: float = 3.0, attempts: int = 2) -> bool:
+    """Whether a connection from inside `netns_path` to `address`:`port` is answered
+    (the lab's servers answer `ok`)."""
+    return probe(netns_path, address, port, protocol, timeout, attempts) == "answered"
+
+
+def probe(netns_path: str, address: str, port: int, protocol: str = "tcp",
+          timeout: float = 3.0, attempts: int = 2) -> str:
+    """`answered`, `refused` (reset, ICMP unreachable or prohibited: a definite no) or
+    `timeout` (nothing came back: a lost packet, or a drop). The socket is made inside
+    the namespace (only the calling thread enters it) and keeps to it."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
+    for _ in range(attempts if protocol == "udp" else 1):
+        with netns.entered(netns_path):
+            sock = socket.socket(family, kind)
+        try:
+            sock.settimeout(timeout)
+            sock.connect((address, port))
+            if kind == socket.SOCK_DGRAM:
+                sock.send(b"probe")
+            return "answered" if sock.recv(16).startswith(b"ok") else "refused"
+        except TimeoutError:
+            continue  # a lost datagram: once more
+        except OSError:
+            return "refused"
+        finally:
+            sock.close()
+    return "timeout"
 
 
 def all_labs(base_dir: Path = BASE_DIR) -> list[str]:

@@ -99,12 +99,15 @@ class Workload:
     host_ifname: str | None = None
     created_at: float = 0.0
     network: str = ""  # the CNI network name: GC of one network leaves others alone
+    namespace: str = ""  # for network policy ("" reads as "default")
+    labels: dict[str, str] = field(default_factory=dict)
 
     def to_record(self) -> dict[str, Any]:
         return {"handle": self.handle, "node": self.node, "container_id": self.container_id,
                 "ifname": self.ifname, "netns": self.netns, "ips": list(self.ips),
                 "name": self.name, "host_ifname": self.host_ifname,
-                "created_at": self.created_at, "network": self.network}
+                "created_at": self.created_at, "network": self.network,
+                "namespace": self.namespace, "labels": dict(self.labels)}
 
     @classmethod
     def from_record(cls, value: dict[str, Any]) -> Workload:
@@ -121,7 +124,8 @@ class Workload:
                    str(value.get("netns", "")),
                    tuple(str(i) for i in ips), value.get("name"),
                    value.get("host_ifname"), float(value.get("created_at", 0.0)),
-                   str(value.get("network", "")))
+                   str(value.get("network", "")), str(value.get("namespace") or ""),
+                   {str(k): str(v) for k, v in _mapping(value.get("labels"), "labels")})
 
 
 def _sequence(value: Any, what: str) -> list[Any]:

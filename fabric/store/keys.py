@@ -19,6 +19,8 @@ LIVENESS = ROOT + "liveness/"
 WORKLOADS = ROOT + "workloads/"
 BGP_CONFIG = ROOT + "bgp/config"
 BGP_PEERS = ROOT + "bgp/peers/"
+POLICIES = ROOT + "policy/policies/"
+NAMESPACES = ROOT + "policy/namespaces/"
 
 
 def block_id(cidr: str) -> str:
@@ -85,6 +87,18 @@ def workload(node_name: str, handle_id: str) -> str:
 
 def bgp_peer(name: str) -> str:
     return BGP_PEERS + name
+
+
+def policy(namespace: str, name: str) -> str:
+    return f"{POLICIES}{namespace}/{name}"
+
+
+def policies_prefix(namespace: str) -> str:
+    return f"{POLICIES}{namespace}/"
+
+
+def namespace(name: str) -> str:
+    return NAMESPACES + name
 
 
 def last_segment(key: str) -> str:

@@ -142,6 +142,33 @@ def test_refused_routes_are_reported_and_retried_not_called_drift(ns, writer):
     assert resynced.drift == () and len(resynced.failures) == 1
 
 
+def test_a_call_keeps_its_place_and_a_guard_that_failed_installs_nothing(ns, writer):
+    """The policy table's jobs run in the writer's queue: a guarded batch (an ADD's
+    route) is installed only if the job before it (its rules) reported success."""
+    from fabric.policy.compiler import PolicyReport
+
+    kernel, _ = writer
+    order: list[str] = []
+    good: Future = Future()
+    bad: Future = Future()
+
+    def rules(report: Future, ok: bool) -> None:
+        order.append(f"rules {ok}: {sorted(kernel_routes(ns))}")
+        report.set_result(PolicyReport(ok, error="" if ok else "nft refused"))
+
+    kernel.call(lambda: rules(bad, False))
+    refused: Future = Future()
+    kernel.apply([remote(p("10.2.0.0/26"), ["192.0.2.2"])], [], refused, guard=bad)
+    kernel.call(lambda: rules(good, True))
+    assert applied(kernel) == []
+    installed: Future = Future()
+    kernel.apply([remote(p("10.3.0.0/26"), ["192.0.2.2"])], [], installed, guard=good)
+    assert [f.route.prefix for f in refused.result(10)] == [p("10.2.0.0/26")]
+    assert installed.result(10) == []
+    assert order == ["rules False: []", "rules True: []"]  # each ran before the next batch
+    assert kernel_routes(ns) == {"10.3.0.0/26": "via 192.0.2.2"}
+
+
 def test_our_codec_and_pyroute2_read_the_same_routes(ns, writer):
     """pyroute2, an independent netlink implementation, is the oracle for the agent's
     own struct-packed codec: what we wrote is what it reads, field by field."""

@@ -1,0 +1,392 @@
+"""`fabricctl policy ...`, `namespace ...`, `workload label`: network policy in etcd, and
+why a connection is allowed or denied."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fabric.cli.context import Context
+from fabric.cli.output import OK, PROBLEM, CliError, emit_json, kv, table
+from fabric.model.policy import (
+    DEFAULT_NAMESPACE,
+    Endpoint,
+    NetworkPolicy,
+    PolicyError,
+    Side,
+    decide,
+    namespace_labels,
+    namespace_problem,
+    parse_label_assignments,
+    parse_policy,
+    parse_reference,
+)
+from fabric.policy.compiler import Listed, Packet, evaluate
+from fabric.store import policies as store_policies
+from fabric.store.policies import LabelError
+from fabric.store.registry import Registry
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    policy = sub.add_parser("policy", help="Kubernetes NetworkPolicy manifests")
+    psub = policy.add_subparsers(dest="policy_cmd", required=True, metavar="COMMAND")
+    apply = psub.add_parser("apply", help="create or update policies from YAML or JSON "
+                            "(all documents valid, or nothing applied)")
+    apply.add_argument("-f", "--filename", required=True, action="append",
+                       help="file with one or more manifests ('-' reads stdin); repeatable")
+    apply.set_defaults(handler=apply_cmd)
+    listing = psub.add_parser("list", help="policies, all or of one namespace")
+    listing.add_argument("-n", "--namespace", help="only this namespace")
+    listing.set_defaults(handler=list_cmd)
+    show = psub.add_parser("show", help="one policy's manifest and what it selects")
+    show.add_argument("ref", metavar="NS/NAME")
+    show.set_defaults(handler=show_cmd)
+    remove = psub.add_parser("rm", help="delete a policy")
+    remove.add_argument("ref", metavar="NS/NAME")
+    remove.set_defaults(handler=rm_cmd)
+    explain = psub.add_parser(
+        "explain", help="may SRC open a connection to DST, and which policies decide it "
+                        "(with --host: does that host's nftables agree)")
+    explain.add_argument("source", metavar="SRC", help="workload (NS/NAME, NAME) or address")
+    explain.add_argument("destination", metavar="DST", help="workload or address")
+    explain.add_argument("--port", default="80/tcp", help="PORT/PROTOCOL (default 80/tcp)")
+    explain.add_argument("--kernel", action="store_true",
+                         help="also check this machine's agent's nftables table (implied "
+                              "by --host, which checks that lab host's)")
+    explain.set_defaults(handler=explain_cmd)
+
+    namespace = sub.add_parser("namespace", help="namespace labels (for namespaceSelector)")
+    nsub = namespace.add_subparsers(dest="namespace_cmd", required=True, metavar="COMMAND")
+    label = nsub.add_parser("label", help="set (k=v) or remove (k-) a namespace's labels")
+    label.add_argument("name", metavar="NS")
+    label.add_argument("labels", nargs="+", metavar="KEY=VALUE|KEY-")
+    label.set_defaults(handler=namespace_label_cmd)
+    nsub.add_parser("list", help="namespaces with workloads or labels"
+                    ).set_defaults(handler=namespace_list_cmd)
+
+    workload = sub.add_parser("workload", help="a workload's labels (for podSelector)")
+    wsub = workload.add_subparsers(dest="workload_cmd", required=True, metavar="COMMAND")
+    wlabel = wsub.add_parser("label", help="set (k=v) or remove (k-) a workload's labels")
+    wlabel.add_argument("name", metavar="NAME", help="NS/NAME, NAME, handle or address")
+    wlabel.add_argument("labels", nargs="+", metavar="KEY=VALUE|KEY-")
+    wlabel.set_defaults(handler=workload_label_cmd)
+
+
+# -- manifests -----------------------------------------------------------------------------
+def read_manifests(text: str, source: str) -> list[Any]:
+    """Every document of a YAML stream (or one JSON document); `kind: List` unpacked."""
+    try:
+        if text.lstrip().startswith(("{", "[")):
+            loaded = json.loads(text)
+            docs = loaded if isinstance(loaded, list) else [loaded]
+        else:
+            docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except (ValueError, yaml.YAMLError) as exc:
+        raise CliError(f"{source}: not YAML or JSON: {' '.join(str(exc).split())}") from exc
+    out: list[Any] = []
+    for doc in docs:
+        if isinstance(doc, dict) and doc.get("kind") == "List" and isinstance(
+                doc.get("items"), list):
+            out.extend(doc["items"])
+        else:
+            out.append(doc)
+    return out
+
+
+def parse_manifests(docs: list[tuple[str, Any]]) -> list[NetworkPolicy]:
+    """All or nothing: the first invalid document refuses the whole set."""
+    parsed = []
+    for where, doc in docs:
+        try:
+            parsed.append(parse_policy(doc))
+        except PolicyError as exc:
+            name = ""
+            if isinstance(doc, dict) and isinstance(doc.get("metadata"), dict):
+                meta = doc["metadata"]
+                name = f" ({meta.get('namespace') or DEFAULT_NAMESPACE}/{meta.get('name')})"
+            raise CliError(f"{where}{name}: {exc}; nothing was applied") from exc
+    return parsed
+
+
+def apply_cmd(ctx: Context) -> int:
+    docs: list[tuple[str, Any]] = []
+    for filename in ctx.filename:
+        if filename == "-":
+            text, source = sys.stdin.read(), "stdin"
+        else:
+            try:
+                text = Path(filename).read_text()
+            except OSError as exc:
+                raise CliError(f"{filename}: {exc.strerror}") from exc
+            source = filename
+        found = read_manifests(text, source)
+        docs += [(f"{source} document {i + 1}", d) for i, d in enumerate(found)]
+    if not docs:
+        raise CliError("no manifests found; nothing was applied")
+    results = store_policies.apply_policies(ctx.store, parse_manifests(docs))
+    if ctx.json:
+        emit_json([{"policy": r.key, "outcome": r.outcome} for r in results])
+    else:
+        for result in results:
+            print(f"networkpolicy {result.key} {result.outcome}")
+    return OK
+
+
+def _ports(policy: NetworkPolicy, direction: str) -> str:
+    rules = policy.rules(direction)
+    if not policy.applies(direction):
+        return "-"
+    if not rules:
+        return "deny all"
+    return f"{len(rules)} rule(s)"
+
+
+def list_cmd(ctx: Context) -> int:
+    found = store_policies.policies(ctx.store, ctx.namespace)
+    if ctx.json:
+        emit_json([{"namespace": p.namespace, "name": p.name, "pod_selector":
+                    p.selector.describe(), "policy_types": list(p.types),
+                    "ingress_rules": len(p.ingress), "egress_rules": len(p.egress)}
+                   for p in found])
+        return OK
+    table(["namespace", "name", "pod selector", "ingress", "egress"],
+          [[p.namespace, p.name, p.selector.describe(), _ports(p, "ingress"),
+            _ports(p, "egress")] for p in found])
+    return OK
+
+
+def _policy_ref(text: str) -> tuple[str, str]:
+    try:
+        return parse_reference(text)
+    except PolicyError as exc:
+        raise CliError(str(exc)) from exc
+
+
+def show_cmd(ctx: Context) -> int:
+    namespace, name = _policy_ref(ctx.ref)
+    found = store_policies.policy(ctx.store, namespace, name)
+    if found is None:
+        raise CliError(f"no policy {namespace}/{name}", code=PROBLEM)
+    endpoints = _endpoints(ctx)
+    selected = sorted(e.key for e in endpoints if e.namespace == namespace
+                      and found.selector.matches(e.labels))
+    if ctx.json:
+        emit_json({"manifest": found.manifest, "selects": selected})
+        return OK
+    print(yaml.safe_dump(_ordered(found.manifest), sort_keys=False).rstrip())
+    print(f"# selects: {', '.join(selected) or 'no workload yet'}")
+    return OK
+
+
+def _ordered(manifest: Any) -> dict[str, Any]:
+    """The manifest in the order people write it (etcd keeps keys sorted)."""
+    doc = dict(manifest)
+    spec = dict(doc.get("spec") or {})
+    order = ("podSelector", "policyTypes", "ingress", "egress")
+    doc["spec"] = {k: spec[k] for k in (*order, *sorted(set(spec) - set(order))) if k in spec}
+    top = ("apiVersion", "kind", "metadata", "spec")
+    return {k: doc[k] for k in (*top, *sorted(set(doc) - set(top))) if k in doc}
+
+
+def rm_cmd(ctx: Context) -> int:
+    namespace, name = _policy_ref(ctx.ref)
+    if not store_policies.remove_policy(ctx.store, namespace, name):
+        raise CliError(f"no policy {namespace}/{name}", code=PROBLEM)
+    if ctx.json:
+        emit_json({"policy": f"{namespace}/{name}", "outcome": "deleted"})
+    else:
+        print(f"networkpolicy {namespace}/{name} deleted")
+    return OK
+
+
+# -- labels ------------------------------------------------------------------------------
+def _assignments(words: list[str]) -> tuple[dict[str, str], list[str]]:
+    try:
+        return parse_label_assignments(words)
+    except PolicyError as exc:
+        raise CliError(str(exc)) from exc
+
+
+def namespace_label_cmd(ctx: Context) -> int:
+    problem = namespace_problem(ctx.name)
+    if problem:
+        raise CliError(problem)
+    set_, remove = _assignments(ctx.labels)
+    labels = store_policies.label_namespace(ctx.store, ctx.name, set_, remove)
+    shown = namespace_labels(ctx.name, {ctx.name: labels})
+    if ctx.json:
+        emit_json({"namespace": ctx.name, "labels": shown})
+    else:
+        print(f"namespace {ctx.name} labelled: {_labels_text(shown)}")
+    return OK
+
+
+def namespace_list_cmd(ctx: Context) -> int:
+    stored = store_policies.namespaces(ctx.store)
+    counts: dict[str, int] = {}
+    for endpoint in _endpoints(ctx):
+        counts[endpoint.namespace] = counts.get(endpoint.namespace, 0) + 1
+    rows: list[dict[str, Any]] = [{"namespace": ns, "labels": namespace_labels(ns, stored),
+             "workloads": counts.get(ns, 0)} for ns in sorted(set(stored) | set(counts))]
+    if ctx.json:
+        emit_json(rows)
+        return OK
+    table(["namespace", "workloads", "labels"],
+          [[r["namespace"], r["workloads"], _labels_text(r["labels"])] for r in rows])
+    return OK
+
+
+def workload_label_cmd(ctx: Context) -> int:
+    set_, remove = _assignments(ctx.labels)
+    try:
+        updated = store_policies.label_workload(ctx.store, ctx.name, set_, remove)
+    except LabelError as exc:
+        raise CliError(str(exc), code=PROBLEM) from exc
+    key = f"{updated.namespace or DEFAULT_NAMESPACE}/{updated.name}"
+    if ctx.json:
+        emit_json({"workload": key, "handle": updated.handle, "labels": updated.labels})
+    else:
+        print(f"workload {key} labelled: {_labels_text(updated.labels) or '(none)'}")
+    return OK
+
+
+def _labels_text(labels: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
+# -- explain -------------------------------------------------------------------------------
+def _endpoints(ctx: Context) -> list[Endpoint]:
+    return [Endpoint.of(w) for w in Registry(ctx.store).workloads()]
+
+
+def resolve(reference: str, endpoints: list[Endpoint]) -> tuple[str, Endpoint | None]:
+    """(address, workload or None) for `NS/NAME`, `NAME`, a handle or an address."""
+    try:
+        address = str(ipaddress.ip_address(reference))
+    except ValueError:
+        address = ""
+    if address:
+        owner = next((e for e in endpoints if address in e.ips), None)
+        return address, owner
+    matches = [e for e in endpoints if reference in (e.key, e.name, e.handle)]
+    if not matches:
+        raise CliError(f"no workload {reference} (use NAMESPACE/NAME, NAME or an address)",
+                       code=PROBLEM)
+    if len(matches) > 1:
+        raise CliError(f"{reference} names {len(matches)} workloads "
+                       f"({', '.join(sorted(e.key for e in matches))}): use NAMESPACE/NAME",
+                       code=PROBLEM)
+    return matches[0].ips[0], matches[0]
+
+
+def parse_port(text: str) -> tuple[int, str]:
+    port_text, _, protocol = text.partition("/")
+    protocol = (protocol or "tcp").upper()
+    if protocol not in ("TCP", "UDP", "SCTP") or not port_text.isdigit() \
+            or not 1 <= int(port_text) <= 65535:
+        raise CliError(f"--port {text!r}: use PORT/PROTOCOL, e.g. 80/tcp or 53/udp")
+    return int(port_text), protocol
+
+
+def _side_text(verdict: Side | None, who: str) -> str:
+    if verdict is None:
+        return f"not enforced ({who} is not a workload)"
+    if not verdict.isolated:
+        return f"allowed: {who} is not isolated (no policy selects it for {verdict.direction})"
+    if verdict.allowed:
+        return f"allowed by {', '.join(verdict.allowed_by)} (isolated by " \
+               f"{', '.join(verdict.selecting)})"
+    return f"DENIED: isolated by {', '.join(verdict.selecting)}, and no rule allows it"
+
+
+def explain_cmd(ctx: Context) -> int:
+    port, protocol = parse_port(ctx.port)
+    endpoints = _endpoints(ctx)
+    src_addr, src = resolve(ctx.source, endpoints)
+    dst_addr, dst = resolve(ctx.destination, endpoints)
+    if (":" in src_addr) != (":" in dst_addr):
+        src_addr, dst_addr = _same_family(src, src_addr, dst, dst_addr)
+    found = store_policies.policies(ctx.store)
+    spaces = store_policies.namespaces(ctx.store)
+    by_address = {a: e for e in endpoints for a in e.ips}
+    decision = decide(found, spaces, src_addr, dst_addr, by_address, protocol, port)
+    doc: dict[str, Any] = {
+        "source": {"address": src_addr, "workload": src.key if src else None,
+                   "node": src.node if src else None},
+        "destination": {"address": dst_addr, "workload": dst.key if dst else None,
+                        "node": dst.node if dst else None},
+        "port": port, "protocol": protocol.lower(), "allowed": decision.allowed,
+        "egress": decision.egress.to_dict() if decision.egress else None,
+        "ingress": decision.ingress.to_dict() if decision.ingress else None}
+    host = getattr(ctx.args, "host", None) or ("this host" if ctx.kernel else None)
+    agrees = True
+    if host:
+        doc["host"] = _host_check(ctx, host, src_addr, src, dst_addr, dst, protocol, port,
+                                  decision)
+        agrees = doc["host"]["agrees"]
+    if ctx.json:
+        emit_json(doc)
+        return OK if agrees else PROBLEM
+    who_src = f"{src.key} ({src_addr} on {src.node})" if src else src_addr
+    who_dst = f"{dst.key} ({dst_addr} on {dst.node})" if dst else dst_addr
+    print(f"{who_src} -> {who_dst} {port}/{protocol.lower()}: "
+          f"{'ALLOWED' if decision.allowed else 'DENIED'}")
+    rows = [("egress at source", _side_text(decision.egress, "the source")),
+            ("ingress at destination", _side_text(decision.ingress, "the destination"))]
+    if host:
+        check = doc["host"]
+        if check["on_path"]:
+            rows.append((f"nftables on {host}",
+                         f"{check['verdict']} ({'agrees' if check['agrees'] else 'DISAGREES'} "
+                         f"with the model): " + "; ".join(check["trail"])))
+        else:
+            rows.append((f"nftables on {host}", "not on the path (neither end lives there)"))
+    kv(rows)
+    return OK if agrees else PROBLEM
+
+
+def _same_family(src: Endpoint | None, src_addr: str, dst: Endpoint | None, dst_addr: str
+                 ) -> tuple[str, str]:
+    """Both ends in one family: a workload's address of the other end's family."""
+    for family_v6 in (":" in dst_addr, ":" in src_addr):
+        s = src_addr if src is None else next(
+            (a for a in src.ips if (":" in a) == family_v6), None)
+        d = dst_addr if dst is None else next(
+            (a for a in dst.ips if (":" in a) == family_v6), None)
+        if s and d and (":" in s) == (":" in d):
+            return s, d
+    raise CliError(f"{src_addr} and {dst_addr} have no address family in common")
+
+
+def _host_check(ctx: Context, host: str, src_addr: str, src: Endpoint | None, dst_addr: str,
+                dst: Endpoint | None, protocol: str, port: int, decision: Any
+                ) -> dict[str, Any]:
+    answer = ctx.agent("policy")
+    node = answer.get("node", host)
+    src_local = src is not None and src.node == node
+    dst_local = dst is not None and dst.node == node
+    out: dict[str, Any] = {"name": host, "node": node, "on_path": src_local or dst_local,
+                           "status": answer.get("status")}
+    if not out["on_path"]:
+        out.update(verdict=None, agrees=True, trail=[])
+        return out
+    listing = answer.get("listing")
+    if listing is None:
+        out.update(verdict="no table", agrees=False,
+                   trail=[answer.get("error") or "table inet l3fabric is missing"])
+        return out
+    packet = Packet(src_addr, dst_addr, protocol.lower(), port,
+                    (src.host_ifname or "l3f-source") if src_local else "eth0",
+                    (dst.host_ifname or "l3f-destination") if dst_local else "eth0")
+    verdict, trail = evaluate(Listed.parse(listing), packet)
+    expected = (not src_local or decision.egress.allowed) and \
+        (not dst_local or decision.ingress.allowed)
+    out.update(verdict=verdict, agrees=(verdict == "accept") == expected, trail=trail,
+               expected="accept" if expected else "reject")
+    return out
