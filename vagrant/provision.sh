@@ -10,10 +10,15 @@
 #   FABRIC_SRC                  the l3fabric source tree to install (required)
 #   FABRIC_NODE_ADDRESS         this node's underlay IPv4 address (required)
 #   FABRIC_ETCD_ENDPOINTS       etcd URLs, comma-separated (required)
+#   FABRIC_NODE_ADDRESS6        this node's underlay IPv6 address: IPv6 sessions, dual stack
+#   FABRIC_UNDERLAY_DEV         the interface for FABRIC_NODE_ADDRESS6 (default: the one
+#                               holding FABRIC_NODE_ADDRESS)
 #   FABRIC_NODE_NAME            default: the short hostname
 #   FABRIC_ETCD_MEMBER          run an etcd member of this name here...
 #   FABRIC_ETCD_INITIAL_CLUSTER ...in this initial cluster (name=http://addr:2380,...)
 #   FABRIC_POOL                 make sure this IP pool exists (default 10.244.0.0/16)
+#   FABRIC_POOL6                and this IPv6 one, when the node has an IPv6 address
+#                               (default fd00:244::/64; empty: none)
 #   FABRIC_EXPECT_PEERS         sessions that must be Established before it returns (0)
 #   FABRIC_WAIT                 1 (default) to wait for etcd and the sessions, 0 not to
 #   FABRIC_WAIT_TIMEOUT         seconds (default 180)
@@ -34,6 +39,9 @@ CNI_CONF="/etc/cni/net.d"
 PODMAN_CONF="/etc/containers/containers.conf.d"
 NODE_NAME="${FABRIC_NODE_NAME:-$(hostname -s)}"
 POOL="${FABRIC_POOL:-10.244.0.0/16}"
+ADDRESS6="${FABRIC_NODE_ADDRESS6:-}"
+POOL6="${FABRIC_POOL6-fd00:244::/64}"
+[ -n "$ADDRESS6" ] || POOL6=""
 EXPECT_PEERS="${FABRIC_EXPECT_PEERS:-0}"
 WAIT="${FABRIC_WAIT:-1}"
 WAIT_TIMEOUT="${FABRIC_WAIT_TIMEOUT:-180}"
@@ -95,6 +103,7 @@ write_config() {
 [node]
 name = "$NODE_NAME"
 address = "$FABRIC_NODE_ADDRESS"
+${ADDRESS6:+address6 = \"$ADDRESS6\"}
 
 [etcd]
 endpoints = "$FABRIC_ETCD_ENDPOINTS"
@@ -110,8 +119,10 @@ EOF
 
 install_cni() {
   log "installing the CNI plugin into $CNI_BIN and $CNI_CONF"
+  local families=()
+  [ -z "$ADDRESS6" ] || families=(--ipv6)  # dual stack: an address of each family
   "$DESTDIR$VENV/bin/fabricctl" cni install --bin-dir "$DESTDIR$CNI_BIN" \
-    --conf-dir "$DESTDIR$CNI_CONF" --network l3fabric >/dev/null
+    --conf-dir "$DESTDIR$CNI_CONF" --network l3fabric "${families[@]}" >/dev/null
   # The copies must name the interpreter as installed, not as seen under DESTDIR.
   local plugin
   for plugin in l3fabric l3fabric-ipam; do
@@ -147,6 +158,29 @@ ETCD_INITIAL_CLUSTER_TOKEN=l3fabric
 EOF
     install -m 0644 "$FABRIC_SRC/vagrant/l3fabric-etcd.service" "$DESTDIR$UNIT_DIR/"
   fi
+  if [ -n "$ADDRESS6" ]; then
+    # The IPv6 underlay address goes on the interface that holds the IPv4 one, at
+    # every boot, whatever the VM provider could or could not configure itself.
+    local dev="${FABRIC_UNDERLAY_DEV:-}"
+    [ -n "$dev" ] || dev=$(ip -o -4 addr show | awk -v a="$FABRIC_NODE_ADDRESS" \
+                           'index($4, a "/") == 1 {print $2; exit}')
+    [ -n "$dev" ] || die "no interface holds $FABRIC_NODE_ADDRESS: cannot place $ADDRESS6"
+    cat > "$DESTDIR$UNIT_DIR/l3fabric-underlay6.service" <<EOF
+[Unit]
+Description=l3fabric: the node's IPv6 underlay address ($ADDRESS6 on $dev)
+Before=fabric-agent.service
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/sbin/ip -6 addr replace $ADDRESS6/64 dev $dev nodad
+
+[Install]
+WantedBy=multi-user.target
+EOF
+  fi
 }
 
 start_units() {
@@ -155,6 +189,9 @@ start_units() {
   if [ -n "${FABRIC_ETCD_MEMBER:-}" ]; then
     # --no-block: a member of a new cluster waits for its peers, which come later.
     systemctl enable --now --no-block l3fabric-etcd.service
+  fi
+  if [ -n "$ADDRESS6" ]; then
+    systemctl enable --now l3fabric-underlay6.service
   fi
   systemctl enable fabric-agent.service
   systemctl restart fabric-agent.service
@@ -177,6 +214,12 @@ wait_ready() {
       || fabricctl_ ipam pool list | grep -q " $POOL " \
       || die "could not create the IP pool $POOL"
     log "IP pool $POOL created"
+  fi
+  if [ -n "$POOL6" ] && ! fabricctl_ ipam pool list | grep -q " $POOL6 "; then
+    fabricctl_ ipam pool add default6 "$POOL6" 2>/dev/null \
+      || fabricctl_ ipam pool list | grep -q " $POOL6 " \
+      || die "could not create the IP pool $POOL6"
+    log "IP pool $POOL6 created"
   fi
   log "waiting until $EXPECT_PEERS BGP session(s) are Established"
   local status

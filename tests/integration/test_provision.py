@@ -49,6 +49,7 @@ def provision(lab, host: str, dest: Path, *args: str, in_host: bool = False, **e
     environment = {
         **os.environ, "DESTDIR": str(dest), "FABRIC_SRC": str(ROOT),
         "FABRIC_NODE_NAME": host, "FABRIC_NODE_ADDRESS": state.address,
+        "FABRIC_NODE_ADDRESS6": state.address6, "FABRIC_UNDERLAY_DEV": "eth0",
         "FABRIC_ETCD_ENDPOINTS": lab.etcd_endpoint, "FABRIC_SKIP_APT": "1",
         "FABRIC_SYSTEMD": "0", "FABRIC_WAIT": "0", **env}
     wrapper = ["ip", "netns", "exec", state.netns] if in_host else []
@@ -60,7 +61,7 @@ def provision(lab, host: str, dest: Path, *args: str, in_host: bool = False, **e
 def provisioned(tmp_path):
     if not Path("/usr/bin/python3").exists() or shutil.which("setpriv") is None:
         pytest.fail("needs Debian's python3 (with python3-venv) and setpriv")
-    with running_lab(pool=None) as lab:
+    with running_lab(pool=None, families=(4, 6)) as lab:
         roots = {}
         for host in ("h1", "h2"):
             lab.add_host(host, start=False)
@@ -84,7 +85,8 @@ def test_provisioning_writes_what_a_node_needs_and_it_works(provisioned, tmp_pat
     # The agent's config: valid, and what the inputs said.
     config = load(build_parser().parse_args(
         ["--config", str(root / "etc/l3fabric/agent.toml")]), env={})
-    assert (config.node_name, config.node_address) == ("h1", lab.state.hosts["h1"].address)
+    assert (config.node_name, config.node_address, config.node_address6) == (
+        "h1", lab.state.hosts["h1"].address, lab.state.hosts["h1"].address6)
     assert config.etcd.describe() == lab.etcd_endpoint
 
     # The units: the agent as a non-root user with a few capabilities, restarted on
@@ -103,6 +105,9 @@ def test_provisioning_writes_what_a_node_needs_and_it_works(provisioned, tmp_pat
     assert f"ETCD_ADVERTISE_CLIENT_URLS=http://{lab.state.hosts['h1'].address}:2379" \
         in etcd_env
     assert (root / "etc/systemd/system/l3fabric-etcd.service").exists()
+    underlay6 = unit(root / "etc/systemd/system/l3fabric-underlay6.service")
+    assert underlay6["Service"]["ExecStart"] == (
+        f"/sbin/ip -6 addr replace {lab.state.hosts['h1'].address6}/64 dev eth0 nodad")
     assert not (roots["h2"] / "etc/systemd/system/l3fabric-etcd.service").exists()
 
     # The CNI plugin, runnable as installed (its interpreter is a real path, not one
@@ -137,10 +142,11 @@ def test_provisioning_writes_what_a_node_needs_and_it_works(provisioned, tmp_pat
 
     # The script's last step: etcd reachable, the pool made, the sessions Established.
     waited = provision(lab, "h2", roots["h2"], "wait", in_host=True, FABRIC_WAIT="1",
-                       FABRIC_EXPECT_PEERS="1", FABRIC_WAIT_TIMEOUT="60")
+                       FABRIC_EXPECT_PEERS="2", FABRIC_WAIT_TIMEOUT="60")
     assert waited.returncode == 0, waited.stderr + (tmp_path / "h2-agent.log").read_text()
-    assert "ready: 1 session(s) Established" in waited.stderr
+    assert "ready: 2 session(s) Established" in waited.stderr  # one per family
     assert "IP pool 10.244.0.0/16 created" in waited.stderr
+    assert "IP pool fd00:244::/64 created" in waited.stderr
 
     # Containers through the installed plugin, on both hosts, reach each other.
     addresses = {}
@@ -152,9 +158,11 @@ def test_provisioning_writes_what_a_node_needs_and_it_works(provisioned, tmp_pat
                              netns=netns.path(container),
                              host_netns=netns.path(lab.state.hosts[host].netns))
         assert outcome.ok, outcome.stdout
-        addresses[host] = outcome.document["ips"][0]["address"].split("/")[0]
-    assert lab.ping(f"{lab.name}-h1-c", addresses["h2"], count=3)
-    assert lab.ping(f"{lab.name}-h2-c", addresses["h1"], count=3)
+        addresses[host] = [ip["address"].split("/")[0] for ip in outcome.document["ips"]]
+    assert [":" in a for a in addresses["h1"]] == [False, True]  # dual stack
+    for source, target in (("h1", "h2"), ("h2", "h1")):
+        for address in addresses[target]:  # each family, across hosts
+            assert lab.ping(f"{lab.name}-{source}-c", address, count=3), address
     agents = subprocess.run(["ps", "-o", "uid=", "-p", ",".join(map(str, pids))],
                             capture_output=True, text=True).stdout.split()
     assert set(agents) == {str(AGENT_UID)}
