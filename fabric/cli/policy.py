@@ -148,6 +148,9 @@ def _ports(policy: NetworkPolicy, direction: str) -> str:
 
 
 def list_cmd(ctx: Context) -> int:
+    problem = namespace_problem(ctx.namespace) if ctx.namespace is not None else None
+    if problem:
+        raise CliError(f"--namespace {problem}")
     found = store_policies.policies(ctx.store, ctx.namespace)
     if ctx.json:
         emit_json([{"namespace": p.namespace, "name": p.name, "pod_selector":

@@ -518,6 +518,9 @@ def parse_reference(text: str) -> tuple[str, str]:
         namespace = DEFAULT_NAMESPACE
     if not name:
         raise PolicyError("", f"{text!r}: use NAMESPACE/NAME")
+    problem = namespace_problem(namespace)
+    if problem:
+        raise PolicyError("", problem)
     return namespace, name
 
 
