@@ -14,6 +14,9 @@
    events in B's namespace timestamp it), p50/p99 over --trials.
 3. A host killed (link down, processes gone) until its block's route is gone from
    another host, against the configured hold time.
+4. At rest: one agent with --idle-peers (40) BGP sessions to one BIRD that holds as many
+   sessions, each from an address of its own; CPU of agent + ExaBGP over 60 s, in % of a
+   core, beside that BIRD's.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from fabric.model.prefix import Prefix
 from fabric.store import keys
 from ipam.allocator import Ipam
 
-POOL = {4: "10.64.0.0/10", 6: "fd64::/48"}
+POOL = {4: "10.64.0.0/10", 6: "fd64::/32"}  # IPv6: the /126s span fd64:0:0: and fd64:0:1:
 BIRD_PROTOCOL = 12  # what BIRD writes its kernel routes with ("proto bird")
 
 
@@ -280,6 +283,53 @@ def dead_host(hold_time: int = 9) -> float:
         lab.down()
 
 
+def idle(peers: int = 40, settle: float = 20.0, window: float = 60.0
+         ) -> tuple[float, float, dict[str, float]]:
+    """One agent with `peers` BGP sessions (to one BIRD holding as many sessions, each
+    from its own address), at rest: CPU of agent + ExaBGP and of that BIRD over
+    `window` seconds, in % of a core; the BIRD is the reference."""
+    lab = make_lab("l3bidle", 1, [])
+    try:
+        peer_ns = f"{lab.name}-peers"
+        netns.create(peer_ns)
+        addresses = [f"10.99.0.{100 + i}" for i in range(peers)]
+        lab.plug(peer_ns, "p-peers", addresses[0])
+        for address in addresses[1:]:
+            subprocess.run(["ip", "-n", peer_ns, "addr", "add", f"{address}/24", "dev",
+                            "eth0"], check=True)
+        host = lab.state.hosts["h1"]
+        store = lab.store()
+        for index, address in enumerate(addresses):
+            spec = PeerSpec(f"idle{index}", address, 65100 + index)
+            store.put(keys.bgp_peer(spec.name), spec.to_record())
+        store.close()
+        config = [f"router id {addresses[0]};", "protocol device {}"]
+        config += [f"protocol bgp p{i} {{ local {a} as {65100 + i}; neighbor {host.ipv4} as "
+                   "64512; hold time 9; ipv4 { import all; export none; }; }"
+                   for i, a in enumerate(addresses)]
+        bird = Bird(peer_ns, lab.dir / "peers")
+        bird_pid = bird.start("\n".join(config) + "\n")
+        deadline = time.monotonic() + 120
+        while True:
+            states = [p["state"] for p in lab.call("h1", "status")["peers"]]
+            if len(states) == peers and all(s == "Established" for s in states):
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit(f"idle: sessions not Established: {states}")
+            time.sleep(1)
+        time.sleep(settle)
+        ours = Usage(descendants(lab.refresh().hosts["h1"].agent_pid))
+        reference = Usage([bird_pid])
+        before = ours.by_process(), reference.cpu()
+        time.sleep(window)
+        after = ours.by_process(), reference.cpu()
+        by_process = {n: 100 * (after[0][n] - before[0].get(n, 0.0)) / window
+                      for n in after[0]}
+        return sum(by_process.values()), 100 * (after[1] - before[1]) / window, by_process
+    finally:
+        lab.down()
+
+
 def report(count: int, reference: list[Run], ours: list[Run], family: int) -> None:
     def med(runs: list[Run], field: str) -> float:
         return statistics.median(getattr(r, field) for r in runs)
@@ -310,7 +360,8 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--skip", action="append", default=[], choices=("bulk", "block",
-                                                                         "dead"))
+                                                                         "dead", "idle"))
+    parser.add_argument("--idle-peers", type=int, default=40)
     parser.add_argument("--family", choices=("4", "6", "both"), default="both",
                         help="IPv4, IPv6 or both (default both)")
     parser.add_argument("--profile", type=Path,
@@ -337,6 +388,12 @@ def main() -> int:
         gone = dead_host()
         print(f"3. host killed until its routes are gone elsewhere: {gone:.1f}s "
               f"(hold time 9 s; ratio to hold time {gone / 9:.2f})")
+    if "idle" not in args.skip:
+        at_rest, bird, by_process = idle(args.idle_peers)
+        parts = ", ".join(f"{k} {v:.2f}%" for k, v in sorted(by_process.items()))
+        print(f"4. at rest with {args.idle_peers} BGP sessions: agent + ExaBGP {at_rest:.2f}% "
+              f"of a core ({parts}; goal < 1%); one BIRD holding the {args.idle_peers} other "
+              f"ends {bird:.2f}%")
     return 0
 
 

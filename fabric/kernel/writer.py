@@ -209,6 +209,7 @@ class KernelWriter:
         """Route events from others (not our own socket), reported to the owner loop."""
         sock = RouteSocket(self.protocol,
                            groups=netlink.RTMGRP_IPV4_ROUTE | netlink.RTMGRP_IPV6_ROUTE)
+        sock.ignore_sender(self.portid)
         try:
             while not self._stop.is_set():
                 for msg in sock.events(timeout=1.0, skip_pid=self.portid):

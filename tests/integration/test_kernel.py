@@ -193,3 +193,27 @@ def test_our_codec_and_pyroute2_read_the_same_routes(ns, writer):
     expected = {r.prefix: ({"unicast": 1, "blackhole": 6}[r.type], tuple(sorted(r.gateways)),
                            r.oif if not r.gateways else 0) for r in routes}
     assert seen == expected
+
+
+def test_a_listener_never_receives_the_echoes_of_an_ignored_sender(ns):
+    """The kernel drops the echoes of the writer's own changes before they reach the
+    listener's socket (a BPF filter on the sender's port id); others' still arrive."""
+    from fabric.kernel import netlink
+
+    with entered(netns.path(ns)):
+        sender = netlink.RouteSocket(73)
+        listener = netlink.RouteSocket(73, groups=netlink.RTMGRP_IPV4_ROUTE)
+    try:
+        listener.ignore_sender(sender.sock.getsockname()[0])
+        routes = [remote(p(f"10.245.{i // 64}.{(i % 64) * 4}/30"), ["192.0.2.2"])
+                  for i in range(2000)]
+        assert sender.apply(routes) == []
+        subprocess.run(["ip", "-n", ns, "route", "add", "10.246.0.0/24", "via", "192.0.2.2",
+                        "proto", "73"], check=True)
+        received = []
+        while batch := listener.events(timeout=0.5):  # no skipping here: all that came
+            received += [netlink.route_event(m, 73) for m in batch]
+        assert [str(e[1].prefix) for e in received if e] == ["10.246.0.0/24"]
+    finally:
+        sender.close()
+        listener.close()
