@@ -26,6 +26,7 @@ class FakeReactor:
     def __init__(self) -> None:
         self.waits: list[int] = []
         self.ready: list[int] = []
+        self.processes = type("Processes", (), {"fds": [9]})()  # the API's descriptor
 
     def _wait_for_io(self, sleeptime):
         self.waits.append(sleeptime)
@@ -37,15 +38,24 @@ def test_the_wait_grows_only_after_a_quiet_second():
     rest_when_idle(FakeReactor, clock=lambda: now[0])
     reactor = FakeReactor()
     list(reactor._wait_for_io(10))  # first turn: counts as busy
-    list(reactor._wait_for_io(0))  # work to do: busy now
+    list(reactor._wait_for_io(0))  # work to do, turn after turn: busy now
+    list(reactor._wait_for_io(0))
     now[0] += IDLE_AFTER / 2
     list(reactor._wait_for_io(10))
     assert reactor.waits[-1] == 10  # recently busy: ExaBGP's own pace
     now[0] += IDLE_AFTER
     list(reactor._wait_for_io(10))
     assert reactor.waits[-1] == IDLE_WAIT_MS  # quiet: rest
-    reactor.ready = [7]  # a peer's socket or a command woke the poll
+    reactor.ready = [7]  # a peer's keepalive woke the poll: its one turn, still resting
     assert list(reactor._wait_for_io(10)) == [7]
+    reactor.ready = []
+    list(reactor._wait_for_io(10))
+    assert reactor.waits[-1] == IDLE_WAIT_MS
+    list(reactor._wait_for_io(0))  # one more turn asked after a keepalive: not work
+    list(reactor._wait_for_io(10))
+    assert reactor.waits[-1] == IDLE_WAIT_MS
+    reactor.ready = [9]  # a command from the agent: an UPDATE to send follows
+    assert list(reactor._wait_for_io(10)) == [9]
     reactor.ready = []
     list(reactor._wait_for_io(10))
     assert reactor.waits[-1] == 10  # busy again: back to the short wait at once
