@@ -16,9 +16,10 @@ send follows, in steps of ExaBGP's scheduler) or peers asking for another turn a
 on consecutive turns (the reactor passes a zero wait: UPDATEs coming in or going out).
 A single such turn is not: ExaBGP asks for one after every message it reads, so every
 keepalive counted as work, and 40 peers' keepalives (13 a second) kept ExaBGP at its
-10 ms pace for good, at 6% of a core (measured here). Nothing is lost by resting: data from a peer and commands
-from the agent wake ExaBGP's poll at once (their descriptors are in it), and BGP's
-own timers are seconds (keepalive every 3 s for a hold time of 9 s).
+10 ms pace for good, at 6% of a core (measured here). Nothing is lost by resting:
+data from a peer and commands from the agent wake ExaBGP's poll at once (their
+descriptors are in it), and BGP's own timers are seconds (keepalive every 3 s for a
+hold time of 9 s).
 
 The API connection: ExaBGP's configuration names an API process (`bgp.relay`) that
 would copy bytes between ExaBGP's pipes and the agent's socket: a Python process per

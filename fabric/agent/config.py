@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import math
 import os
 import re
 import socket
@@ -62,7 +63,7 @@ def _int_in(low: int, high: int) -> Callable[[Any], int]:
 
 def _seconds(value: Any) -> float:
     number = float(value)
-    if number <= 0:
+    if not math.isfinite(number) or number <= 0:
         raise ValueError("must be a positive number of seconds")
     return number
 

@@ -65,9 +65,11 @@ class Workloads:
     def on_registrations(self, records: Iterable[Workload]) -> None:
         registered = {w.handle: Known(w.ips, w.host_ifname) for w in records
                       if w.host_ifname}
-        self.detached &= set(registered)  # etcd caught up with those DELs
+        # Vanished without a DEL of ours: keep routing it. Computed before `detached`
+        # forgets the DELs etcd has caught up with, which are exactly the vanished ones.
         for handle in set(self.registered) - set(registered) - self.detached:
-            self.retained[handle] = self.registered[handle]  # not a DEL: keep routing it
+            self.retained[handle] = self.registered[handle]
+        self.detached &= set(registered)  # etcd caught up with those DELs
         for handle in set(registered) & set(self.retained):
             del self.retained[handle]
         self.registered = registered

@@ -16,11 +16,14 @@ MAX_ASN = 4294967295
 
 
 def address(value: Any, what: str, empty_ok: bool = False) -> str:
-    """An IPv4 or IPv6 address, in its canonical text."""
+    """An IPv4 or IPv6 address, in its canonical text. A scoped IPv6 address
+    (`fe80::1%eth0`) is refused: ExaBGP, the kernel codec and policy take none."""
     text = "" if value is None else str(value)
     if not text and empty_ok:
         return ""
     try:
+        if "%" in text:
+            raise ValueError
         return str(ipaddress.ip_address(text))
     except ValueError:
         raise ValueError(f"{what} {text!r} is not an IP address") from None
@@ -49,21 +52,32 @@ def network(value: Any, what: str) -> str:
         raise ValueError(f"{what} {text!r} is not a network") from None
 
 
-def asn(value: Any, what: str = "AS") -> int:
-    if isinstance(value, bool):
+def integer(value: Any, what: str, low: int, high: int) -> int:
+    """A whole number from `low` to `high` (JSON's 1e999 or 2.5 are not)."""
+    if isinstance(value, bool) or not isinstance(value, int | str | float):
         raise ValueError(f"{what} {value!r} is not a number")
     try:
         number = int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} {value!r} is not a number") from None
-    if not 1 <= number <= MAX_ASN:
-        raise ValueError(f"{what} {number} is out of range (1 to {MAX_ASN})")
+        if isinstance(value, float) and number != value:
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{what} {value!r} is not a whole number") from None
+    if not low <= number <= high:
+        raise ValueError(f"{what} {number} is out of range ({low} to {high})")
     return number
+
+
+def asn(value: Any, what: str = "AS") -> int:
+    return integer(value, what, 1, MAX_ASN)
 
 
 def text(value: Any, what: str, empty_ok: bool = False) -> str:
     if value is None or (isinstance(value, str) and not value and not empty_ok):
         raise ValueError(f"{what} is missing")
-    if not isinstance(value, (str, int)):
+    if not isinstance(value, str | int) or isinstance(value, bool):
         raise ValueError(f"{what} {value!r} is not text")
     return str(value)
+
+
+def optional_text(value: Any, what: str) -> str | None:
+    return None if value is None else text(value, what, empty_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,7 +80,7 @@ class Node:
                    checks.asn(value.get("asn")),
                    {str(k): str(v) for k, v in _mapping(value.get("labels"), "labels")},
                    None if cluster is None else checks.ipv4(cluster, "rr_cluster_id"),
-                   float(value.get("started_at", 0.0)),
+                   _number(value.get("started_at", 0.0), "started_at"),
                    str(value.get("version", "")),
                    checks.ipv6(value.get("address6"), "address6", empty_ok=True),
                    checks.ipv4(value.get("router_id"), "router_id", empty_ok=True),
@@ -121,11 +122,21 @@ class Workload:
                    checks.text(value.get("node"), "node"),
                    checks.text(value.get("container_id"), "container_id", empty_ok=True),
                    checks.text(value.get("ifname"), "ifname", empty_ok=True),
-                   str(value.get("netns", "")),
-                   tuple(str(i) for i in ips), value.get("name"),
-                   value.get("host_ifname"), float(value.get("created_at", 0.0)),
-                   str(value.get("network", "")), str(value.get("namespace") or ""),
+                   checks.text(value.get("netns", ""), "netns", empty_ok=True),
+                   tuple(str(i) for i in ips), checks.optional_text(value.get("name"), "name"),
+                   checks.optional_text(value.get("host_ifname"), "host_ifname"),
+                   _number(value.get("created_at", 0.0), "created_at"),
+                   checks.text(value.get("network", ""), "network", empty_ok=True),
+                   checks.text(value.get("namespace") or "", "namespace", empty_ok=True),
                    {str(k): str(v) for k, v in _mapping(value.get("labels"), "labels")})
+
+
+def _number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{what} {value!r} is not a number")
+    if not math.isfinite(value):
+        raise ValueError(f"{what} {value!r} is not a finite number")
+    return float(value)
 
 
 def _sequence(value: Any, what: str) -> list[Any]:

@@ -13,6 +13,10 @@ from fabric.model.nodes import Node
 
 DEFAULT_AS = 64512
 _PEER_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
+# Printable ASCII without space, '"', ';', '{' or '}': ExaBGP's configuration carries the
+# password as `md5-password "...";`, and one such character in one record would break
+# the file on every node. 80 characters is the kernel's TCP MD5 key limit.
+_SAFE_PASSWORD = re.compile(r"[!#-:<-z|~]{1,80}")
 
 
 class PeerError(ValueError):
@@ -66,8 +70,8 @@ class PeerSpec:
                                   or limit < 1):
             raise ValueError(f"max_prefixes {limit!r} is not a count of at least 1")
         password = value.get("password")
-        if password is not None and not isinstance(password, str):
-            raise ValueError("password is not text")
+        if password is not None:
+            check_password(password)
         selector = value.get("node_selector") or {}
         if not isinstance(selector, dict):
             raise ValueError(f"node_selector {selector!r} is not a mapping")
@@ -83,6 +87,14 @@ class PeerSpec:
         if self.node is not None:
             return self.node == node.name
         return all(node.labels.get(k) == v for k, v in self.node_selector.items())
+
+
+def check_password(password: Any) -> str:
+    """The password when ExaBGP's configuration and the kernel can carry it."""
+    if not isinstance(password, str) or not _SAFE_PASSWORD.fullmatch(password):
+        raise PeerError("password: use 1 to 80 printable characters without space, "
+                        "quotes, ';' or braces (ExaBGP's configuration cannot carry them)")
+    return password
 
 
 def check_not_a_node(spec: PeerSpec, nodes: Iterable[Node]) -> None:
@@ -115,9 +127,8 @@ def parse_peer(name: str, address: str, asn: int, **extra: Any) -> PeerSpec:
         raise PeerError(f"peer address {address!r} is not an IP address") from exc
     if not 1 <= asn <= 4294967295:
         raise PeerError(f"AS {asn} is out of range (1 to 4294967295)")
-    password = extra.get("password")
-    if password is not None and not 1 <= len(password) <= 80:
-        raise PeerError("password must be 1 to 80 characters (TCP MD5 limit)")
+    if extra.get("password") is not None:
+        check_password(extra["password"])
     limit = extra.get("max_prefixes")
     if limit is not None and limit < 1:
         raise PeerError("max-prefixes must be at least 1")

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Any
 
+from fabric.model import checks
 from fabric.model.nodes import Node
 from fabric.model.peers import PeerSpec
 
@@ -62,7 +63,8 @@ class Pool:
     def from_record(cls, value: dict[str, Any]) -> Pool:
         """Checked as `fabricctl ipam pool add` checks its input (PoolError, a
         ValueError, names what is wrong)."""
-        return parse_pool(str(value["name"]), str(value["cidr"]), int(value["block_size"]),
+        return parse_pool(str(value["name"]), str(value["cidr"]),
+                          checks.integer(value.get("block_size"), "block_size", 0, 128),
                           nat_outgoing=bool(value.get("nat_outgoing", False)),
                           disabled=bool(value.get("disabled", False)),
                           strict_affinity=bool(value.get("strict_affinity", False)))

@@ -41,6 +41,8 @@ def decode(key: str, raw: bytes) -> dict[str, Any]:
         value = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise CorruptValue(key, f"not JSON ({exc})") from exc
+    except RecursionError:
+        raise CorruptValue(key, "not a record (nested too deeply to read)") from None
     if not isinstance(value, dict):
         raise CorruptValue(key, "not a JSON object")
     version = value.pop("v", None)

@@ -716,3 +716,23 @@ def test_host_settings_are_checked_on_their_timer_and_repairs_reported(fab):
     fab.send(m.JobDone("host", result={"repaired": ["net.ipv4.ip_forward"]}))
     assert "net.ipv4.ip_forward" in fab.state.status()["last_host_repair"]
     assert fab.state.counters.host_repairs == 1
+
+
+def test_a_deleted_workload_is_not_retained_when_its_registration_goes():
+    """A DEL'd handle whose record then vanishes is gone, not `retained` (a vanished
+    registration without a DEL of ours): retained, its route would come back on the
+    next listing that still shows the doomed link."""
+    from fabric.agent.workloads import Workloads
+    record = workload("c1.eth0", "10.244.0.5", "l3f000000000001")
+    link = HostLink("l3f000000000001", 7, True)
+    state = Workloads()
+    state.on_registrations([record])
+    state.on_links([link])
+    assert state.routes()
+    state.detach("c1.eth0", "l3f000000000001")
+    state.on_registrations([])  # etcd caught up with the DEL
+    state.on_links([link])  # the link is reaped after the DEL replied
+    assert state.retained == {} and state.routes() == {}
+    state.on_registrations([record])  # a registration we did not DEL still is retained
+    state.on_registrations([])
+    assert "c1.eth0" in state.retained
