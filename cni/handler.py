@@ -459,6 +459,14 @@ class CniHandler:
             held = self.ipam.handle(handle)
             if workload_ is None or workload_.host_ifname != host_if:
                 return False  # DEL'd or re-ADDed meanwhile: not what was seen gone
+            if workload_.netns and os.path.exists(workload_.netns):
+                # Its namespace is still there: the container may live on with its
+                # addresses (its host link deleted by hand). Given to another container
+                # they would be in use twice; kept, and asked about again later.
+                self.log.warning("host link gone but the container's namespace is not; "
+                                 "its addresses stay allocated", handle=handle,
+                                 netns=workload_.netns)
+                return False
             addresses = sorted(set(workload_.ips) | set(held.addresses() if held else ()))
             self._known.pop(handle, None)
             self.routes.detach(handle, addresses, host_if)

@@ -62,7 +62,7 @@ from fabric.model.peers import BgpConfig
 from fabric.model.prefix import Prefix
 from fabric.policy.compiler import PolicyReport
 from fabric.store import keys
-from fabric.store.datastore import Datastore, absent, put, unchanged
+from fabric.store.datastore import Datastore
 from fabric.store.errors import CorruptValue, Unavailable
 from fabric.store.registry import Registry
 from fabric.store.watch import Mirror
@@ -240,7 +240,7 @@ class Agent:
         try:
             entry = self.store.get(keys.BGP_CONFIG)
             return BgpConfig.from_record(entry.value if entry else None).asn
-        except (CorruptValue, ValueError) as exc:
+        except (CorruptValue, ValueError, TypeError, OverflowError) as exc:
             self.log.error("bgp configuration in etcd unusable; using the default AS",
                            error=str(exc))
             return BgpConfig().asn
@@ -414,13 +414,7 @@ class Agent:
                           held.addresses(), None, links.host_ifname(held.handle),
                           time.time(), attrs.get("network", ""), attrs.get("namespace", ""),
                           _labels_attr(attrs.get("labels", "")))
-        handle_entry = self.store.get(keys.handle(held.handle))
-        if handle_entry is None:
-            return False
-        key = keys.workload(self.config.node_name, held.handle)
-        ok, _ = self.store.txn([unchanged(handle_entry.key, handle_entry.mod_revision),
-                                absent(key)], [put(key, record.to_record())])
-        return ok
+        return self.registry.restore_workload(record)
 
     # -- servers -----------------------------------------------------------------------
     def _serve_cni(self, raw: bytes, fds: list[int]) -> bytes:

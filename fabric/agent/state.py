@@ -357,7 +357,7 @@ class AgentState:
                 continue
             try:
                 usable[key] = parse(key, dict(value))
-            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
                 ignored[key] = str(exc) or type(exc).__name__
                 if key in good:
                     usable[key] = good[key]

@@ -62,7 +62,8 @@ class Registry:
 
         Refused when another host (different underlay address) holds the name: two
         agents fighting over one name would announce each other's blocks. A value that
-        is no record at all (not JSON, unknown schema) is nobody's: it is replaced.
+        is no node record (not JSON, unknown schema, or fields no node has) is nobody's:
+        it is replaced.
         """
         key = keys.node(node.name)
         for _ in range(20):
@@ -75,8 +76,8 @@ class Registry:
                     return
                 continue
             if current is not None:
-                holder = str(current.value.get("address"))
-                if holder != node.address:
+                holder = _holder(current.value)
+                if holder is not None and holder != node.address:
                     raise RegistrationError(
                         f"node name {node.name!r} is already registered by {holder}")
                 compare = [unchanged(key, current.mod_revision)]
@@ -121,6 +122,27 @@ class Registry:
         if not ok:
             raise RegistrationError(f"handle {workload.handle} changed while registering")
 
+    def restore_workload(self, workload: Workload) -> bool:
+        """Write a lost registration again while the IPAM handle exists; False when a
+        usable one is there already. One that is no workload record (written by hand,
+        by another version) is replaced: the agent ignores it, so the container's link
+        would stay unexplained for good."""
+        handle_entry = self.store.get(keys.handle(workload.handle))
+        if handle_entry is None:
+            return False
+        key = keys.workload(workload.node, workload.handle)
+        try:
+            current = self.store.get(key)
+            if current is not None:
+                Workload.from_record(current.value)
+                return False
+        except (CorruptValue, KeyError, TypeError, ValueError, AttributeError, OverflowError):
+            pass
+        ok, _ = self.store.txn([unchanged(handle_entry.key, handle_entry.mod_revision),
+                                unchanged(key, self._revision(key))],
+                               [put(key, workload.to_record())])
+        return ok
+
     def deregister_workload(self, node: str, handle: str) -> bool:
         ok, _ = self.store.txn([], [delete(keys.workload(node, handle))])
         return ok
@@ -129,3 +151,9 @@ class Registry:
         return [w for w in self.workloads() if w.name == name]
 
 
+def _holder(value: dict[str, Any]) -> str | None:
+    """The underlay address a node record names; None when it is no node record."""
+    try:
+        return Node.from_record(value).address
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
+        return None

@@ -237,6 +237,25 @@ def test_a_container_gone_without_a_del_gives_its_address_back(lab, netns_factor
         store.close()
 
 
+def test_a_host_link_deleted_by_hand_keeps_the_living_containers_address(lab,
+                                                                        netns_factory):
+    """Its veth is gone but its namespace is not: the container lives on with its
+    address configured, so that address must not be given to another container."""
+    name = netns_factory("k")
+    added = cni(lab, "h2", "ADD", "faultkept", netns.path(name))
+    assert added.ok, added.stdout
+    store = lab.store()
+    try:
+        subprocess.run(["ip", "-n", lab.state.hosts["h2"].netns, "link", "del",
+                        links.host_ifname("faultkept.eth0")], check=True)
+        time.sleep(12)  # three gone-graces (4 s), with link listings every 2 s
+        assert Ipam(store).handle("faultkept.eth0") is not None
+        assert store.get(keys.workload("h2", "faultkept.eth0")) is not None
+    finally:
+        store.close()
+    assert cni(lab, "h2", "DEL", "faultkept", netns.path(name)).ok
+
+
 def test_a_block_record_deleted_by_hand_is_restored(lab):
     store = lab.store()
     try:

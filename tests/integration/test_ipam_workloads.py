@@ -11,11 +11,11 @@ import sys
 import pytest
 
 from fabric.model.handles import InUse
-from fabric.model.nodes import Workload
+from fabric.model.nodes import Node, Workload
 from fabric.model.pools import parse_pool
 from fabric.store import keys
 from fabric.store.datastore import Datastore, Read
-from fabric.store.registry import Registry
+from fabric.store.registry import RegistrationError, Registry
 from ipam.allocator import Ipam
 from ipam.check import check
 
@@ -128,3 +128,29 @@ def test_release_leaked_keeps_an_orphan_address_its_workload_uses(ctl, ipam, sto
     Registry(store).deregister_workload("n1", "lost.eth0")
     ctl("ipam", "release", "--leaked")
     assert store.keys(keys.IPS) == []
+
+
+@pytest.mark.parametrize("bad", [{"handle": "x"}, {"node": "n1", "ips": 7}])
+def test_a_registration_that_is_no_workload_record_is_written_again(ipam, store, bad):
+    """The agent ignores a registration it cannot read; restoring the lost one must
+    replace it, or the container's link stays unexplained for good."""
+    address = attach(ipam, "c9")
+    registry = Registry(store)
+    record = registry.workload("n1", "c9.eth0")
+    assert not registry.restore_workload(record)  # a usable one is there: left alone
+    store.put(keys.workload("n1", "c9.eth0"), bad)
+    assert registry.restore_workload(record)
+    assert registry.workload("n1", "c9.eth0").ips == (address,)
+    store.delete(keys.handle("c9.eth0"))  # no handle: nothing to restore
+    store.delete(keys.workload("n1", "c9.eth0"))
+    assert not registry.restore_workload(record)
+
+
+@pytest.mark.parametrize("bad", [{"name": "n2", "asn": "x"}, {"name": "n2"}])
+def test_an_own_node_record_that_is_no_node_record_is_replaced(store, bad):
+    registry = Registry(store)
+    store.put(keys.node("n2"), bad)
+    registry.register_node(Node("n2", "192.0.2.2", 64512))
+    assert store.get(keys.node("n2")).value["address"] == "192.0.2.2"
+    with pytest.raises(RegistrationError, match=r"already registered by 192\.0\.2\.2"):
+        registry.register_node(Node("n2", "192.0.2.3", 64512))
