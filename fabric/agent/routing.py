@@ -183,6 +183,13 @@ class Routing:
             if segment is not None:
                 refused[block.cidr] = f"overlaps the underlay network {segment}"
                 continue
+            if not any(p.block_size == prefix.length and Prefix.parse(p.cidr).contains(prefix)
+                       for p in self.view.pools):
+                # Written by hand or left from a deleted pool: every peer's import
+                # policy refuses it (pools bound what nodes may announce), so our
+                # containers in it would be reachable from nowhere. Said here.
+                refused[block.cidr] = "not a block of any IP pool"
+                continue
             own.add(block.cidr)
         for cidr in set(refused) - set(self.refused_blocks):
             self.log.error("not routing our own block", block=cidr, reason=refused[cidr])

@@ -605,6 +605,8 @@ class AgentState:
                                          if info.last_restart_reason else "") + ")")
         if self.registration.last_error:
             found.append(f"registration: {self.registration.last_error}")
+        for cidr, why in sorted(self.routing.refused_blocks.items()):
+            found.append(f"own block {cidr} not routed: {why}")
         ignored = self.ignored_records()
         if ignored:
             key, why = next(iter(sorted(ignored.items())))

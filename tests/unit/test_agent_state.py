@@ -736,3 +736,19 @@ def test_a_deleted_workload_is_not_retained_when_its_registration_goes():
     state.on_registrations([record])  # a registration we did not DEL still is retained
     state.on_registrations([])
     assert "c1.eth0" in state.retained
+
+
+def test_an_own_block_outside_every_pool_is_not_routed_and_degrades_the_node(fab):
+    """Written by hand or left by a deleted pool: peers refuse it (pools bound what a node
+    may announce), so it is not ours to announce and `node status` says why."""
+    assert fab.state.degraded() == []
+    blocks = dict(fab.records["blocks"])
+    blocks["10.250.0.0/26"] = Block("10.250.0.0/26", "gone", "a").to_record()
+    blocks["10.244.1.0/27"] = Block("10.244.1.0/27", "p", "a").to_record()  # wrong size
+    fab.snapshot("blocks", blocks)
+    refused = fab.state.routing.refused_blocks
+    assert refused == {"10.250.0.0/26": "not a block of any IP pool",
+                       "10.244.1.0/27": "not a block of any IP pool"}
+    assert P("10.250.0.0/26") not in fab.kernel and P("10.244.0.0/26") in fab.kernel
+    assert "10.250.0.0/26" not in fab.state.routing.exports
+    assert any("own block 10.250.0.0/26 not routed" in d for d in fab.state.degraded())
