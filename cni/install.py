@@ -10,9 +10,11 @@ anything is written, so install never leaves a configuration the plugin would re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -74,15 +76,26 @@ def install(bin_dir: str = DEFAULT_BIN_DIR, conf_dir: str | None = DEFAULT_CONF_
     Path(bin_dir).mkdir(parents=True, exist_ok=True)
     text = shim_text(python)
     for name in (PLUGIN, IPAM_PLUGIN):
-        target = Path(bin_dir) / name
-        tmp = target.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.chmod(0o755)
-        os.replace(tmp, target)
-        written.append(target)
+        written.append(_write(Path(bin_dir) / name, text, 0o755))
     if conf_dir:
         Path(conf_dir).mkdir(parents=True, exist_ok=True)
-        target = Path(conf_dir) / f"10-{network}.conflist"
-        target.write_text(json.dumps(doc, indent=2) + "\n")
-        written.append(target)
+        written.append(_write(Path(conf_dir) / f"10-{network}.conflist",
+                              json.dumps(doc, indent=2) + "\n", 0o644))
     return written
+
+
+def _write(target: Path, text: str, mode: int) -> Path:
+    """Replace `target` at once: a runtime never execs or reads half a file, and
+    installs running side by side (lab hosts sharing a directory) never share a
+    temporary file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return target

@@ -182,3 +182,25 @@ def test_wire_format_errors_never_quote_the_request():
 
 def test_server_limit_fits_the_largest_shim_request():
     assert sockets.MAX_REQUEST >= shim.MAX_REQUEST > shim.MAX_STDIN
+
+
+def test_installs_running_side_by_side_share_no_temporary_file(tmp_path):
+    """Lab hosts install into one directory at once; a shared `.tmp` name made one
+    install's rename fail when another had moved the file away."""
+    import threading
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            for _ in range(20):
+                install(str(tmp_path / "bin"), str(tmp_path / "conf"))
+        except BaseException as exc:
+            errors.append(exc)
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert sorted(p.name for p in (tmp_path / "bin").iterdir()) == ["l3fabric", "l3fabric-ipam"]
+    assert (tmp_path / "bin" / "l3fabric").stat().st_mode & 0o777 == 0o755
