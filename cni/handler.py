@@ -280,7 +280,8 @@ class CniHandler:
     def _wire(self, req: Request, host_if: str, addresses: list[str],
               undo: Undo) -> links.Attachment:
         try:
-            links.detach(host_if)  # a retried ADD starts clean
+            if links.detach(host_if):  # a retried ADD starts clean
+                self._release_adopted(host_if)
             attachment = links.attach(req.netns_path, req.ifname, host_if, addresses,
                                       req.conf.mtu)
         except links.LinkError as exc:
@@ -295,6 +296,21 @@ class CniHandler:
         if failures:
             raise CniError(IO_FAILURE, f"host route: {failures[0]}")
         return attachment
+
+    def _release_adopted(self, host_if: str) -> None:
+        """The link this ADD replaces may have been adopted (its container outlived its
+        etcd records, see the agent's `_adopt`): its addresses go with it, or they would
+        stay held, and routed to the new container, for as long as the name lives."""
+        handle = f"adopted.{host_if}"
+        with _store_errors("ADD"):
+            held = self.ipam.handle(handle)
+            if held is None or held.node != self.node:
+                return
+            self.routes.detach(handle, list(held.addresses()), None)
+            self.ipam.release(handle, also_delete=[keys.workload(self.node, handle)],
+                              node=self.node)
+        self.log.info("released the addresses of the adopted link this ADD replaces",
+                      handle=handle, addresses=list(held.addresses()))
 
     def _repeated(self, req: Request, registered: Workload | None, held: Handle | None,
                   host_if: str | None) -> dict[str, Any] | None:

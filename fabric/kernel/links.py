@@ -368,7 +368,16 @@ def attach(netns_path: str, ifname: str, host_if: str, addresses: Sequence[str],
     try:
         with _Rtnl() as nl:
             try:
-                nl.add_veth(host_if, HOST_MAC, mtu, ifname, mac, ns_fd)
+                try:
+                    nl.add_veth(host_if, HOST_MAC, mtu, ifname, mac, ns_fd)
+                except NetlinkError as exc:
+                    if exc.code != errno.EEXIST or not _has_doomed(nl):
+                        raise
+                    # The name may be held by a pair a DEL detached and the reaper has
+                    # not deleted yet (a sandbox re-made in the same namespace): delete
+                    # those now, then try once more.
+                    remove_doomed()
+                    nl.add_veth(host_if, HOST_MAC, mtu, ifname, mac, ns_fd)
             except NetlinkError as exc:
                 if exc.code == errno.EEXIST:
                     raise LinkError(f"interface {ifname} already exists in {netns_path} "
@@ -498,6 +507,10 @@ def remove_doomed() -> None:
     """Delete every pair `disable` marked, with one request (one RCU grace period)."""
     with _Rtnl() as nl, _unless_gone("deleting detached veths"):
         nl.delete_link(0, group=DOOMED)
+
+
+def _has_doomed(nl: _Rtnl) -> bool:
+    return any(link.group == DOOMED for link in nl.links())
 
 
 def remove(host_if: str, index: int) -> None:

@@ -305,6 +305,34 @@ def test_a_live_container_etcd_forgot_is_adopted_and_its_address_never_reissued(
         store.close()
 
 
+def test_an_add_that_replaces_an_adopted_link_releases_its_addresses(lab, netns_factory):
+    """The runtime re-ADDs a container whose records etcd lost (adopted meanwhile): the
+    new pair replaces the adopted link, so the adopted addresses go with it."""
+    name = netns_factory("a")
+    added = cni(lab, "h2", "ADD", "faultre", netns.path(name))
+    old = added.document["ips"][0]["address"].split("/")[0]
+    link = links.host_ifname("faultre.eth0")
+    store = lab.store()
+    try:
+        allocation = Ipam(store).handle("faultre.eth0").allocations[0]
+        store.txn([], [delete(keys.handle("faultre.eth0")),
+                       delete(keys.workload("h2", "faultre.eth0")),
+                       delete(keys.ip(allocation.block, ordinal_of(allocation.block, old)))])
+        wait_until(lambda: Ipam(store).handle(f"adopted.{link}") is not None,
+                   "the live interface adopted", 30)
+        again = cni(lab, "h2", "ADD", "faultre", netns.path(name))
+        assert again.ok, again.stdout
+        assert Ipam(store).handle(f"adopted.{link}") is None
+        assert store.get(keys.workload("h2", f"adopted.{link}")) is None
+        new = again.document["ips"][0]["address"].split("/")[0]
+        assert lab.ping(lab.state.workloads["h1-w1"].netns, new, count=2)
+        assert new != old  # allocated while the adopted handle still held the old one
+        assert f"{old}/32" not in kernel_routes(lab.state.hosts["h2"].netns)
+    finally:
+        store.close()
+    assert cni(lab, "h2", "DEL", "faultre", netns.path(name)).ok
+
+
 def test_forwarding_and_outgoing_nat_turned_off_by_hand_are_put_back(lab):
     ns = lab.state.hosts["h1"].netns
     flush = ["iptables", "-t", "nat", "-F"]

@@ -217,3 +217,22 @@ def test_a_listener_never_receives_the_echoes_of_an_ignored_sender(ns):
     finally:
         sender.close()
         listener.close()
+
+
+def test_an_interface_name_held_by_a_detached_pair_is_freed_for_a_new_attach(netns_factory):
+    """A DEL detaches the pair and deletes it later (links.disable, then the reaper):
+    an ADD of another container into the same namespace meanwhile finds `eth0` taken.
+    It deletes the detached pairs and wires; a name a live pair holds stays refused."""
+    from fabric.kernel import links
+    host, container = netns_factory("kh"), netns_factory("kc")
+    with entered(netns.path(host)):
+        links.attach(netns.path(container), "eth0", "l3ftestold", ["10.244.9.1"], 1500)
+        assert links.disable("l3ftestold")
+        made = links.attach(netns.path(container), "eth0", "l3ftestnew", ["10.244.9.2"], 1500)
+        assert made.host_ifname == "l3ftestnew"
+        assert "l3ftestold" not in links.host_links()
+        with pytest.raises(links.LinkError, match="eth0 already exists"):
+            links.attach(netns.path(container), "eth0", "l3ftestthird", ["10.244.9.3"], 1500)
+    shown = subprocess.run(["ip", "-n", container, "-o", "addr", "show", "eth0"],
+                           capture_output=True, text=True, check=True).stdout
+    assert "10.244.9.2/32" in shown
