@@ -106,6 +106,7 @@ def families(status: Mapping[str, Any], counters: Mapping[str, int]) -> list[Fam
 
 
 MAX_CLIENTS = 8  # scrapes served at once; more connections are closed at once
+MAX_PER_ADDRESS = 2  # of those, from one source address
 CLIENT_TIMEOUT = 5.0  # seconds a client may take to send its request
 
 
@@ -113,32 +114,49 @@ class _BoundedServer(http.server.ThreadingHTTPServer):
     """At most MAX_CLIENTS connections at a time, each with a deadline: the port is
     reachable from every container on the host (their default route leads to it), and
     a thread per idle connection once let one container take the agent's descriptors
-    (1,024 idle connections: every netlink listing failed, CNI requests timed out)."""
+    (1,024 idle connections: every netlink listing failed, CNI requests timed out).
+    And at most MAX_PER_ADDRESS from one source address, so that one container holding
+    connections open cannot keep Prometheus out."""
 
     daemon_threads = True
     request_queue_size = 64
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._slots = threading.BoundedSemaphore(MAX_CLIENTS)
+        self._lock = threading.Lock()  # the slots: taken here, given back by handlers
+        self._open: dict[str, int] = {}  # source address -> connections being served
         self.refused = 0
 
+    def _take(self, source: str) -> bool:
+        with self._lock:
+            if sum(self._open.values()) >= MAX_CLIENTS or \
+                    self._open.get(source, 0) >= MAX_PER_ADDRESS:
+                self.refused += 1
+                return False
+            self._open[source] = self._open.get(source, 0) + 1
+            return True
+
+    def _give_back(self, source: str) -> None:
+        with self._lock:
+            left = self._open.pop(source) - 1
+            if left:
+                self._open[source] = left
+
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            self.refused += 1
+        if not self._take(client_address[0]):
             self.shutdown_request(request)
             return
         try:
             super().process_request(request, client_address)
         except Exception:
-            self._slots.release()
+            self._give_back(client_address[0])
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._slots.release()
+            self._give_back(client_address[0])
 
 
 class MetricsServer:

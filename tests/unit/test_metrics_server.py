@@ -29,3 +29,27 @@ def test_idle_connections_cost_at_most_a_few_threads_and_expire(monkeypatch):
         for sock in idle:
             sock.close()
         server.stop()
+
+
+def test_one_source_holding_connections_open_does_not_keep_others_out(monkeypatch):
+    """A container holding connections open gets MAX_PER_ADDRESS slots, not all of them:
+    a scrape from another address is served while they are held."""
+    import http.client
+    monkeypatch.setattr(metrics, "CLIENT_TIMEOUT", 30)
+    server = metrics.MetricsServer("127.0.0.1", 0, lambda: [
+        metrics.Family("up", "gauge", "1", (metrics.Sample("up", 1),))])
+    port = server.server.server_address[1]
+    server.start()
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(metrics.MAX_CLIENTS)]
+    try:
+        time.sleep(0.3)  # accepted (or refused) by now
+        scrape = http.client.HTTPConnection("127.0.0.1", port, timeout=10,
+                                            source_address=("127.0.0.2", 0))
+        scrape.request("GET", "/metrics")
+        assert b"up 1" in scrape.getresponse().read()
+        scrape.close()
+        assert server.server.refused >= metrics.MAX_CLIENTS - metrics.MAX_PER_ADDRESS
+    finally:
+        for sock in idle:
+            sock.close()
+        server.stop()
