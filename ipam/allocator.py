@@ -47,7 +47,6 @@ from fabric.store import keys
 from fabric.store.datastore import (
     Datastore,
     Entry,
-    Listing,
     Read,
     absent,
     delete,
@@ -58,6 +57,7 @@ from fabric.store.datastore import (
     prefix_empty,
     prefix_unchanged_since,
     put,
+    readable,
     unchanged,
 )
 from fabric.store.errors import Conflict, CorruptValue
@@ -151,7 +151,13 @@ class Ipam:
         listing = self.store.list(keys.POOLS)
         for bad in listing.corrupt:
             self.log.error("pool record unreadable", key=bad.key, reason=bad.reason)
-        return sorted(((_pool(e), e) for e in listing.entries), key=lambda pe: pe[0].name)
+        found = []
+        for entry in listing.entries:  # one unreadable pool must not stop allocation
+            try:
+                found.append((_pool(entry), entry))
+            except CorruptValue as exc:
+                self.log.error("pool record unreadable", key=exc.key, reason=exc.reason)
+        return sorted(found, key=lambda pe: pe[0].name)
 
     def add_pool(self, pool: Pool) -> None:
         """Add `pool` unless it overlaps another pool or swallows an underlay address.
@@ -164,7 +170,7 @@ class Ipam:
             listing = self.store.list(keys.POOLS)
             nodes = self.store.list(keys.NODES)
             peers = self.store.list(keys.BGP_PEERS)
-            existing = [_pool(e) for e in listing.entries]
+            existing = readable(listing, Pool.from_record, "pool", self.log)
             check_overlap(pool, existing)
             for bad in listing.corrupt:  # a corrupt record still reserves its name
                 if keys.last_segment(bad.key) == pool.name:
@@ -209,16 +215,22 @@ class Ipam:
         entry = self.store.get(keys.pool(name))
         if entry is None:
             raise PoolError(f"no pool named {name!r}")
-        pool = _pool(entry)
+        try:
+            pool: Pool | None = _pool(entry)
+        except CorruptValue as exc:  # nothing allocates from it: removable all the same
+            self.log.warning("removing an unreadable pool record", key=exc.key,
+                             reason=exc.reason)
+            pool = None
         blocks = [b for b in self._blocks() if b.pool == name]
         used = self._used_addresses(blocks)
         if used and not force:
             raise PoolError(f"pool {name!r} has {len(used)} address(es) in use; release them "
                             "first or use --force")
-        ok, _ = self.store.txn([unchanged(entry.key, entry.mod_revision)],
-                               [put(entry.key, {**pool.to_record(), "disabled": True})])
-        if not ok:
-            raise Conflict(f"pool {name!r} changed while removing it; try again")
+        if pool is not None:
+            ok, _ = self.store.txn([unchanged(entry.key, entry.mod_revision)],
+                                   [put(entry.key, {**pool.to_record(), "disabled": True})])
+            if not ok:
+                raise Conflict(f"pool {name!r} changed while removing it; try again")
         released = 0
         if force:
             for address, owner in self._used_addresses(blocks).items():
@@ -939,24 +951,6 @@ def _in_use(address: str, handle: str, key: str, row: Entry | CorruptValue) -> s
     return (f"{address} is in use by container {container} (handle {handle}) on node "
             f"{node}: the next ADD could get it while that container still uses it; "
             "use --force only if the container is gone")
-
-
-def readable(listing: Listing, parse: Callable[[dict[str, Any]], T], kind: str,
-             log: Any) -> list[T]:
-    """The records of a listing that parse; the others are logged and left out.
-
-    For checks against other records (a new pool against the nodes): an unreadable
-    record cannot be checked against, and must not block an unrelated change.
-    """
-    found = []
-    for bad in listing.corrupt:
-        log.warning(f"{kind} record unreadable", key=bad.key, reason=bad.reason)
-    for entry in listing.entries:
-        try:
-            found.append(parse(entry.value))
-        except (KeyError, TypeError, ValueError) as exc:
-            log.warning(f"{kind} record unreadable", key=entry.key, reason=str(exc))
-    return found
 
 
 def _pool(entry: Entry) -> Pool:

@@ -20,10 +20,10 @@ from fabric.store.datastore import (
     get_op,
     prefix_unchanged_since,
     put,
+    readable,
     unchanged,
 )
 from fabric.store.errors import Conflict
-from ipam.allocator import readable
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -168,10 +168,8 @@ def peer_rm(ctx: Context) -> int:
 
 
 def peer_list(ctx: Context) -> int:
-    specs = []
-    for entry in ctx.store.list(keys.BGP_PEERS).entries:
-        specs.append(PeerSpec.from_record(entry.value))
-    specs.sort(key=lambda s: s.name)
+    specs = sorted(readable(ctx.store.list(keys.BGP_PEERS), PeerSpec.from_record, "BGP peer",
+                            logs.get("cli.bgp")), key=lambda s: s.name)
     if ctx.json:
         emit_json([_public(s) for s in specs])
         return OK

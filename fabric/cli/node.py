@@ -10,6 +10,7 @@ from typing import Any
 from fabric.cli.context import Context
 from fabric.cli.output import OK, PROBLEM, CliError, emit_json, kv, table
 from fabric.store import keys
+from fabric.store.errors import CorruptValue
 from fabric.store.registry import Registry
 from ipam.allocator import Ipam
 
@@ -182,7 +183,11 @@ def _liveness(ctx: Context, name: str) -> int:
 
 def remove_node(ctx: Context) -> int:
     registry = Registry(ctx.store)
-    if registry.node(ctx.name) is None:
+    try:
+        missing = ctx.store.get(keys.node(ctx.name)) is None
+    except CorruptValue:
+        missing = False  # unreadable, but there: removing it is what the operator wants
+    if missing:
         raise CliError(f"no node named {ctx.name}", code=PROBLEM)
     if _liveness(ctx, ctx.name) > 0 and not ctx.force:
         raise CliError(f"node {ctx.name}'s agent is alive: stop it first (it would register "

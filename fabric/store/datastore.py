@@ -16,7 +16,7 @@ import json
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import etcd3
 import etcd3.events
@@ -27,6 +27,8 @@ from etcd3 import etcdrpc
 
 from fabric.settings import EtcdSettings
 from fabric.store.errors import CorruptValue, DatastoreError, Unavailable
+
+T = TypeVar("T")
 
 SCHEMA_VERSION = 1
 
@@ -400,3 +402,22 @@ def _watch_event(ev: Any) -> WatchEvent:
         return WatchEvent(key, decode(key, ev.value), ev.mod_revision)
     except CorruptValue as exc:
         return WatchEvent(key, None, ev.mod_revision, error=exc)
+
+
+def readable(listing: Listing, parse: Callable[[dict[str, Any]], T], kind: str,
+             log: Any) -> list[T]:
+    """The records of a listing that parse; the others are logged and left out.
+
+    One record written by hand or by another version must not stop every listing,
+    nor a check against the others (a new pool against the nodes): an unreadable
+    record cannot be checked against, and must not block an unrelated change.
+    """
+    found = []
+    for bad in listing.corrupt:
+        log.warning(f"{kind} record unreadable", key=bad.key, reason=bad.reason)
+    for entry in listing.entries:
+        try:
+            found.append(parse(entry.value))
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+            log.warning(f"{kind} record unreadable", key=entry.key, reason=str(exc))
+    return found

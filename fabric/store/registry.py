@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from fabric import logs
 from fabric.model.nodes import Node, Workload
 from fabric.store import keys
-from fabric.store.datastore import Datastore, absent, delete, put, unchanged
+from fabric.store.datastore import Datastore, absent, delete, put, readable, unchanged
 from fabric.store.errors import CorruptValue
 
 T = TypeVar("T")
@@ -37,17 +37,7 @@ class Registry:
     # -- nodes -------------------------------------------------------------------------
     def _read_all(self, prefix: str, parse: Callable[[dict[str, Any]], T], kind: str
                   ) -> list[T]:
-        """Every readable record under `prefix`; unreadable ones are logged and skipped."""
-        listing = self.store.list(prefix)
-        for bad in listing.corrupt:
-            self.log.error(f"{kind} record unreadable", key=bad.key, reason=bad.reason)
-        found = []
-        for entry in listing.entries:
-            try:
-                found.append(parse(entry.value))
-            except (KeyError, TypeError, ValueError) as exc:
-                self.log.error(f"{kind} record unreadable", key=entry.key, reason=str(exc))
-        return found
+        return readable(self.store.list(prefix), parse, kind, self.log)
 
     def nodes(self) -> list[Node]:
         return sorted(self._read_all(keys.NODES, Node.from_record, "node"),
