@@ -131,6 +131,7 @@ class Speaker:
         self._generation = 0
         self._conn: socket.socket | None = None
         self._inbuf = b""
+        self._refused, self._refused_logged = 0, -60.0  # API connections not ours
         self._outbuf = bytearray()
         self._waiting: list[bytes] = []  # commands for the next connection
         self._log_fd = -1
@@ -429,8 +430,14 @@ class Speaker:
             return
         pid, uid, _ = peer_credentials(conn)
         if not self._ours(pid):
-            self.log.warning("refused an api connection that is not our exabgp's",
-                             pid=pid, uid=uid)
+            # Logged once a minute at most, with a count: a local process connecting
+            # in a loop must not fill the log.
+            self._refused += 1
+            now = time.monotonic()
+            if now - self._refused_logged >= 60:
+                self.log.warning("refused an api connection that is not our exabgp's",
+                                 pid=pid, uid=uid, refused_since_last=self._refused)
+                self._refused, self._refused_logged = 0, now
             conn.close()
             return
         self._drop_connection()

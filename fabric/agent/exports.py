@@ -69,7 +69,7 @@ class Announcer:
                 plan.reload = outcome.peers_changed or outcome.node_changed is not None
         exports = routing.exports
         if exports != self.announced:
-            plan.commands += api.withdraw_self(self.announced - exports)
+            plan.commands += api.withdraw(self.announced - exports)
             plan.commands += api.announce_self(exports - self.announced)
             self.announced = exports
         if routing.me.rr_cluster_id:
@@ -85,13 +85,14 @@ class Announcer:
         """Everything one neighbor should have from us (of its session's family)."""
         ipv6 = ":" in peer
         commands = api.announce_self([p for p in self.announced if (":" in p) == ipv6], peer)
-        commands += [api.announce_reflected(peer, r)
-                     for _, r in sorted(self.reflected.get(peer, {}).items())]
+        commands += api.announce_reflected(peer, self.reflected.get(peer, {}).values())
         return commands
 
     # -- reflection --------------------------------------------------------------------
     def _reflect(self, routing: Routing, prefixes: Iterable[Prefix], plan: SpeakerPlan) -> None:
         clients = _ibgp(routing)
+        withdrawn: dict[str, list[str]] = {}
+        announced: dict[str, list[api.Reflected]] = {}
         for prefix in sorted(prefixes):
             text = str(prefix)
             now = _reflected_for(routing, prefix, clients)
@@ -102,10 +103,13 @@ class Announcer:
                     continue
                 if after is None:
                     self.reflected[peer].pop(text)
-                    plan.commands.append(api.withdraw(text, peer))
+                    withdrawn.setdefault(peer, []).append(text)
                 else:
                     self.reflected.setdefault(peer, {})[text] = after
-                    plan.commands.append(api.announce_reflected(peer, after))
+                    announced.setdefault(peer, []).append(after)
+        for peer in clients:
+            plan.commands += api.withdraw(withdrawn.get(peer, ()), peer)
+            plan.commands += api.announce_reflected(peer, announced.get(peer, ()))
 
     def _reflect_all(self, routing: Routing, plan: SpeakerPlan) -> None:
         """The neighbors changed: recompute what each is reflected (walks the RIB once)."""
@@ -114,9 +118,9 @@ class Announcer:
             old, new = self.reflected.get(peer, {}), wanted.get(peer, {})
             if peer not in routing.peers:
                 continue  # gone from ExaBGP's configuration: nothing to withdraw from
-            plan.commands += [api.withdraw(p, peer) for p in sorted(set(old) - set(new))]
-            plan.commands += [api.announce_reflected(peer, r) for p, r in sorted(new.items())
-                              if old.get(p) != r]
+            plan.commands += api.withdraw(set(old) - set(new), peer)
+            plan.commands += api.announce_reflected(
+                peer, [r for p, r in new.items() if old.get(p) != r])
         self.reflected = wanted
 
     def _all_reflected(self, routing: Routing) -> dict[str, dict[str, api.Reflected]]:

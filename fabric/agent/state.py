@@ -50,6 +50,9 @@ MIRRORS = ("pools", "nodes", "blocks", "borrowed", "bgp-config", "bgp-peers", "w
            "policies", "namespaces")
 EVENT_RESYNC_GAP = 0.5  # seconds between resyncs prompted by route events, at least
 SPEAKER_GRACE = 15.0  # seconds ExaBGP may be down or unconnected (a restart) unreported
+# ExaBGP exiting this often within the window is a crash loop, though each restart
+# connects again within SPEAKER_GRACE: sessions flap, and peers see it.
+CRASH_LOOP_EXITS, CRASH_LOOP_WINDOW = 3, 300.0
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,7 @@ class SpeakerInfo:
     api_errors: int = 0
     last_restart_reason: str = ""  # why the agent last restarted ExaBGP itself
     down_since: float | None = None  # monotonic: not running, or its API not connected
+    exits: list[float] = field(default_factory=list)  # monotonic, within CRASH_LOOP_WINDOW
 
 
 @dataclass
@@ -437,6 +441,8 @@ class AgentState:
         elif status.state == "exited":
             info.running = info.connected = False
             info.restarts += 1
+            now = self.clock.monotonic()
+            info.exits = [t for t in info.exits if now - t < CRASH_LOOP_WINDOW] + [now]
             self._carry_out(self.routing.on_speaker_exit(), jobs)
         if not info.connected and info.down_since is None:
             info.down_since = self.clock.monotonic()
@@ -603,6 +609,13 @@ class AgentState:
             found.append(f"{what} for {now - info.down_since:.0f}s ({info.restarts} "
                          "restart(s)" + (f"; last restarted because {info.last_restart_reason}"
                                          if info.last_restart_reason else "") + ")")
+        recent = [t for t in info.exits if now - t < CRASH_LOOP_WINDOW]
+        if len(recent) >= CRASH_LOOP_EXITS:
+            found.append(f"ExaBGP exited {len(recent)} times in the last "
+                         f"{CRASH_LOOP_WINDOW / 60:.0f} minutes" +
+                         (f" (last restarted because {info.last_restart_reason})"
+                          if info.last_restart_reason else "") +
+                         "; see exabgp.log in the agent's run directory")
         if self.registration.last_error:
             found.append(f"registration: {self.registration.last_error}")
         for cidr, why in sorted(self.routing.refused_blocks.items()):

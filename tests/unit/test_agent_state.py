@@ -493,17 +493,18 @@ def test_a_route_reflector_passes_client_routes_to_other_clients_incrementally()
     fab.jobs.clear()
     fab.announce("192.0.2.2", "10.244.0.64/26")
     assert fab.commands() == [
-        "neighbor 192.0.2.3 announce route 10.244.0.64/26 next-hop 192.0.2.2 "
-        "originator-id 192.0.2.2 cluster-list [ 1.1.1.1 ]"]
+        "neighbor 192.0.2.3 announce attributes next-hop 192.0.2.2 "
+        "originator-id 192.0.2.2 cluster-list [ 1.1.1.1 ] nlri 10.244.0.64/26"]
     assert not fab.configures()  # reflection never re-renders the configuration
     fab.jobs.clear()
     fab.event(api.Update("192.0.2.2", {}, ["10.244.0.64/26"]))
-    assert fab.commands() == ["neighbor 192.0.2.3 withdraw route 10.244.0.64/26"]
+    assert fab.commands() == [
+        "neighbor 192.0.2.3 withdraw attributes next-hop self nlri 10.244.0.64/26"]
     fab.announce("192.0.2.2", "10.244.0.64/26")
     fab.jobs.clear()
     jobs = fab.up("192.0.2.3")  # a client (re)connects: it gets everything again
     sent = [c for j in jobs if isinstance(j, m.Send) for c in j.commands]
-    assert any("announce route 10.244.0.64/26" in c for c in sent)
+    assert any(c.endswith("nlri 10.244.0.64/26") and "announce" in c for c in sent)
 
 
 def _wire(sender: Fabric, receiver: Fabric, receiver_address: str) -> int:
@@ -516,14 +517,15 @@ def _wire(sender: Fabric, receiver: Fabric, receiver_address: str) -> int:
         if words[:2] != ["neighbor", receiver_address]:
             continue
         delivered += 1
+        prefixes = words[words.index("nlri") + 1:]
         if words[2] == "withdraw":
-            receiver.event(api.Update(source, {}, [words[4]]))
+            receiver.event(api.Update(source, {}, prefixes))
             continue
-        prefix, next_hop = words[4], words[6]
+        next_hop = words[words.index("next-hop") + 1]
         originator = words[words.index("originator-id") + 1]
         start = words.index("cluster-list") + 2
         clusters = tuple(words[start:words.index("]", start)])
-        receiver.event(api.Update(source, {next_hop: [prefix]}, [], api.Attributes(
+        receiver.event(api.Update(source, {next_hop: prefixes}, [], api.Attributes(
             originator_id=originator, cluster_list=clusters)))
     sender.jobs.clear()
     return delivered
@@ -579,8 +581,8 @@ def test_reflecting_a_reflected_route_puts_our_cluster_first():
     fab.event(api.Update("192.0.2.2", {"192.0.2.2": ["10.244.0.64/26"]}, [], api.Attributes(
         originator_id="192.0.2.2", cluster_list=("10.255.0.7",))))
     assert fab.commands() == [
-        "neighbor 192.0.2.3 announce route 10.244.0.64/26 next-hop 192.0.2.2 "
-        "originator-id 192.0.2.2 cluster-list [ 10.255.0.9 10.255.0.7 ]"]
+        "neighbor 192.0.2.3 announce attributes next-hop 192.0.2.2 "
+        "originator-id 192.0.2.2 cluster-list [ 10.255.0.9 10.255.0.7 ] nlri 10.244.0.64/26"]
 
 
 # -- records from etcd that are not usable: ignored, reported, never thrown -------------
@@ -752,3 +754,19 @@ def test_an_own_block_outside_every_pool_is_not_routed_and_degrades_the_node(fab
     assert P("10.250.0.0/26") not in fab.kernel and P("10.244.0.0/26") in fab.kernel
     assert "10.250.0.0/26" not in fab.state.routing.exports
     assert any("own block 10.250.0.0/26 not routed" in d for d in fab.state.degraded())
+
+
+def test_exabgp_exiting_again_and_again_is_a_crash_loop_though_each_restart_connects(fab):
+    """Each restart connects within the grace, so 'down for N s' never shows: the
+    number of exits in the window does."""
+    for generation in range(1, 4):
+        fab.send(m.SpeakerStatus(generation, "started", pid=10 + generation))
+        fab.send(m.SpeakerStatus(generation, "connected"))
+        assert fab.state.degraded() == []
+        fab.clock.advance(60)
+        fab.send(m.SpeakerStatus(generation, "exited", code=1))
+    fab.send(m.SpeakerStatus(4, "started", pid=20))
+    fab.send(m.SpeakerStatus(4, "connected"))
+    assert any("ExaBGP exited 3 times" in d for d in fab.state.degraded())
+    fab.clock.advance(300)  # quiet for the window: healthy again
+    assert fab.state.degraded() == []

@@ -64,9 +64,11 @@ def test_flat_as_path_and_end_of_rib():
 
 
 def test_commands():
-    assert api.withdraw("10.244.0.0/26") == "withdraw route 10.244.0.0/26"
-    assert api.withdraw("10.244.0.0/26", "10.77.0.2") == \
-        "neighbor 10.77.0.2 withdraw route 10.244.0.0/26"
+    assert api.withdraw(["10.244.0.0/26"]) == [
+        "withdraw attributes next-hop self nlri 10.244.0.0/26"]
+    assert api.withdraw(["10.244.0.0/26"], "10.77.0.2") == [
+        "neighbor 10.77.0.2 withdraw attributes next-hop self nlri 10.244.0.0/26"]
+    assert api.withdraw([]) == []
     assert api.teardown("10.77.0.2", 1) == "neighbor 10.77.0.2 teardown 1"
 
 

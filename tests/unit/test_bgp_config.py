@@ -43,10 +43,23 @@ def test_rendering_is_deterministic_and_graceful_restart_optional():
 
 def test_reflected_routes_keep_next_hop_and_carry_rr_attributes():
     route = api.Reflected("10.244.1.0/26", "192.0.2.3", (65001,), "192.0.2.3", ("1.1.1.1",))
-    assert api.announce_reflected("192.0.2.2", route) == (
-        "neighbor 192.0.2.2 announce route 10.244.1.0/26 next-hop 192.0.2.3 "
-        "as-path [ 65001 ] originator-id 192.0.2.3 cluster-list [ 1.1.1.1 ]")
+    assert api.announce_reflected("192.0.2.2", [route]) == [
+        "neighbor 192.0.2.2 announce attributes next-hop 192.0.2.3 as-path [ 65001 ] "
+        "originator-id 192.0.2.3 cluster-list [ 1.1.1.1 ] nlri 10.244.1.0/26"]
     assert "10.244.1.0/26" not in render(SETTINGS, PEERS, [])  # API only, never the file
+
+
+def test_reflected_routes_with_the_same_attributes_go_in_one_command_per_batch():
+    def route(prefix: str, next_hop: str) -> api.Reflected:
+        return api.Reflected(prefix, next_hop, (), next_hop, ("1.1.1.1",))
+    routes = [route(f"10.{i // 256}.{i % 256}.0/24", "192.0.2.3") for i in range(1500)]
+    routes.append(route("10.99.0.0/26", "192.0.2.4"))
+    lines = api.announce_reflected("192.0.2.2", routes)
+    assert len(lines) == 3  # 1,500 in two batches, and the other next hop's one
+    assert sum(len(line.split(" nlri ")[1].split()) for line in lines) == 1501
+    assert lines[-1].endswith("next-hop 192.0.2.4 originator-id 192.0.2.4 "
+                              "cluster-list [ 1.1.1.1 ] nlri 10.99.0.0/26")
+    assert api.announce_reflected("192.0.2.2", []) == []
 
 
 def test_our_routes_go_through_the_api_in_batches():
@@ -54,7 +67,7 @@ def test_our_routes_go_through_the_api_in_batches():
     lines = api.announce_self(prefixes)
     assert len(lines) == 3 and lines[0].startswith("announce attributes next-hop self nlri ")
     assert sum(len(line.split(" nlri ")[1].split()) for line in lines) == 2500
-    assert api.withdraw_self(["10.0.0.0/24"], "192.0.2.2") == [
+    assert api.withdraw(["10.0.0.0/24"], "192.0.2.2") == [
         "neighbor 192.0.2.2 withdraw attributes next-hop self nlri 10.0.0.0/24"]
 
 
