@@ -192,7 +192,7 @@ def dead_host(lab: Lab, result: Result) -> None:
 
 def run(hosts: int, reflector: str, samples: int, settle: float, window: float,
         parallel: int) -> Result:
-    name = f"l3bscale{hosts}{reflector[0]}"
+    name = f"bsc{hosts}{reflector[0]}"  # lab names: at most 10 characters
     result = Result(hosts, reflector)
     fabricctl("lab", "down", "--name", name)
     args = ["lab", "up", "--name", name, "--hosts", str(hosts), "--containers-per-host",
