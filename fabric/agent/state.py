@@ -51,7 +51,8 @@ MIRRORS = ("pools", "nodes", "blocks", "borrowed", "bgp-config", "bgp-peers", "w
 EVENT_RESYNC_GAP = 0.5  # seconds between resyncs prompted by route events, at least
 SPEAKER_GRACE = 15.0  # seconds ExaBGP may be down or unconnected (a restart) unreported
 # ExaBGP exiting this often within the window is a crash loop, though each restart
-# connects again within SPEAKER_GRACE: sessions flap, and peers see it.
+# connects again within SPEAKER_GRACE: sessions flap, and peers see it. It is over once
+# ExaBGP has stayed connected for SPEAKER_GRACE.
 CRASH_LOOP_EXITS, CRASH_LOOP_WINDOW = 3, 300.0
 
 
@@ -93,6 +94,7 @@ class SpeakerInfo:
     last_restart_reason: str = ""  # why the agent last restarted ExaBGP itself
     down_since: float | None = None  # monotonic: not running, or its API not connected
     exits: list[float] = field(default_factory=list)  # monotonic, within CRASH_LOOP_WINDOW
+    connected_since: float | None = None  # monotonic
 
 
 @dataclass
@@ -435,6 +437,7 @@ class AgentState:
         elif status.state == "connected":
             info.connected = True
             info.down_since = None
+            info.connected_since = self.clock.monotonic()
         elif status.state == "restarting":
             info.connected = False
             info.last_restart_reason = status.reason
@@ -610,7 +613,9 @@ class AgentState:
                          "restart(s)" + (f"; last restarted because {info.last_restart_reason}"
                                          if info.last_restart_reason else "") + ")")
         recent = [t for t in info.exits if now - t < CRASH_LOOP_WINDOW]
-        if len(recent) >= CRASH_LOOP_EXITS:
+        stable = info.connected and info.connected_since is not None and \
+            now - info.connected_since >= SPEAKER_GRACE
+        if len(recent) >= CRASH_LOOP_EXITS and not stable:
             found.append(f"ExaBGP exited {len(recent)} times in the last "
                          f"{CRASH_LOOP_WINDOW / 60:.0f} minutes" +
                          (f" (last restarted because {info.last_restart_reason})"
