@@ -47,6 +47,7 @@ from fabric.store import keys
 from fabric.store.datastore import (
     Datastore,
     Entry,
+    Listing,
     Read,
     absent,
     delete,
@@ -816,8 +817,12 @@ class Ipam:
             if isinstance(row, CorruptValue):
                 corrupt.append(row)
             workloads[node, handle] = registered.ips if registered else ()
-        nodes = {keys.last_segment(e.key) for e in good(nodes_r)}
-        return Snapshot(pools, blocks, ips, handles, workloads, nodes, corrupt)
+        node_entries = good(nodes_r)
+        nodes = {keys.last_segment(e.key) for e in node_entries}
+        node_records = readable(Listing(node_entries, [], 0), Node.from_record, "node",
+                                self.log)
+        return Snapshot(pools, blocks, ips, handles, workloads, nodes, corrupt,
+                        node_records=node_records)
 
     def release_found(self, report: Report, kinds: Iterable[str] = (
             "leak", "orphan-ip", "dangling", "orphan-block")) -> dict[str, int]:

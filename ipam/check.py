@@ -16,9 +16,14 @@ What it finds:
   still uses it;
 * workload-conflict: a registered workload uses an address that another handle
   holds: two containers may be using one address;
+* underlay: a pool that covers a node's underlay address or network (written before
+  the node registered, or by hand): its blocks are neither announced nor blackholed
+  by the node that owns them (the agent refuses them), so containers given addresses
+  there reach nothing;
 * corrupt: a record that cannot be read.
 
-Duplicates, workload findings and corrupt records need a person (NEEDS_A_PERSON):
+Duplicates, workload, underlay findings and corrupt records need a person
+(NEEDS_A_PERSON):
 `ipam release --leaked` never touches them.
 """
 
@@ -29,13 +34,15 @@ from dataclasses import dataclass, field
 
 from fabric.model.blocks import Block
 from fabric.model.handles import Handle
-from fabric.model.pools import Pool
+from fabric.model.nodes import Node
+from fabric.model.pools import Pool, underlay_conflicts
 from fabric.store.errors import CorruptValue
 from ipam.blocks import capacity
 
 KINDS = ("leak", "orphan-ip", "dangling", "duplicate", "orphan-block", "blockless",
-         "workload-unreserved", "workload-conflict", "corrupt")
-NEEDS_A_PERSON = ("duplicate", "workload-unreserved", "workload-conflict", "corrupt")
+         "workload-unreserved", "workload-conflict", "underlay", "corrupt")
+NEEDS_A_PERSON = ("duplicate", "workload-unreserved", "workload-conflict", "underlay",
+                  "corrupt")
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,7 @@ class Snapshot:
     nodes: set[str]
     corrupt: list[CorruptValue] = field(default_factory=list)
     revision: int = 0
+    node_records: list[Node] = field(default_factory=list)  # the readable ones
 
 
 @dataclass(frozen=True)
@@ -163,6 +171,14 @@ def check(snap: Snapshot) -> Report:
             "blockless", cidr, f"{len(held)} address(es) reserved (by {', '.join(nodes)}) "
             "in a block with no record", nodes[0] if nodes else None,
             tuple(sorted(ip.address for ip in held))))
+
+    for pool in snap.pools:
+        conflicts = underlay_conflicts(pool, snap.node_records, ())
+        if conflicts:
+            findings.append(Finding(
+                "underlay", pool.name, f"pool {pool.cidr} overlaps {', '.join(conflicts)}: "
+                "its blocks there are not routed; disable the pool and move its "
+                "workloads"))
 
     for bad in snap.corrupt:
         findings.append(Finding("corrupt", bad.key, bad.reason))

@@ -95,3 +95,17 @@ def test_addresses_in_a_block_with_no_record_are_found():
                     [("n1", "a")], blocks=[Block("10.0.0.64/26", "p", "n2")], nodes=("n1", "n2"))
     [finding] = check(snap).of("blockless")
     assert (finding.subject, finding.node, finding.addresses) == (BLOCK, "n1", ("10.0.0.1",))
+
+
+def test_a_pool_over_a_nodes_underlay_is_found():
+    """Written before the node registered (or by hand): the node's agent refuses the
+    blocks there, so `ipam check` names the pool and what it covers."""
+    from fabric.model.nodes import Node
+    snap = snapshot([], [], [])
+    snap.node_records = [Node("n1", "10.0.0.200", 64512, networks=("10.0.0.192/26",))]
+    [found] = check(snap).of("underlay")
+    assert found.subject == "p"
+    assert "node n1's underlay network 10.0.0.192/26" in found.detail
+    assert "node n1 (10.0.0.200)" in found.detail
+    snap.node_records = [Node("n1", "192.0.2.1", 64512, networks=("192.0.2.0/24",))]
+    assert check(snap).ok
