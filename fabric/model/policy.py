@@ -479,7 +479,10 @@ def parse_policy(doc: object, default_namespace: str = DEFAULT_NAMESPACE) -> Net
                    for i, r in enumerate(_list(spec, "egress", "spec")))
     raw_types = spec.get("policyTypes")
     types: tuple[str, ...]
-    if raw_types is None:
+    # Kubernetes defaults the types when the list is empty, not only when it is absent
+    # (SetDefaults_NetworkPolicy: `len(PolicyTypes) == 0`): `policyTypes: []` taken
+    # literally would isolate nothing, a policy failing open.
+    if raw_types is None or raw_types == []:
         types = ("Ingress", "Egress") if egress else ("Ingress",)
     else:
         if not isinstance(raw_types, list):

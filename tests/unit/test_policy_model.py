@@ -225,3 +225,17 @@ def test_match_expressions(operator, values, labels, expected):
     doc = manifest({"podSelector": {"matchExpressions": [
         {"key": "pod", "operator": operator, **({"values": values} if values else {})}]}})
     assert parse_policy(doc).selector.matches(labels) is expected
+
+
+def test_empty_policy_types_are_defaulted_like_absent_ones():
+    """`policyTypes: []` is defaulted as Kubernetes does (len == 0), not taken as
+    "isolate nothing": that read failed open."""
+    deny = parse_policy(manifest({"podSelector": {}, "policyTypes": []}))
+    assert deny.types == ("Ingress",)
+    with_egress = parse_policy(manifest({"podSelector": {}, "policyTypes": [],
+                                         "egress": [{"to": [{"podSelector": {}}]}]}))
+    assert with_egress.types == ("Ingress", "Egress")
+    a = Endpoint("h1", "x", "a", {}, ("10.0.0.1",))
+    b = Endpoint("h2", "x", "b", {}, ("10.0.0.2",))
+    verdict = decide([deny], {}, "10.0.0.2", "10.0.0.1", {"10.0.0.1": a, "10.0.0.2": b})
+    assert not verdict.allowed
