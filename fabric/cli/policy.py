@@ -151,7 +151,8 @@ def list_cmd(ctx: Context) -> int:
     problem = namespace_problem(ctx.namespace) if ctx.namespace is not None else None
     if problem:
         raise CliError(f"--namespace {problem}")
-    found = store_policies.policies(ctx.store, ctx.namespace)
+    found, skipped = store_policies.read_policies(ctx.store, ctx.namespace)
+    _say_skipped(skipped)
     if ctx.json:
         emit_json([{"namespace": p.namespace, "name": p.name, "pod_selector":
                     p.selector.describe(), "policy_types": list(p.types),
@@ -164,6 +165,15 @@ def list_cmd(ctx: Context) -> int:
     return OK
 
 
+def _say_skipped(skipped: dict[str, str]) -> None:
+    """Records left out of a listing are named on stderr, never hidden: the agents
+    enforce them fail-closed (see docs/policy.md)."""
+    for key, why in sorted(skipped.items()):
+        print(f"fabricctl: skipped a policy record that does not parse: {key}: {why} "
+              "(the agents enforce it fail-closed; rewrite it with `policy apply` or "
+              "delete it)", file=sys.stderr)
+
+
 def _policy_ref(text: str) -> tuple[str, str]:
     try:
         return parse_reference(text)
@@ -173,7 +183,11 @@ def _policy_ref(text: str) -> tuple[str, str]:
 
 def show_cmd(ctx: Context) -> int:
     namespace, name = _policy_ref(ctx.ref)
-    found = store_policies.policy(ctx.store, namespace, name)
+    try:
+        found = store_policies.policy(ctx.store, namespace, name)
+    except store_policies.UnreadablePolicy as exc:
+        raise CliError(f"{exc} (the agents enforce it fail-closed; rewrite it with "
+                       "`policy apply` or delete it with `policy rm`)", code=PROBLEM) from exc
     if found is None:
         raise CliError(f"no policy {namespace}/{name}", code=PROBLEM)
     endpoints = _endpoints(ctx)
@@ -315,7 +329,8 @@ def explain_cmd(ctx: Context) -> int:
     dst_addr, dst = resolve(ctx.destination, endpoints)
     if (":" in src_addr) != (":" in dst_addr):
         src_addr, dst_addr = _same_family(src, src_addr, dst, dst_addr)
-    found = store_policies.policies(ctx.store)
+    found, skipped = store_policies.read_policies(ctx.store)
+    _say_skipped(skipped)
     spaces = store_policies.namespaces(ctx.store)
     by_address = {a: e for e in endpoints for a in e.ips}
     decision = decide(found, spaces, src_addr, dst_addr, by_address, protocol, port)

@@ -104,3 +104,19 @@ def test_labels_and_explain(ctl, store):
     assert "DENIED" in text and "isolated by z/egress-to-blue" in text
     ctl("policy", "explain", "nobody", "y/b", expect=1)
     ctl("policy", "explain", "y/b", "x/a", "--port", "http", expect=2)
+
+
+def test_a_record_that_does_not_parse_is_named_not_hidden(ctl, store):
+    """A policy rewritten by etcdctl (a typo in policyTypes): `policy list` shows the
+    others and names it on stderr, `policy show` names its key."""
+    ctl("policy", "apply", "-f", str(EXAMPLES))
+    key = keys.policy("x", "default-deny-ingress")
+    value = store.get(key).value
+    value["manifest"]["spec"]["policyTypes"] = ["Ingres"]
+    store.put(key, value)
+    listed = ctl("policy", "list")
+    assert "default-deny-ingress" not in listed.stdout and "a-from-y-and-b" in listed.stdout
+    assert f"skipped a policy record that does not parse: {key}: " \
+           "spec.policyTypes[0]: Unsupported value: 'Ingres'" in listed.stderr
+    shown = ctl("policy", "show", "x/default-deny-ingress", expect=1)
+    assert f"policy record {key} does not parse: spec.policyTypes[0]" in shown.stderr
