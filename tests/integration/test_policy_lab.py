@@ -599,6 +599,11 @@ def test_every_hosts_kernel_agrees_with_the_model_and_the_cli_says_so(lab):
         (True, "accept", True)
     assert (denied["allowed"], denied["host"]["verdict"], denied["host"]["agrees"]) == \
         (False, "reject", True)
+    own_address = lab.state.hosts[host_of_x_a].address  # x/a is isolated for ingress
+    for src, dst in ((own_address, "x/a"), ("x/a", own_address)):
+        own = ctl("--host", host_of_x_a, "policy", "explain", src, dst, "--port", "80/tcp")
+        assert (own["allowed"], own["own_host"], own["host"]["verdict"],
+                own["host"]["agrees"]) == (True, True, "accept", True)
     probed = ctl("lab", "probe", "--port", "80")
     assert probed["matrix"] == expect(4, "tcp", 80)
     added = ctl("--host", "h2", "lab", "add-workload", "z/d", "--label", "team=red")
