@@ -48,6 +48,7 @@ from fabric.policy.compiler import (
     jumps,
     new_handles,
     render_text,
+    spoof_guard_text,
     structure_changes_text,
 )
 
@@ -238,6 +239,12 @@ class PolicyTable:
         report = self.apply(rules, full=True)
         return PolicyReport(report.ok, True, report.changes, time.perf_counter() - started,
                             report.error, drift, report.digest)
+
+    def guard(self) -> None:
+        """Put the anti-spoofing chain in place alone (`spoof_guard_text`), leaving every
+        other chain and set as it is (a previous run's rules stay in force)."""
+        with self._lock:
+            self.nft.run(spoof_guard_text())
 
     def remove(self) -> None:
         with self._lock:

@@ -612,6 +612,27 @@ def _text_sets(rules: HostRules, names: set[str] | None = None) -> list[tuple[st
     return [(n, b) for n, b in out if names is None or n in names]
 
 
+def _text_prerouting() -> list[str]:
+    """The anti-spoofing chain's body (see `_spoof_exprs`) in nft's language."""
+    return [f"type filter hook prerouting priority {PREROUTING_PRIORITY}; policy accept;",
+            f'iifname "{WORKLOAD_IFACES}" meta nfproto ipv4 fib saddr . iif oif missing '
+            f'drop comment "{SPOOF_COMMENT}"',
+            f'iifname "{WORKLOAD_IFACES}" ip6 saddr != fe80::/10 ip6 saddr != :: '
+            f'fib saddr . iif oif missing drop comment "{SPOOF_COMMENT}"']
+
+
+def spoof_guard_text() -> str:
+    """Only the anti-spoofing chain, put in place (made, or flushed and filled again)
+    without touching the rest of the table: for an ADD before the agent's view of etcd
+    is complete, when the policies' rules cannot be computed yet but no workload may
+    send with a forged source regardless."""
+    body = _text_prerouting()
+    where = f"{FAMILY} {TABLE}"
+    return "\n".join([f"table {where} {{", "chain prerouting {", body[0], "}", "}",
+                      f"flush chain {where} prerouting",
+                      *[f"add rule {where} prerouting {rule}" for rule in body[1:]]]) + "\n"
+
+
 def render_text(rules: HostRules) -> str:
     """`render` in nft's language: one transaction, the table created if absent, deleted
     and built again. The policies' rules come last, egress_rules' then ingress_rules',
@@ -619,12 +640,7 @@ def render_text(rules: HostRules) -> str:
     lines = [f"table {FAMILY} {TABLE}", f"delete table {FAMILY} {TABLE}",
              f"table {FAMILY} {TABLE} {{"]
     lines += [_text_set(name, body) for name, body in _text_sets(rules)]
-    lines += ["chain prerouting {",
-              f"type filter hook prerouting priority {PREROUTING_PRIORITY}; policy accept;",
-              f'iifname "{WORKLOAD_IFACES}" meta nfproto ipv4 fib saddr . iif oif missing '
-              f'drop comment "{SPOOF_COMMENT}"',
-              f'iifname "{WORKLOAD_IFACES}" ip6 saddr != fe80::/10 ip6 saddr != :: '
-              f'fib saddr . iif oif missing drop comment "{SPOOF_COMMENT}"', "}"]
+    lines += ["chain prerouting {", *_text_prerouting(), "}"]
     lines += ["chain forward {",
               "type filter hook forward priority 0; policy accept;",
               'ct state established,related accept comment "replies of allowed connections"',

@@ -121,6 +121,25 @@ def test_an_untouched_table_lists_as_applied_rule_by_rule(ns):
     assert inside(ns, lambda: table.check(rules)).drift == ()
 
 
+def test_the_anti_spoofing_guard_alone_makes_or_refills_only_its_chain(ns):
+    """Before the agent's first apply an ADD gets the anti-spoofing chain alone: in a
+    namespace with no table it is made; in a previous run's table it is put back
+    without touching (or duplicating) anything else."""
+    table = PolicyTable()
+    inside(ns, table.guard)
+    fresh = Listed.parse(inside(ns, lambda: Nft().list_table()))
+    everyone = endpoints()
+    rules = compile_host(POLICIES, NAMESPACES, everyone, everyone[:4], families=(4, 6))
+    wanted = expected_summary(rules)
+    assert fresh.summary()["chains"] == {"prerouting": wanted["chains"]["prerouting"]}
+    assert fresh.summary()["bases"] == {"prerouting": wanted["bases"]["prerouting"]}
+    inside(ns, lambda: table.apply(rules, full=True))
+    inside(ns, lambda: Nft().run("flush chain inet l3fabric prerouting"))
+    inside(ns, PolicyTable().guard)  # a restarted agent, before its first apply
+    inside(ns, PolicyTable().guard)  # and again: idempotent
+    assert Listed.parse(inside(ns, lambda: Nft().list_table())).summary() == wanted
+
+
 TAMPERING = {  # the reviewer's two: a verdict, and a peer match, each under its comment
     "deny accepts": "flush chain inet l3fabric deny\n"
                     'add rule inet l3fabric deny accept comment "denied by network policy"\n'
