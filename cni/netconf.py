@@ -41,6 +41,7 @@ _IFNAME_BAD = re.compile(r"[/:\s]")
 _DNS_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 NAME_ARGS = ("K8S_POD_NAME", "NAME")
 NAMESPACE_ARG = "K8S_POD_NAMESPACE"
+POLICY_VERBS = ("ADD", "CHECK")  # the verbs that read a workload's namespace and labels
 
 
 @dataclass(frozen=True)
@@ -218,7 +219,10 @@ def parse_conf(raw: bytes, verb: str, plugin: str) -> NetConf:
             and isinstance(r.get("gw"), str | None) for r in routes):
         raise CniError(INVALID_CONFIG, "ipam.routes must be a list of "
                                        "{\"dst\": CIDR, \"gw\": address (optional)}")
-    labels = _labels(doc, runtime)
+    # Labels are policy input for a new attachment: only ADD and CHECK read them. A DEL
+    # (and GC) must not fail on them: runtimes send DEL with the same arguments after
+    # a refused ADD, and it must succeed for the container to be cleaned up.
+    labels = _labels(doc, runtime) if verb in POLICY_VERBS else {}
     valid = None
     if verb == "GC":
         valid = _valid_attachments(doc.get("cni.dev/valid-attachments"))
@@ -309,7 +313,9 @@ def parse_request(env: Mapping[str, str], stdin: bytes, plugin: str = PLUGIN) ->
     if netns and not netns.startswith("/"):
         raise CniError(INVALID_ENV, f"CNI_NETNS {netns!r} must be an absolute path")
     args = parse_args(env.get("CNI_ARGS", ""))
-    if args.get(NAMESPACE_ARG) and namespace_problem(args[NAMESPACE_ARG]):
+    if command not in POLICY_VERBS:  # the namespace is policy input too (see parse_conf)
+        args.pop(NAMESPACE_ARG, None)
+    elif args.get(NAMESPACE_ARG) and namespace_problem(args[NAMESPACE_ARG]):
         raise CniError(INVALID_ENV, f"CNI_ARGS {NAMESPACE_ARG}: "
                                     f"{namespace_problem(args[NAMESPACE_ARG])}")
     return Request(command, plugin, container_id, netns, ifname, args, conf)

@@ -15,6 +15,8 @@ the sets when its DEL comes.
 
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,12 +24,15 @@ from typing import Any
 from fabric.model.nodes import Workload
 from fabric.model.policy import (
     DEFAULT_NAMESPACE,
+    TYPES,
     Endpoint,
     NetworkPolicy,
-    PolicyError,
+    Selector,
+    namespace_problem,
     parse_policy,
 )
 from fabric.policy.compiler import HostRules, PolicyReport, compile_host
+from fabric.store import keys
 
 
 @dataclass
@@ -64,11 +69,20 @@ class PolicyView:
     _parsed: dict[str, tuple[Mapping[str, Any], NetworkPolicy]] = field(default_factory=dict)
 
     # -- inputs ------------------------------------------------------------------------
-    def on_policies(self, records: Mapping[str, Mapping[str, Any]]) -> None:
+    def on_policies(self, records: Mapping[str, Mapping[str, Any]],
+                    unreadable: Mapping[str, str] | None = None) -> None:
         """Every policy record, parsed (a record unchanged since the last snapshot is
-        not parsed again: 1,000 manifests take about 0.2 s)."""
+        not parsed again: 1,000 manifests take about 0.2 s).
+
+        A record that does not parse (written by etcdctl, a newer fabricctl, or not
+        JSON at all: `unreadable`) fails closed, never open: dropping it would make
+        the workloads it isolated reachable. Its last good version stays in force if
+        this agent had one; otherwise it is enforced as deny-all, ingress and egress,
+        in the namespace its key names (no real policy there can be stricter). Either
+        way it is reported (`refused`, and `node status` says DEGRADED)."""
         found, refused = [], {}
         parsed: dict[str, tuple[Mapping[str, Any], NetworkPolicy]] = {}
+        problems = dict(unreadable or {})
         for key, value in records.items():
             cached = self._parsed.get(key)
             if cached is not None and cached[0] == value:
@@ -77,11 +91,20 @@ class PolicyView:
                 continue
             try:
                 policy = parse_policy(dict(value["manifest"]))
-            except (KeyError, TypeError, PolicyError) as exc:
-                refused[key] = str(exc)  # written by something other than fabricctl
+            except (KeyError, TypeError, ValueError) as exc:
+                problems[key] = str(exc) or type(exc).__name__
                 continue
             parsed[key] = (value, policy)
             found.append(policy)
+        for key, why in problems.items():
+            stand_in = fail_closed(key, self._parsed.get(key))
+            if stand_in is None:
+                refused[key] = f"{why} (its key names no namespace: nothing enforced)"
+                continue
+            refused[key] = f"{why}; enforcing {stand_in[0]}"
+            found.append(stand_in[1])
+            if key in self._parsed:
+                parsed[key] = self._parsed[key]  # still the last good version
         self._parsed = parsed
         self.policies = tuple(sorted(found, key=lambda p: p.key))
         self.refused = refused
@@ -178,3 +201,21 @@ class PolicyView:
                 "last_error": stats.last_error,
                 "last_apply_seconds": stats.last_apply_seconds,
                 "last_check_seconds": stats.last_check_seconds, "drift": list(stats.drift)}
+
+
+def fail_closed(key: str, last_good: tuple[Mapping[str, Any], NetworkPolicy] | None
+                ) -> tuple[str, NetworkPolicy] | None:
+    """What to enforce for the policy record at `key` that does not parse: (how it is
+    described, the policy). Its last good version if there is one, else deny-all
+    (ingress and egress) in the namespace of its key (`<prefix>NS/NAME`); None when
+    the key names no valid namespace (no workload can be in it)."""
+    if last_good is not None:
+        return "its last good version", last_good[1]
+    namespace, _, name = key.removeprefix(keys.POLICIES).partition("/")
+    if namespace_problem(namespace):
+        return None
+    # The name goes into rule comments: keep it to what a policy name may be.
+    safe = name if re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,200}[a-z0-9])?", name) else \
+        "unreadable-" + hashlib.sha1(name.encode()).hexdigest()[:10]
+    return (f"deny-all (ingress and egress) in namespace {namespace}",
+            NetworkPolicy(namespace, safe, Selector(), TYPES))

@@ -338,8 +338,12 @@ class Agent:
     def _apply_policy(self, job: m.ApplyPolicy) -> None:
         """On the kernel writer's thread, in order with the route batches."""
         try:
-            report = PolicyReport(True) if job.rules is None else \
-                self.policy_table.apply(job.rules, job.full)
+            if job.rules is not None:
+                report = self.policy_table.apply(job.rules, job.full)
+            else:
+                if self.policy_table.applied is None:  # an ADD before the first apply:
+                    self.policy_table.guard()  # no forged sources, whatever else holds
+                report = PolicyReport(True)
         except Exception as exc:  # libnftables missing, or worse: fail the ADD, not the agent
             self.log.exception("network policy apply failed")
             report = PolicyReport(False, error=str(exc) or type(exc).__name__)

@@ -337,7 +337,7 @@ class AgentState:
             self.policy.on_workloads(everyone)
             self._policy(jobs)
         elif snap.name == "policies":
-            self.policy.on_policies(snap.records)
+            self.policy.on_policies(snap.records, snap.unreadable)
             self._policy(jobs)
         elif snap.name == "namespaces":
             self.policy.on_namespaces(snap.records)
@@ -625,6 +625,8 @@ class AgentState:
             found.append(f"registration: {self.registration.last_error}")
         for cidr, why in sorted(self.routing.refused_blocks.items()):
             found.append(f"own block {cidr} not routed: {why}")
+        for key, why in sorted(self.policy.refused.items()):
+            found.append(f"network policy record does not parse: {key}: {why}")
         ignored = self.ignored_records()
         if ignored:
             key, why = next(iter(sorted(ignored.items())))

@@ -85,7 +85,7 @@ def status(ctx: Context) -> int:
     for link, why in sorted(doc.get("unregistered_links", {}).items()):
         print(f"unregistered host interface {link}: {why}")
     for key, why in sorted((doc.get("policy") or {}).get("refused", {}).items()):
-        print(f"network policy NOT enforced, its record does not parse: {key}: {why}")
+        print(f"DEGRADED: network policy record does not parse (fails closed): {key}: {why}")
     for key, why in sorted(doc.get("ignored_records", {}).items()):
         print(f"ignored etcd record {key}: {why}")
     if doc.get("last_host_repair"):

@@ -16,6 +16,7 @@ from fabric.cli.context import Context
 from fabric.cli.output import OK, PROBLEM, CliError, emit_json, kv, table
 from fabric.model.policy import (
     DEFAULT_NAMESPACE,
+    METADATA_NAME_LABEL,
     Endpoint,
     NetworkPolicy,
     PolicyError,
@@ -79,19 +80,91 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 # -- manifests -----------------------------------------------------------------------------
+LIST_KINDS = ("List", "NetworkPolicyList")  # kubectl get -o yaml writes either
+
+
+class _DuplicateKeys:
+    """Mapping keys given twice, by the mapping that has them (keyed by `id`: the
+    mappings stay alive until `check` has walked them). A loader that let the last one
+    win would turn `ingress: []` then `ingress: [{}]` into allow-all; kubectl refuses
+    ("mapping key ... already defined"), and so do we, with the field path."""
+
+    def __init__(self) -> None:
+        self.found: dict[int, list[Any]] = {}
+
+    def json_object(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                self.found.setdefault(id(out), []).append(key)
+            out[key] = value
+        return out
+
+    def loader(self) -> type[yaml.SafeLoader]:
+        found = self.found
+
+        class Loader(yaml.SafeLoader):
+            def construct_mapping(self, node: yaml.MappingNode, deep: bool = False
+                                  ) -> dict[Any, Any]:
+                mapping = super().construct_mapping(node, deep=deep)
+                seen: set[Any] = set()
+                for key_node, _ in node.value:
+                    key = self.construct_object(key_node, deep=deep)
+                    if key in seen:
+                        found.setdefault(id(mapping), []).append(key)
+                    seen.add(key)
+                return mapping
+
+            def construct_yaml_map(self, node: yaml.MappingNode) -> Any:
+                yield self.construct_mapping(node)  # one object: its id is what was checked
+
+        Loader.add_constructor("tag:yaml.org,2002:map", Loader.construct_yaml_map)
+        return Loader
+
+    def check(self, docs: list[Any], where: list[str]) -> None:
+        """CliError naming the first duplicate key's document and field path (walked
+        without recursion: the input may be deep)."""
+        if not self.found:
+            return
+        for doc, place in zip(docs, where, strict=True):
+            stack: list[tuple[Any, str]] = [(doc, "")]
+            walked: set[int] = set()  # YAML aliases share objects: walk each once
+            while stack:
+                value, path = stack.pop()
+                if id(value) in walked:
+                    continue
+                walked.add(id(value))
+                if isinstance(value, dict):
+                    for key in self.found.get(id(value), ()):
+                        field = f"{path}.{key}" if path else str(key)
+                        raise CliError(f"{place}: {field}: mapping key {key!r} already "
+                                       "defined; nothing was applied")
+                    stack += [(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()]
+                elif isinstance(value, list):
+                    stack += [(v, f"{path}[{i}]") for i, v in enumerate(value)]
+
+
 def read_manifests(text: str, source: str) -> list[Any]:
-    """Every document of a YAML stream (or one JSON document); `kind: List` unpacked."""
+    """Every document of a YAML stream (or one JSON document); `kind: List` (and
+    `NetworkPolicyList`) unpacked. Refused (CliError, exit 2): a mapping key given twice,
+    input nested too deeply for the parser."""
+    duplicates = _DuplicateKeys()
     try:
         if text.lstrip().startswith(("{", "[")):
-            loaded = json.loads(text)
+            loaded = json.loads(text, object_pairs_hook=duplicates.json_object)
             docs = loaded if isinstance(loaded, list) else [loaded]
         else:
-            docs = [d for d in yaml.safe_load_all(text) if d is not None]
+            docs = [d for d in yaml.load_all(text, Loader=duplicates.loader())
+                    if d is not None]
+    except RecursionError as exc:
+        raise CliError(f"{source}: nested too deeply to be a manifest; nothing was "
+                       "applied") from exc
     except (ValueError, yaml.YAMLError) as exc:
         raise CliError(f"{source}: not YAML or JSON: {' '.join(str(exc).split())}") from exc
+    duplicates.check(docs, [f"{source} document {i + 1}" for i in range(len(docs))])
     out: list[Any] = []
     for doc in docs:
-        if isinstance(doc, dict) and doc.get("kind") == "List" and isinstance(
+        if isinstance(doc, dict) and doc.get("kind") in LIST_KINDS and isinstance(
                 doc.get("items"), list):
             out.extend(doc["items"])
         else:
@@ -100,31 +173,48 @@ def read_manifests(text: str, source: str) -> list[Any]:
 
 
 def parse_manifests(docs: list[tuple[str, Any]]) -> list[NetworkPolicy]:
-    """All or nothing: the first invalid document refuses the whole set."""
+    """All or nothing: the first invalid document refuses the whole set, and so do two
+    documents for one NS/NAME (which one was meant?)."""
     parsed = []
+    first: dict[str, str] = {}
     for where, doc in docs:
         try:
-            parsed.append(parse_policy(doc))
+            policy = parse_policy(doc)
         except PolicyError as exc:
             name = ""
             if isinstance(doc, dict) and isinstance(doc.get("metadata"), dict):
                 meta = doc["metadata"]
                 name = f" ({meta.get('namespace') or DEFAULT_NAMESPACE}/{meta.get('name')})"
             raise CliError(f"{where}{name}: {exc}; nothing was applied") from exc
+        except RecursionError as exc:
+            raise CliError(f"{where}: nested too deeply to be a manifest; nothing was "
+                           "applied") from exc
+        if policy.key in first:
+            raise CliError(f"{where} ({policy.key}): the same policy as {first[policy.key]}; "
+                           "nothing was applied")
+        first[policy.key] = where
+        parsed.append(policy)
     return parsed
+
+
+def _read_text(filename: str) -> tuple[str, str]:
+    """(text, name for messages) of a manifest file, or of stdin for `-`."""
+    source = "stdin" if filename == "-" else filename
+    try:
+        raw = sys.stdin.buffer.read() if filename == "-" else Path(filename).read_bytes()
+    except OSError as exc:
+        raise CliError(f"{filename}: {exc.strerror}") from exc
+    try:
+        return raw.decode("utf-8"), source
+    except UnicodeDecodeError as exc:
+        raise CliError(f"{source}: not UTF-8 text (byte {exc.start}); nothing was "
+                       "applied") from exc
 
 
 def apply_cmd(ctx: Context) -> int:
     docs: list[tuple[str, Any]] = []
     for filename in ctx.filename:
-        if filename == "-":
-            text, source = sys.stdin.read(), "stdin"
-        else:
-            try:
-                text = Path(filename).read_text()
-            except OSError as exc:
-                raise CliError(f"{filename}: {exc.strerror}") from exc
-            source = filename
+        text, source = _read_text(filename)
         found = read_manifests(text, source)
         docs += [(f"{source} document {i + 1}", d) for i, d in enumerate(found)]
     if not docs:
@@ -151,7 +241,8 @@ def list_cmd(ctx: Context) -> int:
     problem = namespace_problem(ctx.namespace) if ctx.namespace is not None else None
     if problem:
         raise CliError(f"--namespace {problem}")
-    found = store_policies.policies(ctx.store, ctx.namespace)
+    found, skipped = store_policies.read_policies(ctx.store, ctx.namespace)
+    _say_skipped(skipped)
     if ctx.json:
         emit_json([{"namespace": p.namespace, "name": p.name, "pod_selector":
                     p.selector.describe(), "policy_types": list(p.types),
@@ -164,6 +255,15 @@ def list_cmd(ctx: Context) -> int:
     return OK
 
 
+def _say_skipped(skipped: dict[str, str]) -> None:
+    """Records left out of a listing are named on stderr, never hidden: the agents
+    enforce them fail-closed (see docs/policy.md)."""
+    for key, why in sorted(skipped.items()):
+        print(f"fabricctl: skipped a policy record that does not parse: {key}: {why} "
+              "(the agents enforce it fail-closed; rewrite it with `policy apply` or "
+              "delete it)", file=sys.stderr)
+
+
 def _policy_ref(text: str) -> tuple[str, str]:
     try:
         return parse_reference(text)
@@ -173,7 +273,11 @@ def _policy_ref(text: str) -> tuple[str, str]:
 
 def show_cmd(ctx: Context) -> int:
     namespace, name = _policy_ref(ctx.ref)
-    found = store_policies.policy(ctx.store, namespace, name)
+    try:
+        found = store_policies.policy(ctx.store, namespace, name)
+    except store_policies.UnreadablePolicy as exc:
+        raise CliError(f"{exc} (the agents enforce it fail-closed; rewrite it with "
+                       "`policy apply` or delete it with `policy rm`)", code=PROBLEM) from exc
     if found is None:
         raise CliError(f"no policy {namespace}/{name}", code=PROBLEM)
     endpoints = _endpoints(ctx)
@@ -221,6 +325,9 @@ def namespace_label_cmd(ctx: Context) -> int:
     if problem:
         raise CliError(problem)
     set_, remove = _assignments(ctx.labels)
+    if METADATA_NAME_LABEL in set_ or METADATA_NAME_LABEL in remove:
+        raise CliError(f"{METADATA_NAME_LABEL} is set by the fabric to the namespace's own "
+                       "name and cannot be set or removed")
     labels = store_policies.label_namespace(ctx.store, ctx.name, set_, remove)
     shown = namespace_labels(ctx.name, {ctx.name: labels})
     if ctx.json:
@@ -314,17 +421,24 @@ def explain_cmd(ctx: Context) -> int:
     src_addr, src = resolve(ctx.source, endpoints)
     dst_addr, dst = resolve(ctx.destination, endpoints)
     if (":" in src_addr) != (":" in dst_addr):
+        if _is_address(ctx.source) and _is_address(ctx.destination):
+            raise CliError(f"{ctx.source} and {ctx.destination} are of different address "
+                           "families (IPv4 and IPv6): no connection between them exists")
         src_addr, dst_addr = _same_family(src, src_addr, dst, dst_addr)
-    found = store_policies.policies(ctx.store)
+    found, skipped = store_policies.read_policies(ctx.store)
+    _say_skipped(skipped)
     spaces = store_policies.namespaces(ctx.store)
     by_address = {a: e for e in endpoints for a in e.ips}
-    decision = decide(found, spaces, src_addr, dst_addr, by_address, protocol, port)
+    hosts = {a: n.name for n in Registry(ctx.store).nodes() for a in (n.address, n.address6)
+             if a}
+    decision = decide(found, spaces, src_addr, dst_addr, by_address, protocol, port, hosts)
     doc: dict[str, Any] = {
         "source": {"address": src_addr, "workload": src.key if src else None,
                    "node": src.node if src else None},
         "destination": {"address": dst_addr, "workload": dst.key if dst else None,
                         "node": dst.node if dst else None},
         "port": port, "protocol": protocol.lower(), "allowed": decision.allowed,
+        "own_host": decision.own_host,
         "egress": decision.egress.to_dict() if decision.egress else None,
         "ingress": decision.ingress.to_dict() if decision.ingress else None}
     host = getattr(ctx.args, "host", None) or ("this host" if ctx.kernel else None)
@@ -340,8 +454,9 @@ def explain_cmd(ctx: Context) -> int:
     who_dst = f"{dst.key} ({dst_addr} on {dst.node})" if dst else dst_addr
     print(f"{who_src} -> {who_dst} {port}/{protocol.lower()}: "
           f"{'ALLOWED' if decision.allowed else 'DENIED'}")
-    rows = [("egress at source", _side_text(decision.egress, "the source")),
-            ("ingress at destination", _side_text(decision.ingress, "the destination"))]
+    rows = [("own host", OWN_HOST)] if decision.own_host else [
+        ("egress at source", _side_text(decision.egress, "the source")),
+        ("ingress at destination", _side_text(decision.ingress, "the destination"))]
     if host:
         check = doc["host"]
         if check["on_path"]:
@@ -352,6 +467,18 @@ def explain_cmd(ctx: Context) -> int:
             rows.append((f"nftables on {host}", "not on the path (neither end lives there)"))
     kv(rows)
     return OK if agrees else PROBLEM
+
+
+OWN_HOST = ("allowed: traffic between a workload and its own host always passes (it takes "
+            "the input and output hooks; policy is enforced in forward)")
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _same_family(src: Endpoint | None, src_addr: str, dst: Endpoint | None, dst_addr: str
@@ -383,6 +510,14 @@ def _host_check(ctx: Context, host: str, src_addr: str, src: Endpoint | None, ds
     if listing is None:
         out.update(verdict="no table", agrees=False,
                    trail=[answer.get("error") or "table inet l3fabric is missing"])
+        return out
+    if decision.own_host:
+        hooked = sorted({base[1] for base in Listed.parse(listing).bases.values()}
+                        & {"input", "output"})
+        verdict = "reject" if hooked else "accept"
+        out.update(verdict=verdict, agrees=verdict == "accept", expected="accept",
+                   trail=[f"own host: the table hooks {', '.join(hooked)}" if hooked else
+                          "own host: the table has no input or output chain"])
         return out
     packet = Packet(src_addr, dst_addr, protocol.lower(), port,
                     (src.host_ifname or "l3f-source") if src_local else "eth0",

@@ -16,8 +16,9 @@ come back as JSON.
   families changed. The table is never flushed or deleted on its own: an agent that
   restarts keeps enforcing the previous run's rules until its first apply swaps them
   atomically (no fail-open window).
-* `check(rules)`: lists the table and compares it with what was applied (rules by
-  comment, chains, set elements); a difference is drift: the table is replaced whole.
+* `check(rules)`: lists the table and compares it with what was applied (base chains'
+  hooks, priorities and policies, every rule's expressions and comment, set
+  elements); a difference is drift: the table is replaced whole.
 * `remove()`: delete the table (tests, and an operator's `fabricctl` clean-up only).
 
 It runs on the kernel writer's thread (see `fabric.kernel.writer.KernelWriter.call`),
@@ -47,6 +48,7 @@ from fabric.policy.compiler import (
     jumps,
     new_handles,
     render_text,
+    spoof_guard_text,
     structure_changes_text,
 )
 
@@ -238,6 +240,12 @@ class PolicyTable:
         return PolicyReport(report.ok, True, report.changes, time.perf_counter() - started,
                             report.error, drift, report.digest)
 
+    def guard(self) -> None:
+        """Put the anti-spoofing chain in place alone (`spoof_guard_text`), leaving every
+        other chain and set as it is (a previous run's rules stay in force)."""
+        with self._lock:
+            self.nft.run(spoof_guard_text())
+
     def remove(self) -> None:
         with self._lock:
             table = {"family": FAMILY, "name": TABLE}
@@ -254,13 +262,17 @@ class PolicyTable:
 def describe_drift(wanted: Mapping[str, Any], found: Mapping[str, Any] | None) -> tuple[str, ...]:
     if found is None:
         return ("table inet l3fabric is missing",)
-    out = []
-    for chain, comments in wanted["chains"].items():
+    out = [f"base chain {name}: {found['bases'].get(name)} (type, hook, priority, policy), "
+           f"{hook} wanted" for name, hook in wanted["bases"].items()
+           if found["bases"].get(name) != hook]
+    for chain, rules in wanted["chains"].items():
         have = found["chains"].get(chain)
         if have is None:
             out.append(f"chain {chain} is missing")
-        elif have != comments:
-            out.append(f"chain {chain} has {len(have)} rules, {len(comments)} wanted")
+        elif have != rules:
+            changed = sorted(set(have) ^ set(rules))
+            out.append(f"chain {chain} has {len(have)} rules, {len(rules)} wanted; "
+                       f"differing: {changed[:2]}")
     out += [f"chain {c} is not ours" for c in found["chains"] if c not in wanted["chains"]]
     for name, elements in wanted["sets"].items():
         have = found["sets"].get(name)

@@ -479,7 +479,10 @@ def parse_policy(doc: object, default_namespace: str = DEFAULT_NAMESPACE) -> Net
                    for i, r in enumerate(_list(spec, "egress", "spec")))
     raw_types = spec.get("policyTypes")
     types: tuple[str, ...]
-    if raw_types is None:
+    # Kubernetes defaults the types when the list is empty, not only when it is absent
+    # (SetDefaults_NetworkPolicy: `len(PolicyTypes) == 0`): `policyTypes: []` taken
+    # literally would isolate nothing, a policy failing open.
+    if raw_types is None or raw_types == []:
         types = ("Ingress", "Egress") if egress else ("Ingress",)
     else:
         if not isinstance(raw_types, list):
@@ -592,6 +595,9 @@ class Decision:
     allowed: bool
     egress: Side | None  # None: the source is not a workload (nothing to enforce there)
     ingress: Side | None
+    # Between a workload and its own host: always allowed, policy is not consulted
+    # (the packets take the input and output hooks; policy is enforced in forward).
+    own_host: bool = False
 
 
 def side(direction: str, policies: Iterable[NetworkPolicy], subject: Endpoint,
@@ -613,11 +619,17 @@ def side(direction: str, policies: Iterable[NetworkPolicy], subject: Endpoint,
 
 def decide(policies: Iterable[NetworkPolicy], namespaces: Mapping[str, Mapping[str, str]],
            source: str, destination: str, endpoints: Mapping[str, Endpoint],
-           protocol: str = "TCP", port: int = 80) -> Decision:
+           protocol: str = "TCP", port: int = 80,
+           hosts: Mapping[str, str] | None = None) -> Decision:
     """May `source` open a connection to `destination` (addresses)? `endpoints` maps
-    every workload address to its workload."""
+    every workload address to its workload, `hosts` every host address to its node:
+    traffic between a workload and its own host always passes."""
     policies = list(policies)
     src, dst = endpoints.get(source), endpoints.get(destination)
+    hosts = hosts or {}
+    if (src is not None and hosts.get(destination) == src.node) or \
+            (dst is not None and hosts.get(source) == dst.node):
+        return Decision(True, None, None, own_host=True)
     egress = side("egress", policies, src, destination, dst, namespaces, protocol, port) \
         if src else None
     ingress = side("ingress", policies, dst, source, src, namespaces, protocol, port) \

@@ -18,6 +18,12 @@ agent owns whole.
     chain ingress_rules   one jump per policy with ingress rules: `jump pi_<hash>`
     chain pi_<hash>       the same with the roles swapped, each rule ending in accept
     chain deny            reject: TCP reset, else ICMP administratively prohibited
+    chain prerouting      hook prerouting (priority raw), policy or not: a packet from a
+                          workload's veth whose source is not that workload's address
+                          is dropped (`fib saddr . iif oif missing`: each workload
+                          address has a /32 or /128 route out of its own veth), so a
+                          container with CAP_NET_RAW cannot borrow another's identity
+                          past the rules below (Calico's RPF check)
 
 Every policy rule's verdict ends the evaluation, so the order of policies does not
 matter: a policy change flushes and fills that policy's chain, or adds or deletes the
@@ -70,6 +76,15 @@ FAMILY = "inet"
 RULE_CHAINS = {"egress": "egress_rules", "ingress": "ingress_rules"}
 CHAINS = ("egress", "egress_rules", "egress_allowed", "ingress", "ingress_rules", "deny")
 WORKLOAD_IFACES = "l3f*"  # fabric.kernel.links.HOST_PREFIX + wildcard
+# The anti-spoofing base chain: (family, nft text of the matches before the fib check).
+# IPv6 link-local sources (neighbour discovery, router solicitations) and the
+# unspecified address (duplicate address detection) are exempt: the container sends
+# them before and beside its own address, and they never leave the link. ARP is not
+# seen by an inet table at all. Both families always, whatever the pools: a
+# container without an IPv6 address has no /128 route, so any global IPv6 source it
+# forges fails the lookup too.
+SPOOF_COMMENT = "source is not the workload's own address"
+PREROUTING_PRIORITY = -300  # raw: before conntrack and every other filter
 DIRECTIONS = ("ingress", "egress")
 COMMENT_MAX = 127
 
@@ -446,6 +461,8 @@ def render(rules: HostRules) -> list[dict[str, Any]]:
         cmds.append({"add": {"rule": body}})
 
     chain("forward", type="filter", hook="forward", prio=0, policy="accept")
+    chain("prerouting", type="filter", hook="prerouting", prio=PREROUTING_PRIORITY,
+          policy="accept")
     for name in CHAINS:
         chain(name)
     for name, ranges in rules.port_sets:
@@ -467,6 +484,8 @@ def render(rules: HostRules) -> list[dict[str, Any]]:
             body["elem"] = [_element(a, address_set.interval)
                             for a in sorted(address_set.elements)]
         cmds.append({"add": {"set": body}})
+    for exprs in _spoof_exprs():
+        rule("prerouting", exprs, SPOOF_COMMENT)
     rule("forward", [_match({"ct": {"key": "state"}}, ["established", "related"], "in"),
                      {"accept": None}], "replies of allowed connections")
     rule("forward", [_match({"meta": {"key": "iifname"}}, WORKLOAD_IFACES),
@@ -494,6 +513,16 @@ def render(rules: HostRules) -> list[dict[str, Any]]:
     rule("deny", [{"reject": {"type": "icmpx", "expr": "admin-prohibited"}}],
          "denied by network policy")
     return cmds
+
+
+def _spoof_exprs() -> list[list[dict[str, Any]]]:
+    """The anti-spoofing rules (see SPOOF_COMMENT), as `render` gives them."""
+    iif = _match({"meta": {"key": "iifname"}}, WORKLOAD_IFACES)
+    fib = _match({"fib": {"result": "oif", "flags": ["saddr", "iif"]}}, False)
+    saddr6 = _addr_field(6, "saddr")
+    return [[iif, _match({"meta": {"key": "nfproto"}}, "ipv4"), fib, {"drop": None}],
+            [iif, _match(saddr6, {"prefix": {"addr": "fe80::", "len": 10}}, "!="),
+             _match(saddr6, "::", "!="), fib, {"drop": None}]]
 
 
 def element_changes(old: HostRules, new: HostRules) -> list[dict[str, Any]]:
@@ -583,6 +612,27 @@ def _text_sets(rules: HostRules, names: set[str] | None = None) -> list[tuple[st
     return [(n, b) for n, b in out if names is None or n in names]
 
 
+def _text_prerouting() -> list[str]:
+    """The anti-spoofing chain's body (see `_spoof_exprs`) in nft's language."""
+    return [f"type filter hook prerouting priority {PREROUTING_PRIORITY}; policy accept;",
+            f'iifname "{WORKLOAD_IFACES}" meta nfproto ipv4 fib saddr . iif oif missing '
+            f'drop comment "{SPOOF_COMMENT}"',
+            f'iifname "{WORKLOAD_IFACES}" ip6 saddr != fe80::/10 ip6 saddr != :: '
+            f'fib saddr . iif oif missing drop comment "{SPOOF_COMMENT}"']
+
+
+def spoof_guard_text() -> str:
+    """Only the anti-spoofing chain, put in place (made, or flushed and filled again)
+    without touching the rest of the table: for an ADD before the agent's view of etcd
+    is complete, when the policies' rules cannot be computed yet but no workload may
+    send with a forged source regardless."""
+    body = _text_prerouting()
+    where = f"{FAMILY} {TABLE}"
+    return "\n".join([f"table {where} {{", "chain prerouting {", body[0], "}", "}",
+                      f"flush chain {where} prerouting",
+                      *[f"add rule {where} prerouting {rule}" for rule in body[1:]]]) + "\n"
+
+
 def render_text(rules: HostRules) -> str:
     """`render` in nft's language: one transaction, the table created if absent, deleted
     and built again. The policies' rules come last, egress_rules' then ingress_rules',
@@ -590,6 +640,7 @@ def render_text(rules: HostRules) -> str:
     lines = [f"table {FAMILY} {TABLE}", f"delete table {FAMILY} {TABLE}",
              f"table {FAMILY} {TABLE} {{"]
     lines += [_text_set(name, body) for name, body in _text_sets(rules)]
+    lines += ["chain prerouting {", *_text_prerouting(), "}"]
     lines += ["chain forward {",
               "type filter hook forward priority 0; policy accept;",
               'ct state established,related accept comment "replies of allowed connections"',
@@ -717,32 +768,70 @@ def jumps(rules: HostRules, chains: Iterable[str] | None = None) -> list[tuple[s
 
 
 # -- reading a listed ruleset back -------------------------------------------------------
+_BASE_KEYS = ("type", "hook", "prio", "policy")
+
+
 @dataclass(frozen=True)
 class Listed:
-    """A table as `nft -j list table` gave it: chains' rules in order, sets' elements."""
+    """A table as `nft -j list table` gave it: chains' rules in order, base chains' hook,
+    priority and policy, sets' elements."""
 
     chains: Mapping[str, tuple[Mapping[str, Any], ...]]
     sets: Mapping[str, tuple[Any, ...]]
+    bases: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
 
     @classmethod
     def parse(cls, listing: Iterable[Mapping[str, Any]]) -> Listed:
         chains: dict[str, list[Mapping[str, Any]]] = {}
         sets: dict[str, tuple[Any, ...]] = {}
+        bases: dict[str, tuple[Any, ...]] = {}
         for item in listing:
             if "chain" in item and item["chain"].get("table") == TABLE:
-                chains.setdefault(item["chain"]["name"], [])
+                chain = item["chain"]
+                chains.setdefault(chain["name"], [])
+                if "hook" in chain:
+                    bases[chain["name"]] = tuple(chain.get(k) for k in _BASE_KEYS)
             elif "rule" in item and item["rule"].get("table") == TABLE:
                 chains.setdefault(item["rule"]["chain"], []).append(item["rule"])
             elif "set" in item and item["set"].get("table") == TABLE:
                 sets[item["set"]["name"]] = tuple(item["set"].get("elem") or ())
-        return cls({k: tuple(v) for k, v in chains.items()}, sets)
+        return cls({k: tuple(v) for k, v in chains.items()}, sets, bases)
+
+    @classmethod
+    def from_batch(cls, commands: Iterable[Mapping[str, Any]]) -> Listed:
+        """What the kernel should list after a `render()` batch was applied."""
+        return cls.parse(cmd["add"] for cmd in commands if "add" in cmd)
 
     def summary(self) -> dict[str, Any]:
-        """What drift is judged on: chains with their rules' comments, sets' elements."""
-        return {"chains": {name: _ordered(name, [r.get("comment", "") for r in rules])
+        """What drift is judged on: base chains' hook, priority and policy; every rule
+        whole (its expressions, normalised, and its comment); sets' elements. Equal
+        for a faithfully applied table and `expected_summary`, so a rule edited by
+        hand under the same comment is drift too."""
+        return {"bases": dict(sorted(self.bases.items())),
+                "chains": {name: _ordered(name, [_rule_key(r) for r in rules])
                            for name, rules in sorted(self.chains.items())},
                 "sets": {name: sorted(_element_key(e) for e in elements)
                          for name, elements in sorted(self.sets.items())}}
+
+
+def _rule_key(rule: Mapping[str, Any]) -> str:
+    """One rule as a canonical string: `comment: [expressions]`."""
+    exprs = [_normal(e) for e in rule.get("expr", ()) if "counter" not in e]
+    return f"{rule.get('comment', '')}: {json.dumps(exprs, sort_keys=True)}"
+
+
+def _normal(value: Any) -> Any:
+    """An expression as nft lists it and as `render` writes it, made one: one-element
+    lists (nft lists a single flag or state bare), set literals and prefixes."""
+    if isinstance(value, dict):
+        if set(value) == {"set"}:
+            items = value["set"] if isinstance(value["set"], list) else [value["set"]]
+            return {"set": sorted((_normal(i) for i in items), key=json.dumps)}
+        return {k: _normal(v) for k, v in value.items()}
+    if isinstance(value, list):
+        items = [_normal(v) for v in value]
+        return items[0] if len(items) == 1 else items
+    return value
 
 
 def _element_key(element: Any) -> str:
@@ -770,30 +859,9 @@ def _ordered(chain: str, comments: list[str]) -> list[str]:
 
 
 def expected_summary(rules: HostRules) -> dict[str, Any]:
-    """The summary `Listed.summary()` gives for a faithfully applied `rules`."""
-    chains: dict[str, list[str]] = {
-        "forward": ["replies of allowed connections", "from a workload of this host",
-                    "to a workload of this host"],
-        "egress_allowed": ["to a workload of this host", "allowed by an egress policy"],
-        "deny": ["denied by network policy"] * 2,
-        "egress_rules": [], "ingress_rules": []}
-    for direction in ("egress", "ingress"):
-        chains[direction] = [f"the policies' {direction} rules"] + \
-            [f"isolated for {direction}"] * len(rules.families)
-    grouped = rules.by_chain()
-    for name, (direction, key) in rules.policy_chains().items():
-        chains[RULE_CHAINS[direction]].append(key)
-        chains[name] = [r.comment for r in grouped[name]]
-    chains = {name: _ordered(name, comments) for name, comments in chains.items()}
-    sets: dict[str, list[str]] = {name: sorted(
-        f"{low}-{high}" if low != high else str(low) for low, high in ranges)
-        for name, ranges in rules.port_sets}
-    for name, entries in rules.l4_sets:
-        sets[name] = sorted(f"{proto} . {low}-{high}" if low != high else f"{proto} . {low}"
-                            for proto, low, high in entries)
-    for address_set in rules.sets:
-        sets[address_set.name] = sorted(interval_key(e) for e in address_set.elements)
-    return {"chains": dict(sorted(chains.items())), "sets": dict(sorted(sets.items()))}
+    """The summary `Listed.summary()` gives for a faithfully applied `rules`: read from
+    the same table as data (`render`), so there is one description of the table."""
+    return Listed.from_batch(render(rules)).summary()
 
 
 @dataclass(frozen=True)

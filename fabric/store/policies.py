@@ -79,20 +79,49 @@ def _apply_chunk(store: Datastore, policies: Sequence[NetworkPolicy]) -> list[Ap
     raise PolicyError("", "policies changed by someone else on every attempt; try again")
 
 
-def policies(store: Datastore, namespace: str | None = None) -> list[NetworkPolicy]:
+class UnreadablePolicy(ValueError):
+    """A policy record that does not parse (written by etcdctl, or another version)."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"policy record {key} does not parse: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+def _parse_record(key: str, value: Any) -> NetworkPolicy:
+    try:
+        return parse_policy(value["manifest"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UnreadablePolicy(key, str(exc) or type(exc).__name__) from exc
+
+
+def read_policies(store: Datastore, namespace: str | None = None
+                  ) -> tuple[list[NetworkPolicy], dict[str, str]]:
+    """(the policies that parse, sorted; {key: why} of the records that do not, which a
+    listing must name rather than hide: the agents enforce them fail-closed)."""
     prefix = keys.policies_prefix(namespace) if namespace else keys.POLICIES
+    listing = store.list(prefix)
+    skipped = {bad.key: bad.reason for bad in listing.corrupt}
     found = []
-    for entry in store.list(prefix).entries:
+    for entry in listing.entries:
         try:
-            found.append(parse_policy(entry.value["manifest"]))
-        except (KeyError, TypeError, PolicyError):
-            continue
-    return sorted(found, key=lambda p: p.key)
+            found.append(_parse_record(entry.key, entry.value))
+        except UnreadablePolicy as exc:
+            skipped[exc.key] = exc.reason
+    return sorted(found, key=lambda p: p.key), skipped
+
+
+def policies(store: Datastore, namespace: str | None = None) -> list[NetworkPolicy]:
+    """The policies that parse (`read_policies` also says which records do not)."""
+    return read_policies(store, namespace)[0]
 
 
 def policy(store: Datastore, namespace: str, name: str) -> NetworkPolicy | None:
-    entry = store.get(keys.policy(namespace, name))
-    return parse_policy(entry.value["manifest"]) if entry else None
+    """One policy, None when there is none; UnreadablePolicy when its record does not
+    parse."""
+    key = keys.policy(namespace, name)
+    entry = store.get(key)
+    return _parse_record(key, entry.value) if entry else None
 
 
 def remove_policy(store: Datastore, namespace: str, name: str) -> bool:

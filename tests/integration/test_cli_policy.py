@@ -104,3 +104,40 @@ def test_labels_and_explain(ctl, store):
     assert "DENIED" in text and "isolated by z/egress-to-blue" in text
     ctl("policy", "explain", "nobody", "y/b", expect=1)
     ctl("policy", "explain", "y/b", "x/a", "--port", "http", expect=2)
+
+
+def test_a_record_that_does_not_parse_is_named_not_hidden(ctl, store):
+    """A policy rewritten by etcdctl (a typo in policyTypes): `policy list` shows the
+    others and names it on stderr, `policy show` names its key."""
+    ctl("policy", "apply", "-f", str(EXAMPLES))
+    key = keys.policy("x", "default-deny-ingress")
+    value = store.get(key).value
+    value["manifest"]["spec"]["policyTypes"] = ["Ingres"]
+    store.put(key, value)
+    listed = ctl("policy", "list")
+    assert "default-deny-ingress" not in listed.stdout and "a-from-y-and-b" in listed.stdout
+    assert f"skipped a policy record that does not parse: {key}: " \
+           "spec.policyTypes[0]: Unsupported value: 'Ingres'" in listed.stderr
+    shown = ctl("policy", "show", "x/default-deny-ingress", expect=1)
+    assert f"policy record {key} does not parse: spec.policyTypes[0]" in shown.stderr
+
+
+def test_explain_own_host_mixed_families_and_the_automatic_namespace_label(ctl, store):
+    from fabric.model.nodes import Node
+
+    ctl("policy", "apply", "-f", str(EXAMPLES))  # x denies all ingress
+    workload(store, "h1", "x", "a", "10.244.0.1")
+    store.put(keys.node("h1"), Node("h1", "10.99.0.11", 64512).to_record())
+    store.put(keys.node("h2"), Node("h2", "10.99.0.12", 64512).to_record())
+    own = json.loads(ctl("-o", "json", "policy", "explain", "10.99.0.11", "x/a").stdout)
+    assert (own["allowed"], own["own_host"]) == (True, True)
+    back = ctl("policy", "explain", "x/a", "10.99.0.11").stdout
+    assert "ALLOWED" in back and "own host" in back
+    other = json.loads(ctl("-o", "json", "policy", "explain", "10.99.0.12", "x/a").stdout)
+    assert (other["allowed"], other["own_host"]) == (False, False)
+    mixed = ctl("policy", "explain", "10.244.0.1", "fd00:244::b7", expect=2).stderr
+    assert "different address families" in mixed
+    for word in ("kubernetes.io/metadata.name=evil", "kubernetes.io/metadata.name-"):
+        err = ctl("namespace", "label", "y", word, expect=2).stderr
+        assert "kubernetes.io/metadata.name is set by the fabric" in err
+    assert store.get(keys.namespace("y")) is None  # nothing written

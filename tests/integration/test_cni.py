@@ -246,6 +246,28 @@ def test_del_is_idempotent(lab, store, containers):
     assert plugin(lab, "DEL", "never-added").ok
 
 
+@pytest.mark.parametrize("args, runtime, code", [
+    ("K8S_POD_NAMESPACE=Evil_NS", None, 4),
+    ("K8S_POD_NAMESPACE=x/y", None, 4),
+    ("K8S_POD_NAMESPACE=" + "n" * 70, None, 4),
+    ("K8S_POD_NAME=" + "p" * 70, {"labels": {"bad key": "v"}}, 7),
+    ("", {"labels": {"k": 5}}, 7),
+    ("", {"labels": ["a"]}, 7),
+])
+def test_del_after_an_add_refused_for_its_policy_args_succeeds(lab, store, containers, args,
+                                                               runtime, code):
+    """The runtime sends DEL with the arguments of the ADD it saw fail: the DEL must not
+    fail on the same (policy-only) arguments, and leaves nothing behind."""
+    container = containers()
+    before = host_state(lab, store)
+    cfg = config(**({"runtimeConfig": runtime} if runtime else {}))
+    added = plugin(lab, "ADD", container, cfg=cfg, args=args)
+    assert (added.status != 0, added.document["code"]) == (True, code), added.document
+    deleted = plugin(lab, "DEL", container, cfg=cfg, args=args)
+    assert deleted.ok, (deleted.stdout, deleted.stderr)
+    assert host_state(lab, store) == before
+
+
 def test_del_without_netns_releases_addresses(lab, store, containers):
     container = containers()
     plugin(lab, "ADD", container)

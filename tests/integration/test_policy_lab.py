@@ -26,6 +26,7 @@ from fabric.model.policy import parse_policy
 from fabric.store import keys
 from fabric.store import policies as store_policies
 from tests.conftest import needs_root, running_lab
+from tests.support import spoof
 from tests.support.fabric import status
 
 pytestmark = [needs_root, pytest.mark.root, pytest.mark.slow]
@@ -221,6 +222,65 @@ def test_a_workload_and_its_own_host_always_reach_each_other(lab):
     # and the other way: x/a to its host's metrics port, not to another host's
     assert tcp_connects(x_a.netns, own.address, 9473)
     assert not tcp_connects(x_a.netns, other.address, 9473)
+
+
+def spoofed_and_honest(lab, sender: str, forged: str, target: str, family: int,
+                       port: int) -> tuple[list[bytes], list[bytes]]:
+    """What `target` receives of a datagram `sender` sends with `forged`'s source
+    address, and of one it sends with its own (the honest one last, so that the wait
+    for it also covers the forged one)."""
+    sock = spoof.receiver(lab.state.workloads[target].netns, family, port)
+    try:
+        dst = address(lab, target, family)
+        attacker = lab.state.workloads[sender].netns
+        spoof.send_raw(attacker, address(lab, forged, family), dst, port, b"forged")
+        spoof.send_raw(attacker, address(lab, sender, family), dst, port, b"honest")
+        got = spoof.received(sock)
+    finally:
+        sock.close()
+    return [g for g in got if g.endswith(b"forged")], [g for g in got if g.endswith(b"honest")]
+
+
+def test_a_forged_source_address_is_dropped_with_or_without_policy(lab):
+    """A workload sending with another workload's address (raw socket) gets nothing
+    through, IPv4 and IPv6: not to a workload that admits only the forged address (x/a
+    admits pod=b of x; y/a on x/a's host forges x/b), not out of an egress isolation
+    (z/a, denied all egress, forging y/a), and not with no policy at all. Its honest
+    datagrams still arrive where policy allows them."""
+    assert lab.state.workloads["y/a"].host == lab.state.workloads["x/a"].host
+    for family in (4, 6):  # no policy: identity is still the source address
+        forged, honest = spoofed_and_honest(lab, "y/a", "x/b", "x/a", family, 7001)
+        assert (forged, len(honest)) == ([], 1), family
+    apply(lab, policy("x", "a-from-b", {"podSelector": pod("a"), "ingress": [
+              {"from": [{"podSelector": pod("b")}]}]}),
+          policy("z", "deny-egress", {"podSelector": {}, "policyTypes": ["Egress"]}))
+    expected = ingress(reachability(), "x/a", False)
+    expected["x/b"]["x/a"] = True
+    for name in in_ns("z"):
+        egress(expected, name, False)
+    assert_matrices(lab, lambda *_: expected)
+    for family in (4, 6):
+        forged, honest = spoofed_and_honest(lab, "y/a", "x/b", "x/a", family, 7002)
+        assert (forged, honest) == ([], []), family  # y/a itself is not admitted
+        forged, honest = spoofed_and_honest(lab, "z/a", "y/a", "y/b", family, 7003)
+        assert (forged, honest) == ([], []), family  # z/a may send nothing
+        forged, honest = spoofed_and_honest(lab, "x/b", "y/b", "x/a", family, 7004)
+        assert (forged, len(honest)) == ([], 1), family  # x/b is admitted as itself
+
+
+def test_neighbour_discovery_and_ping_between_workloads_still_work(lab):
+    """The anti-spoofing check leaves a container's link-local and unspecified-source
+    IPv6 traffic alone: with its neighbour cache flushed, a container finds its host
+    again (neighbour solicitation) and pings, IPv4 and IPv6, a workload of its own host
+    and one of another."""
+    source = lab.state.workloads["x/a"].netns
+    netns.run(source, "ip", "-6", "neigh", "flush", "all")
+    netns.run(source, "ip", "-4", "neigh", "flush", "all")
+    for target in ("y/a", "x/b"):  # same host, other host
+        for family in (4, 6):
+            result = netns.run(source, "ping", f"-{family}", "-c", "1", "-W", "2",
+                               address(lab, target, family), check=False)
+            assert result.returncode == 0, (target, family, result.stdout, result.stderr)
 
 
 def test_pod_selector_alone_means_the_policys_namespace(lab):
@@ -439,6 +499,31 @@ def test_a_restarted_agent_keeps_enforcing(lab):
     assert_matrices(lab, lambda *_: expected)
 
 
+def test_a_table_tampered_with_under_its_comments_is_repaired_by_the_agent(lab):
+    """The reviewer's tampering (deny's rejects replaced by accepts with the same
+    comments) is drift: the agent's periodic check (every 3 s here) replaces the table,
+    counts the repair, and the denial holds again."""
+    apply(lab, policy("x", "deny-ingress", {"podSelector": {}}))
+    expected = reachability()
+    for target in in_ns("x"):
+        ingress(expected, target, False)
+    assert_matrices(lab, lambda *_: expected)
+    host = lab.state.workloads["x/a"].host
+    before = status(lab, host)["policy"]["repaired"]
+    netns.run(lab.state.hosts[host].netns, "nft", "-f", "-", input=(
+        "flush chain inet l3fabric deny\n"
+        'add rule inet l3fabric deny accept comment "denied by network policy"\n'
+        'add rule inet l3fabric deny accept comment "denied by network policy"\n'))
+    y_b = netns.path(lab.state.workloads["y/b"].netns)
+    assert connects(y_b, address(lab, "x/a", 4), 80, "tcp", timeout=2.0)  # the hole
+    deadline = time.monotonic() + CONVERGE
+    while status(lab, host)["policy"]["repaired"] == before:
+        assert time.monotonic() < deadline, "the agent never repaired the table"
+        time.sleep(0.5)
+    assert not connects(y_b, address(lab, "x/a", 4), 80, "tcp", timeout=2.0)
+    assert status(lab, host)["policy"]["in_sync"]
+
+
 def test_every_hosts_kernel_agrees_with_the_model_and_the_cli_says_so(lab):
     """The tables the live agents hold, read back from nftables, judged packet by packet
     against the reference semantics for every pair; then `policy explain --host` and
@@ -514,6 +599,11 @@ def test_every_hosts_kernel_agrees_with_the_model_and_the_cli_says_so(lab):
         (True, "accept", True)
     assert (denied["allowed"], denied["host"]["verdict"], denied["host"]["agrees"]) == \
         (False, "reject", True)
+    own_address = lab.state.hosts[host_of_x_a].address  # x/a is isolated for ingress
+    for src, dst in ((own_address, "x/a"), ("x/a", own_address)):
+        own = ctl("--host", host_of_x_a, "policy", "explain", src, dst, "--port", "80/tcp")
+        assert (own["allowed"], own["own_host"], own["host"]["verdict"],
+                own["host"]["agrees"]) == (True, True, "accept", True)
     probed = ctl("lab", "probe", "--port", "80")
     assert probed["matrix"] == expect(4, "tcp", 80)
     added = ctl("--host", "h2", "lab", "add-workload", "z/d", "--label", "team=red")

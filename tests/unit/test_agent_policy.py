@@ -144,9 +144,13 @@ def test_a_record_that_does_not_parse_is_reported_and_the_rest_enforced():
                          keys.policy("x", "bad"): {"manifest": {"kind": "Nope"}}})
     attach(fab)
     status = fab.state.status()["policy"]
-    assert status["policies"] == 1
+    assert status["policies"] == 2  # x/deny, and x/bad enforced fail-closed: deny-all in x
     assert list(status["refused"]) == [keys.policy("x", "bad")]
     assert isolated(fab.state.policy.sent) == {"10.244.0.5"}
+    egress = next(s for s in fab.state.policy.sent.sets if s.name == "iso_egress_4")
+    assert egress.elements == {"10.244.0.5"}  # x/deny was ingress only: this is x/bad
+    assert any(keys.policy("x", "bad") in line and "deny-all" in line
+               for line in fab.state.degraded())
 
 
 def test_changes_from_etcd_coalesce_while_an_apply_is_in_flight_but_an_add_never_waits():

@@ -46,3 +46,26 @@ def test_a_bad_namespace_is_refused():
     with pytest.raises(CniError) as caught:
         request("K8S_POD_NAMESPACE=Not_A_Namespace")
     assert caught.value.code == INVALID_ENV
+
+
+@pytest.mark.parametrize("cni_args, conf", [
+    ("K8S_POD_NAMESPACE=Evil_NS", {}),
+    ("K8S_POD_NAMESPACE=x/y", {}),
+    ("K8S_POD_NAMESPACE=" + "n" * 70, {}),
+    ("", {"runtimeConfig": {"labels": {"bad key": "v"}}}),
+    ("", {"runtimeConfig": {"labels": {"k": 5}}}),
+    ("", {"runtimeConfig": {"labels": ["a"]}}),
+    ("", {"args": {"cni": {"labels": [{"app": "web"}]}}})])
+def test_del_and_gc_ignore_the_policy_args_a_refused_add_had(cni_args, conf):
+    """ADD refuses them; the runtime then sends DEL with the same arguments, which must
+    not fail on them (nor GC, whose configuration may carry the same labels)."""
+    with pytest.raises(CniError):
+        request(cni_args, **conf)
+    env = {"CNI_COMMAND": "DEL", "CNI_CONTAINERID": "c1", "CNI_IFNAME": "eth0",
+           "CNI_ARGS": cni_args}
+    doc = {"cniVersion": "1.0.0", "name": "net", "type": "l3fabric", **conf}
+    req = parse_request(env, json.dumps(doc).encode())
+    assert req.conf.labels == {} and req.pod_namespace == "default"
+    gc = parse_request({"CNI_COMMAND": "GC"}, json.dumps(
+        {**doc, "cniVersion": "1.1.0", "cni.dev/valid-attachments": []}).encode())
+    assert gc.conf.labels == {}

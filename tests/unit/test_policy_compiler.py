@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from fabric.model.policy import Endpoint, decide, parse_policy
 from fabric.policy.compiler import (
+    SPOOF_COMMENT,
     HostRules,
     Listed,
     Packet,
@@ -199,10 +200,13 @@ def test_no_policies_means_an_open_table_and_traffic_to_the_host_is_not_hooked()
     assert rules.rules == ()
     for src, dst in itertools.permutations([e.ips[0] for e in everyone[:3]], 2):
         assert evaluate(table, Packet(src, dst, "tcp", 80, "l3fa", "l3fb"))[0] == "accept"
-    # only the forward hook: nothing sees workload <-> its own host
+    # policy has only the forward hook: nothing judges workload <-> its own host; the
+    # prerouting hook only drops forged sources from workloads (policy or not)
     chains = [c for c in render(rules) if "chain" in c.get("add", {})]
     assert [c["add"]["chain"].get("hook") for c in chains if "hook" in c["add"]["chain"]] \
-        == ["forward"]
+        == ["forward", "prerouting"]
+    assert {r["comment"] for r in table.chains["prerouting"]} == {SPOOF_COMMENT}
+    assert all({"drop": None} in r["expr"] for r in table.chains["prerouting"])
 
 
 def test_a_policy_change_touches_that_policys_chain_and_sets_only():

@@ -225,3 +225,30 @@ def test_match_expressions(operator, values, labels, expected):
     doc = manifest({"podSelector": {"matchExpressions": [
         {"key": "pod", "operator": operator, **({"values": values} if values else {})}]}})
     assert parse_policy(doc).selector.matches(labels) is expected
+
+
+def test_empty_policy_types_are_defaulted_like_absent_ones():
+    """`policyTypes: []` is defaulted as Kubernetes does (len == 0), not taken as
+    "isolate nothing": that read failed open."""
+    deny = parse_policy(manifest({"podSelector": {}, "policyTypes": []}))
+    assert deny.types == ("Ingress",)
+    with_egress = parse_policy(manifest({"podSelector": {}, "policyTypes": [],
+                                         "egress": [{"to": [{"podSelector": {}}]}]}))
+    assert with_egress.types == ("Ingress", "Egress")
+    a = Endpoint("h1", "x", "a", {}, ("10.0.0.1",))
+    b = Endpoint("h2", "x", "b", {}, ("10.0.0.2",))
+    verdict = decide([deny], {}, "10.0.0.2", "10.0.0.1", {"10.0.0.1": a, "10.0.0.2": b})
+    assert not verdict.allowed
+
+
+def test_traffic_between_a_workload_and_its_own_host_is_allowed_both_ways():
+    deny = parse_policy(manifest({"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}))
+    a = Endpoint("h1", "x", "a", {}, ("10.0.0.1", "fd00::1"), "n1")
+    by_address = {ip: a for ip in a.ips}
+    hosts = {"10.99.0.11": "n1", "fd99::11": "n1", "10.99.0.12": "n2"}
+    for src, dst in (("10.99.0.11", "10.0.0.1"), ("10.0.0.1", "10.99.0.11"),
+                     ("fd99::11", "fd00::1")):
+        verdict = decide([deny], {}, src, dst, by_address, hosts=hosts)
+        assert verdict.allowed and verdict.own_host, (src, dst)
+    other = decide([deny], {}, "10.99.0.12", "10.0.0.1", by_address, hosts=hosts)
+    assert not other.allowed and not other.own_host  # another host is an ordinary source
