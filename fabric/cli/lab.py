@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import sys
 import time
@@ -168,6 +169,20 @@ class Progress:
 MAX_HOSTS = FIRST_RESERVED - 11
 
 
+def _check_underlay(text: str, family: int, longest: int) -> None:
+    """The lab puts hosts at .11-.240 of its underlay (::b-::f0 in IPv6), etcd and
+    peers at .241-.253 and the router at .254: it needs 256 addresses."""
+    option = "--underlay" if family == 4 else "--underlay6"
+    try:
+        network = ipaddress.ip_network(text)
+    except ValueError:
+        raise CliError(f"{option} {text!r} is not a network (like 10.99.0.0/24)") from None
+    if network.version != family or network.prefixlen > longest:
+        raise CliError(f"{option} {text}: use an IPv{family} network of /{longest} or "
+                       "larger (hosts at .11-.240, etcd and peers at .241-.253, the router "
+                       "at .254)")
+
+
 def up_cmd(ctx: Context) -> int:
     if ctx.hosts < 1 or ctx.containers_per_host < 0 or ctx.route_reflectors < 0:
         raise CliError("--hosts must be at least 1, the other counts at least 0")
@@ -176,6 +191,14 @@ def up_cmd(ctx: Context) -> int:
     if ctx.hosts > MAX_HOSTS:
         raise CliError(f"--hosts {ctx.hosts}: a lab has room for {MAX_HOSTS} hosts on its "
                        "underlay (.11 to .240)")
+    if ctx.parallel < 1:
+        raise CliError(f"--parallel {ctx.parallel}: build at least 1 host at a time")
+    if ctx.route_reflectors and ctx.peer != "none" and ctx.peer_role == "rr":
+        raise CliError("--route-reflectors and --peer-role rr both ask for the reflectors: "
+                       f"use agents as reflectors (--route-reflectors) or {ctx.peer} "
+                       "(--peer-role rr), not both")
+    _check_underlay(ctx.underlay, 4, 24)
+    _check_underlay(ctx.underlay6, 6, 120)
     if os.geteuid() != 0:
         raise CliError("the lab needs root (network namespaces)")
     lab = Lab(_name(ctx))
@@ -279,6 +302,8 @@ def up_cmd(ctx: Context) -> int:
         steps.append((f"{ctx.containers_per_host} workload(s) per host through the CNI "
                       "plugin", workloads))
     check = ctx.check or ("all" if ctx.hosts <= 10 else "sample")
+    if not ctx.workloads and not ctx.containers_per_host:
+        check = "none"  # nothing to ping; the summary says why
     progress = Progress(len(steps) + (check != "none"), ctx.json)
     matrices: dict[str, Matrix] = {}
     try:
@@ -357,6 +382,32 @@ def _size_neighbours(hosts: int, per_host: int, families: tuple[int, ...]) -> No
         print(f"  {change}", file=sys.stderr)
 
 
+def _coverage(matrices: dict[str, Matrix]) -> tuple[int, int]:
+    """(pairs pinged, pairs there are): fewer pinged is a sample (--check sample)."""
+    return (sum(len(row) for m in matrices.values() for row in m.values()),
+            sum(len(m) * (len(m) - 1) for m in matrices.values()))
+
+
+def _verdict(matrices: dict[str, Matrix], workloads: bool) -> str:
+    if not matrices:
+        return f"reachability not checked ({'--check none' if workloads else 'no workloads'})"
+    if not _green(matrices):
+        return "SOME PINGS FAILED"
+    pinged, pairs = _coverage(matrices)
+    if pinged == pairs:
+        return "all workloads reach each other"
+    return (f"all {pinged} sampled pairs of {pairs} reach each other (every host as "
+            "source and destination; --check all pings every pair)")
+
+
+def _cell(row: dict[str, bool], source: str, target: str) -> str:
+    if source == target:
+        return "-"
+    if target not in row:
+        return "."  # not pinged: --check sample
+    return "ok" if row[target] else "FAIL"
+
+
 def _wait_matrices(lab: Lab, timeout: float = 30.0,
                    sample: bool = False) -> dict[str, Matrix]:
     deadline = time.monotonic() + timeout
@@ -405,13 +456,14 @@ def _summary(ctx: Context, lab: Lab, matrices: dict[str, Matrix]) -> int:
         print("\nThe lab starts an agent again when it crashes or is killed (kill -9), as "
               "systemd does on a real host;\none stopped on purpose or that exited cleanly "
               f"stays down: {program()} lab restart-agent HOST starts it.")
+    pinged, pairs = _coverage(matrices)
     for family, matrix in matrices.items():
         names = sorted(matrix)
         label = f", {family[:2].upper()}{family[2:]}" if both else ""
-        print(f"\nreachability (ping from row to column{label}):")
+        legend = "; '.' not pinged (a sample)" if pinged < pairs else ""
+        print(f"\nreachability (ping from row to column{label}{legend}):")
         table(["from \\ to", *names],
-              [[a, *["-" if a == b else ("ok" if matrix[a].get(b) else "FAIL")
-                     for b in names]] for a in names])
+              [[a, *[_cell(matrix[a], a, b) for b in names]] for a in names])
     ctl = program()
     lab_opt = "" if lab.name == DEFAULT_LAB else f"--lab {lab.name} "
     named = sorted(n for n, w in lab.state.workloads.items() if w.namespace)
@@ -422,8 +474,7 @@ def _summary(ctx: Context, lab: Lab, matrices: dict[str, Matrix]) -> int:
                  f"explain {named[0]} {named[1]} --port 80/tcp")
     else:
         tries = f"\n  {ctl} {lab_opt}lab exec h1-w1 -- ping -c1 h2-w1.fabric.internal"
-    verdict = ("reachability not checked (--check none)" if not matrices else
-               "all workloads reach each other" if green else "SOME PINGS FAILED")
+    verdict = _verdict(matrices, bool(lab.state.workloads))
     print(f"\n{verdict}. Next:"
           f"\n  {ctl} {lab_opt}--host h1 node status\n  {ctl} {lab_opt}--host h1 bgp routes"
           f"\n  {ctl} {lab_opt}--host h1 routes\n  {ctl} --lab {lab.name} nodes{tries}"
@@ -489,10 +540,17 @@ def add_host_cmd(ctx: Context) -> int:
 def kill_cmd(ctx: Context) -> int:
     lab = _existing(ctx)
     if ctx.host_name.startswith("etcd-"):
-        lab.kill_etcd(ctx.host_name)
+        try:
+            running = lab.kill_etcd(ctx.host_name)
+        except LabError as exc:
+            raise CliError(str(exc)) from exc
+        members = len(lab.state.etcd_members)
+        quorum = running > members // 2
         if not ctx.json:
-            print(f"{ctx.host_name} killed (kill -9); the other members keep etcd going. "
-                  f"{program()} lab restart-etcd {ctx.host_name} brings it back")
+            print(f"{ctx.host_name} killed (kill -9); {running} of {members} members run: "
+                  + ("a majority, so etcd goes on" if quorum else
+                     "no majority, so etcd answers nothing until one comes back")
+                  + f". {program()} lab restart-etcd {ctx.host_name} brings it back")
         return OK
     if ctx.host_name not in lab.state.hosts:
         raise CliError(f"lab {lab.name} has no host {ctx.host_name}")

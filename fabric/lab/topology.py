@@ -392,15 +392,18 @@ class Lab:
                 if recorded.name == member.name:
                     recorded.pid = server.pid
 
-    def kill_etcd(self, name: str) -> None:
-        """An etcd member dies (kill -9); the others keep the cluster going."""
+    def kill_etcd(self, name: str) -> int:
+        """An etcd member dies (kill -9); returns how many members still run (a
+        majority of them keeps the cluster going)."""
         member = self._member(name)
-        if member.pid:
-            kill_pid(member.pid, timeout=5, sig=signal.SIGKILL)
+        if not member.pid or not is_running(member.pid):
+            raise LabError(f"{name} is not running (`lab restart-etcd {name}` starts it)")
+        kill_pid(member.pid, timeout=5, sig=signal.SIGKILL)
         with self.locked() as state:
             for recorded in state.etcd_members:
                 if recorded.name == name:
                     recorded.pid = None
+            return sum(1 for m in state.etcd_members if m.pid and is_running(m.pid))
 
     def restart_etcd(self, name: str) -> None:
         """A member comes back with its data: it rejoins and catches up."""
@@ -959,6 +962,9 @@ def sample_pairs(workloads: list[WorkloadState]) -> list[tuple[WorkloadState, Wo
 NEIGH = "/proc/sys/net/ipv{family}/neigh/default/gc_thresh{level}"
 
 
+DEFAULT_GC_THRESH3 = 1024  # the kernel's default hard limit of the neighbour table
+
+
 def size_neighbour_tables(hosts: int, per_host: int, families: Iterable[int]) -> list[str]:
     """Raise the kernel's neighbour-table thresholds for a lab of this size; what changed.
 
@@ -976,7 +982,19 @@ def size_neighbour_tables(hosts: int, per_host: int, families: Iterable[int]) ->
             try:
                 current = int(path.read_text())
             except (OSError, ValueError):
-                continue  # no such table here (IPv6 disabled, say)
+                if not path.parent.parent.parent.exists():
+                    continue  # no such family here (IPv6 disabled)
+                if level == 3 and need > DEFAULT_GC_THRESH3:
+                    # The thresholds exist in the initial network namespace only; from
+                    # any other (a container, a CI runner) they can be neither read nor
+                    # raised, though the one table they size is still the machine's.
+                    raise LabError(
+                        f"a lab of {hosts} hosts needs about {need} neighbour entries and "
+                        "the thresholds cannot be read or raised from this network "
+                        "namespace; as root in the initial namespace run: sysctl -w "
+                        + " ".join(f"net.ipv{family}.neigh.default.gc_thresh{n}={wanted[n]}"
+                                   for n in (3, 2, 1))) from None
+                continue
             if current >= wanted[level]:
                 continue
             try:

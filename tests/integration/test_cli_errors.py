@@ -88,6 +88,14 @@ def test_every_command_with_bad_arguments_fails_in_one_line(etcd_server, store):
     (["lab", "status", "--name", "UPPER"], "fabricctl: lab name 'UPPER': use 1 to 10"),
     (["cni", "install", "--bin-dir", "/proc/foo"],
      "fabricctl: cni install: cannot write /proc/foo: No such file or directory"),
+    (["lab", "up", "--name", "errx", "--parallel", "0"],
+     "fabricctl: --parallel 0: build at least 1 host at a time"),
+    (["lab", "up", "--name", "errx", "--route-reflectors", "2", "--peer", "bird",
+      "--peer-role", "rr"], "fabricctl: --route-reflectors and --peer-role rr both ask"),
+    (["lab", "up", "--name", "errx", "--underlay", "10.98.0.0/28"],
+     "fabricctl: --underlay 10.98.0.0/28: use an IPv4 network of /24 or larger"),
+    (["lab", "up", "--name", "errx", "--underlay6", "nonsense"],
+     "fabricctl: --underlay6 'nonsense' is not a network"),
 ])
 def test_the_reported_cases(etcd_server, store, argv, message):
     result = run(argv, etcd_server.endpoint)

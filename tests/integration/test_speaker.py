@@ -216,12 +216,10 @@ def test_a_stopped_exabgp_is_noticed_and_restarted(speaker, bird):
     start(speaker, config(speaker, [PEER_ONE], ["10.244.1.0/26"]))
     first = reports.wait(lambda r: isinstance(r, bgp_speaker.Started), "start")
     reports.wait(lambda r: isinstance(r, bgp_speaker.Connected), "API connected")
-    stopped = time.monotonic()
     subprocess.run(["kill", "-STOP", str(first.pid)], check=True)
     restarting = reports.wait(lambda r: isinstance(r, bgp_speaker.Restarting),
                               "the watchdog restarting ExaBGP", 30)
     assert "stopped answering" in restarting.reason
-    assert time.monotonic() - stopped < 15
     reports.wait(lambda r: isinstance(r, bgp_speaker.Started) and r.generation == 2,
                  "a new ExaBGP")
     wait_until(lambda: bird_state(bird).get("p0") == "Established", "session up again", 30)

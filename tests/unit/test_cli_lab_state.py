@@ -135,3 +135,37 @@ def test_a_host_built_out_of_order_gets_the_address_its_name_promises(tmp_path):
         state.hosts[f"x{index}"].address = lab._address(index)
     with pytest.raises(LabError, match="no underlay address left for host late"):
         lab._host_index("late", state)
+
+
+def test_a_sampled_reachability_table_shows_what_was_not_pinged_and_says_it_sampled():
+    """Pairs the sample did not ping were shown as FAIL under 'all workloads reach each
+    other'."""
+    from fabric.cli.lab import _cell, _verdict
+    sampled = {"ipv4": {"a": {"b": True}, "b": {"c": True}, "c": {"a": True}}}
+    assert [_cell(sampled["ipv4"]["a"], "a", t) for t in "abc"] == ["-", "ok", "."]
+    assert _verdict(sampled, True).startswith("all 3 sampled pairs of 6 reach each other")
+    full = {"ipv4": {"a": {"b": True}, "b": {"a": True}}}
+    assert _verdict(full, True) == "all workloads reach each other"
+    failed = {"ipv4": {"a": {"b": False}, "b": {"a": True}}}
+    assert _verdict(failed, True) == "SOME PINGS FAILED" and _cell(failed["ipv4"]["a"], "a",
+                                                                   "b") == "FAIL"
+    assert _verdict({}, True) == "reachability not checked (--check none)"
+    assert _verdict({}, False) == "reachability not checked (no workloads)"
+
+
+def test_neighbour_thresholds_that_cannot_be_seen_refuse_a_big_lab(tmp_path, monkeypatch):
+    """Outside the initial network namespace the thresholds do not exist: a big lab
+    must not be said to be sized (it once printed 'ok' and changed nothing)."""
+    import pytest
+
+    from fabric.lab import topology
+    monkeypatch.setattr(topology, "NEIGH",
+                        str(tmp_path) + "/ipv{family}/neigh/default/gc_thresh{level}")
+    (tmp_path / "ipv4" / "neigh" / "default").mkdir(parents=True)  # no gc_thresh files
+    with pytest.raises(topology.LabError, match=r"sysctl -w net\.ipv4\.neigh\.default"):
+        topology.size_neighbour_tables(100, 2, (4, 6))  # no ipv6 folder: IPv6 is off
+    assert topology.size_neighbour_tables(5, 1, (4, 6)) == []  # the defaults hold 5 hosts
+    for level, value in ((1, 128), (2, 512), (3, 1024)):
+        (tmp_path / "ipv4" / "neigh" / "default" / f"gc_thresh{level}").write_text(str(value))
+    assert len(topology.size_neighbour_tables(100, 2, (4,))) == 3
+    assert int((tmp_path / "ipv4/neigh/default/gc_thresh3").read_text()) > 20000
