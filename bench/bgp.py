@@ -234,26 +234,29 @@ def make_lab(name: str, hosts: int, agent_args: list[str], block_size: int | Non
     """Dual-stack hosts (`family` picks the pool), sessions Established on return."""
     lab = Lab(name)
     lab.down()
-    lab.create_underlay(families=(4, 6))
-    lab.start_etcd()
-    lab.add_pool("bench", POOL[family], block_size)
-    for index in range(1, hosts + 1):
-        lab.add_host(f"h{index}", agent_args=agent_args)
-    for index in range(1, hosts + 1):
-        lab.wait_agent(f"h{index}")
-    deadline = time.monotonic() + 30  # measure from established sessions, not set-up
-    while hosts > 1:
-        peers = [(f"h{i}", p) for i in range(1, hosts + 1)
-                 for p in lab.wait_agent(f"h{i}")["peers"]]
-        if peers and all(p["state"] == "Established" for _, p in peers):
-            break
-        if time.monotonic() > deadline:
-            states = ", ".join(f"{h}->{p.get('address', p.get('name', '?'))} {p['state']}"
-                               for h, p in peers) or "no peers"
-            lab.down()
-            raise SystemExit(f"{name}: BGP sessions not Established after 30 s ({states}); "
-                             "not measuring from a half-up lab")
-        time.sleep(0.1)
+    try:
+        lab.create_underlay(families=(4, 6))
+        lab.start_etcd()
+        lab.add_pool("bench", POOL[family], block_size)
+        for index in range(1, hosts + 1):
+            lab.add_host(f"h{index}", agent_args=agent_args)
+        for index in range(1, hosts + 1):
+            lab.wait_agent(f"h{index}")
+        deadline = time.monotonic() + 30  # measure from established sessions, not set-up
+        while hosts > 1:
+            peers = [(f"h{i}", p) for i in range(1, hosts + 1)
+                     for p in lab.wait_agent(f"h{i}")["peers"]]
+            if peers and all(p["state"] == "Established" for _, p in peers):
+                break
+            if time.monotonic() > deadline:
+                states = ", ".join(f"{h}->{p.get('address', p.get('name', '?'))} {p['state']}"
+                                   for h, p in peers) or "no peers"
+                raise SystemExit(f"{name}: BGP sessions not Established after 30 s ({states}); "
+                                 "not measuring from a half-up lab")
+            time.sleep(0.1)
+    except BaseException:  # set-up failed: leave nothing behind
+        lab.down()
+        raise
     return lab
 
 
