@@ -26,17 +26,12 @@ def frames(line: str) -> tuple[str, list[str], int]:
     return thread, [re.sub(r" \((.*?):\d+\)$", r" (\1)", p) for p in parts[1:]], int(count)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("files", nargs="+", type=Path)
-    parser.add_argument("--threads", default=r"process_request_thread|cni-unwire")
-    parser.add_argument("--top", type=int, default=40)
-    parser.add_argument("--leaf", action="store_true")
-    args = parser.parse_args()
-    pattern = re.compile(args.threads)
+def summarise(files: list[Path], threads: str, top: int, leaf: bool) -> list[str]:
+    """The summary's lines: sample count, then `top` frames by share of samples."""
+    pattern = re.compile(threads)
     seen: Counter[str] = Counter()
     total = 0
-    for path in args.files:
+    for path in files:
         for line in path.read_text().splitlines():
             if not line.strip():
                 continue
@@ -44,14 +39,23 @@ def main() -> int:
             if not pattern.search(thread + ";" + ";".join(stack[:3])):
                 continue
             total += count
-            if args.leaf:
+            if leaf:
                 seen[stack[-1] if stack else "?"] += count
             else:
                 for frame in set(stack):
                     seen[frame] += count
-    print(f"{total} samples")
-    for frame, count in seen.most_common(args.top):
-        print(f"{100 * count / max(total, 1):6.1f}%  {frame}")
+    return [f"{total} samples"] + [f"{100 * count / max(total, 1):6.1f}%  {frame}"
+                                   for frame, count in seen.most_common(top)]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("files", nargs="+", type=Path)
+    parser.add_argument("--threads", default=r"process_request_thread|cni-unwire")
+    parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--leaf", action="store_true")
+    args = parser.parse_args()
+    print("\n".join(summarise(args.files, args.threads, args.top, args.leaf)))
     return 0
 
 
