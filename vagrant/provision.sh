@@ -27,6 +27,8 @@
 #   FABRIC_SYSTEMD=0            write the units but do not enable or start them
 #
 #   provision.sh wait           only the final step: wait for etcd and the sessions
+#   provision.sh packages       print the Debian packages it installs (etcd members'
+#                               included), one a line: what vagrant/box/build.sh preinstalls
 set -euo pipefail
 
 DESTDIR="${DESTDIR:-}"
@@ -47,6 +49,7 @@ WAIT="${FABRIC_WAIT:-1}"
 WAIT_TIMEOUT="${FABRIC_WAIT_TIMEOUT:-180}"
 PACKAGES=(python3 python3-venv iproute2 iptables nftables iputils-ping procps
           containernetworking-plugins podman runc busybox-static)
+ETCD_PACKAGES=(etcd-server etcd-client)
 
 # Ready: at least the expected number of sessions, and every session Established.
 READY_CHECK='import json, sys
@@ -66,12 +69,21 @@ require() {
 
 install_packages() {
   [ "${FABRIC_SKIP_APT:-0}" = 1 ] && return
-  local packages=("${PACKAGES[@]}")
-  [ -n "${FABRIC_ETCD_MEMBER:-}" ] && packages+=(etcd-server etcd-client)
-  log "installing packages: ${packages[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -q
-  apt-get install -y -q --no-install-recommends "${packages[@]}"
+  local packages=("${PACKAGES[@]}") missing=() package
+  [ -n "${FABRIC_ETCD_MEMBER:-}" ] && packages+=("${ETCD_PACKAGES[@]}")
+  # A box that has them already (vagrant/box/build.sh) needs neither the mirror nor time.
+  for package in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
+      || missing+=("$package")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "installing packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+  else
+    log "packages already installed: ${packages[*]}"
+  fi
   # Debian starts a default etcd on install; ours is l3fabric-etcd.service.
   if [ -n "${FABRIC_ETCD_MEMBER:-}" ] && [ "${FABRIC_SYSTEMD:-1}" = 1 ]; then
     systemctl disable --now etcd.service 2>/dev/null || true
@@ -239,6 +251,10 @@ wait_ready() {
 }
 
 main() {
+  if [ "${1:-}" = packages ]; then
+    printf '%s\n' "${PACKAGES[@]}" "${ETCD_PACKAGES[@]}"
+    return
+  fi
   require FABRIC_NODE_ADDRESS FABRIC_ETCD_ENDPOINTS
   if [ "${1:-}" = wait ]; then
     wait_ready

@@ -178,7 +178,9 @@ def test_provisioning_refuses_missing_inputs(tmp_path):
 def test_shell_scripts_pass_shellcheck():
     if shutil.which("shellcheck") is None:
         pytest.fail("shellcheck is not installed (./run test installs it)")
-    for script in ("vagrant/provision.sh", "vagrant/smoke.sh", "run", ".ci/run"):
+    for script in ("vagrant/provision.sh", "vagrant/smoke.sh", "vagrant/faults.sh",
+                   "vagrant/lib.sh", "vagrant/cluster.sh", "vagrant/box/build.sh", "run",
+                   ".ci/run"):
         result = subprocess.run(["shellcheck", str(ROOT / script)], capture_output=True,
                                 text=True)
         assert result.returncode == 0, result.stdout
@@ -189,7 +191,8 @@ def test_vagrantfile_validates():
         pytest.fail("vagrant is not installed (./run test installs it)")
     env = {**os.environ, "VAGRANT_DEFAULT_PROVIDER": "libvirt",
            "VAGRANT_DOTFILE_PATH": "/tmp/l3fabric-vagrant-validate"}
-    for extra in ({}, {"FABRIC_ETCD_CLUSTER": "1"}, {"FABRIC_NODES": "5"}):
+    for extra in ({}, {"FABRIC_ETCD_CLUSTER": "1"}, {"FABRIC_NODES": "5"},
+                  {"FABRIC_LIBVIRT_DRIVER": "kvm"}, {"FABRIC_LIBVIRT_DRIVER": "qemu"}):
         result = subprocess.run(["vagrant", "validate"], cwd=ROOT / "vagrant",
                                 env={**env, **extra}, capture_output=True, text=True,
                                 timeout=120)
@@ -198,4 +201,8 @@ def test_vagrantfile_validates():
                          env={**env, "FABRIC_ETCD_CLUSTER": "1", "FABRIC_NODES": "2"},
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "at least 3 nodes" in bad.stderr + bad.stdout
+    bad = subprocess.run(["vagrant", "validate"], cwd=ROOT / "vagrant",
+                         env={**env, "FABRIC_LIBVIRT_DRIVER": "xen"},
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "must be kvm or qemu" in bad.stderr + bad.stdout
     shutil.rmtree("/tmp/l3fabric-vagrant-validate", ignore_errors=True)
