@@ -29,6 +29,7 @@ export FABRIC_VM_PREFIX="${FABRIC_VM_PREFIX:-l3fv-}"
 export FABRIC_LIBVIRT_POOL="${FABRIC_LIBVIRT_POOL:-${FABRIC_VM_PREFIX}pool}"
 export FABRIC_ETCD_CLUSTER="${FABRIC_ETCD_CLUSTER:-1}"
 export FABRIC_NODES="${FABRIC_NODES:-3}"
+export FABRIC_CONSOLE_LOG_DIR="${FABRIC_CONSOLE_LOG_DIR:-$CACHE/console}"
 
 TIMES=()
 log() { echo "vagrant: $*" >&2; }
@@ -215,6 +216,7 @@ up() {
       || echo "no kvm_intel/kvm_amd: QEMU TCG emulation")); $FABRIC_NODES VMs; etcd cluster: $FABRIC_ETCD_CLUSTER"
   log "commit $(git -C "$HERE" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$HERE" diff --quiet HEAD 2>/dev/null || echo ' (with local changes)')"
   qemu_conf
+  mkdir -p "$FABRIC_CONSOLE_LOG_DIR"
   step "libvirt daemons" start_daemons || return 1
   ensure_pool
   step "box" ensure_box || return 1

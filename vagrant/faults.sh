@@ -15,7 +15,8 @@
 #               addresses is held (`fabricctl workloads`, `fabricctl ipam check`)
 #   etcd        the etcd leader's VM powered off while the two other VMs ADD containers
 #               (needs FABRIC_ETCD_CLUSTER=1): no ADD fails beyond one retry, and
-#               `fabricctl ipam check` is clean, with the member down and once it is back
+#               `fabricctl ipam check` is clean, with the member down and once it is back;
+#               the powered-off VM's routes leave the others within the hold time
 #   final       every registered workload is a running container; ipam check clean
 set -uo pipefail
 cd "$(dirname "$(readlink -f "$0")")" || exit 2
@@ -303,6 +304,26 @@ fault_etcd() {
   vagrant halt --force "$victim" >"$TMP/etcd-halt.log" 2>&1 \
     || fail "etcd: vagrant halt --force $victim failed: $(tail -3 "$TMP/etcd-halt.log")"
   t_off=$(now)
+  # A power cut says nothing to the peers: their hold timer must notice it.
+  local gone=() deadline=$((SECONDS + 60))
+  while [ $SECONDS -lt $deadline ]; do
+    for i in 0 1; do
+      if [ -z "${gone[$i]:-}" ] && [ -z "$(routes_via "${workers[$i]}" "$leader")" ]; then
+        gone[i]=$(now)
+      fi
+    done
+    [ -n "${gone[0]:-}" ] && [ -n "${gone[1]:-}" ] && break
+    sleep 0.5
+  done
+  for i in 0 1; do
+    if [ -z "${gone[$i]:-}" ]; then
+      fail "etcd: ${workers[$i]} still routes via $victim 60 s after it was powered off"
+    elif le "$(since "$t_off" "${gone[$i]}")" $((HOLD + 2)); then
+      pass "etcd: $victim's routes gone from ${workers[$i]} $(since "$t_off" "${gone[$i]}") s after the power-off (hold time $HOLD s; 'vagrant halt --force' took $(since "$t_halt" "$t_off") s)"
+    else
+      fail "etcd: $victim's routes gone from ${workers[$i]} only $(since "$t_off" "${gone[$i]}") s after the power-off (hold time $HOLD s)"
+    fi
+  done
   wait "${pids[@]}"
   local total=0 retried=0 failed=0 after=0 slowest=0 n r s e
   for w in "${workers[@]}"; do

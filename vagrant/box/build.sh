@@ -244,6 +244,9 @@ EOF
               e2scrub_all.timer fstrim.timer; do
     in_root systemctl disable "$unit" >/dev/null 2>&1 || true
   done
+  # An empty machine-id makes each VM its own at first boot; that first boot must not
+  # wait for systemd-firstboot's questions on a console nobody reads.
+  in_root systemctl mask systemd-firstboot.service >/dev/null 2>&1
   : > "$ROOT/etc/machine-id"
   rm -f "$ROOT/var/lib/dbus/machine-id"
 
