@@ -192,6 +192,19 @@ ExecStart=/sbin/ip -6 addr replace $ADDRESS6/64 dev $dev nodad
 [Install]
 WantedBy=multi-user.target
 EOF
+    # ifupdown (Debian's default): again whenever the interface comes up. Tools that
+    # reconfigure it flush its addresses first; Vagrant does at every `vagrant up` or
+    # `reload` of a VM that already booted (ifdown, ip addr flush, ifup).
+    if [ -d "$DESTDIR/etc/network/if-up.d" ] || [ -n "$DESTDIR" ]; then
+      mkdir -p "$DESTDIR/etc/network/if-up.d"
+      cat > "$DESTDIR/etc/network/if-up.d/l3fabric-underlay6" <<EOF
+#!/bin/sh
+# Written by l3fabric's provision.sh: the node's IPv6 underlay address on $dev.
+[ "\$IFACE" = "$dev" ] || exit 0
+exec /sbin/ip -6 addr replace $ADDRESS6/64 dev $dev nodad
+EOF
+      chmod 0755 "$DESTDIR/etc/network/if-up.d/l3fabric-underlay6"
+    fi
   fi
 }
 

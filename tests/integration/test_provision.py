@@ -108,6 +108,12 @@ def test_provisioning_writes_what_a_node_needs_and_it_works(provisioned, tmp_pat
     underlay6 = unit(root / "etc/systemd/system/l3fabric-underlay6.service")
     assert underlay6["Service"]["ExecStart"] == (
         f"/sbin/ip -6 addr replace {lab.state.hosts['h1'].address6}/64 dev eth0 nodad")
+    # ...and again whenever ifupdown brings the interface up (Vagrant flushes it first).
+    hook = root / "etc/network/if-up.d/l3fabric-underlay6"
+    assert os.access(hook, os.X_OK)
+    assert '[ "$IFACE" = "eth0" ] || exit 0' in hook.read_text()
+    assert (f"ip -6 addr replace {lab.state.hosts['h1'].address6}/64 dev eth0 nodad"
+            in hook.read_text())
     assert not (roots["h2"] / "etc/systemd/system/l3fabric-etcd.service").exists()
 
     # The CNI plugin, runnable as installed (its interpreter is a real path, not one
