@@ -183,6 +183,12 @@ ensure_box() {
 }
 
 # -- the cluster -----------------------------------------------------------------------
+vm_resources() {  # each VM's QEMU: resident memory and CPU since it started
+  ps -C qemu-system-x86_64 -o pid=,rss=,pcpu=,etimes=,args= 2>/dev/null \
+    | awk '{ name = "?"; for (i = 5; i <= NF; i++) if ($i ~ /^guest=/) { name = $i; sub(/^guest=/, "", name); sub(/,.*/, "", name) }
+             printf "vagrant: %s: QEMU pid %s, %.0f MB resident, %s%% CPU over %s s\n", name, $1, $2 / 1024, $3, $4 }' >&2 || true
+}
+
 remove_leftovers() {  # domains and networks named with our prefix that destroy left
   local name
   for name in $(virsh list --all --name 2>/dev/null | grep "^$FABRIC_VM_PREFIX" || true); do
@@ -220,8 +226,10 @@ up() {
   step "libvirt daemons" start_daemons || return 1
   ensure_pool
   step "box" ensure_box || return 1
+  vagrant destroy -f >/dev/null 2>&1 || true  # a cluster an earlier KEEP=1 run left
   remove_leftovers
   step "vagrant up" vagrant up --provider=libvirt || return 1
+  vm_resources
   step "smoke" ./smoke.sh || rc=1
   if [ "${FAULTS:-1}" != 0 ]; then
     step "fault round" ./faults.sh || rc=1

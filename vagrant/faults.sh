@@ -67,14 +67,6 @@ agent_ready() {  # agent_ready NODE: the agent runs and every BGP session is Est
   fab "$1" node status >/dev/null 2>&1
 }
 
-wait_ready() {  # wait_ready NODE SECONDS
-  local deadline=$((SECONDS + $2))
-  until agent_ready "$1"; do
-    [ $SECONDS -lt $deadline ] || return 1
-    sleep 2
-  done
-}
-
 ping_result() {  # ping_result FILE: "sent received" from busybox ping's summary
   awk '/packets transmitted/ { print $1, $4; found = 1 } END { if (!found) print "0 0" }' "$1"
 }
@@ -274,7 +266,7 @@ ADD_LOOP='for i in $(seq 1 %s); do
     if podman run -d --name fault-etcd-$i --network l3fabric %s sleep 86400 >/dev/null 2>>/tmp/add-err; then r=retried
     else r=failed; fi
   fi
-  echo "$i $r $s $(date +%%s.%%N) $(tr "\n" " " </tmp/add-err | cut -c1-200)"
+  echo "$i $r $s $(date +%%s.%%N) $(tr "\\n" " " </tmp/add-err | cut -c1-200)"
   sleep 0.5
 done'
 
