@@ -82,9 +82,23 @@ inputs_hash() {
 
 # -- the build -------------------------------------------------------------------------
 WORK="" LOOP="" ROOT=""
+stop_chroot_processes() {  # anything a package script left running in the new system
+  local proc pid
+  for proc in /proc/[0-9]*; do
+    [ "$(readlink "$proc/root" 2>/dev/null)" = "$ROOT" ] || continue
+    pid="${proc#/proc/}"
+    log "stopping pid $pid ($(cat "$proc/comm" 2>/dev/null)), left running in the new system"
+    kill "$pid" 2>/dev/null
+    sleep 1
+    kill -9 "$pid" 2>/dev/null
+  done
+  return 0
+}
+
 cleanup() {
   set +e
   if [ -n "$ROOT" ]; then
+    stop_chroot_processes
     for m in dev/pts dev proc sys var/cache/apt/archives; do
       mountpoint -q "$ROOT/$m" && umount -l "$ROOT/$m"
     done
@@ -255,6 +269,7 @@ EOF
   touch "$ROOT/etc/resolv.conf"
   rm -rf "$ROOT"/var/lib/apt/lists/* "$ROOT"/var/cache/apt/*.bin "$ROOT"/tmp/* \
     "$ROOT"/root/.cache
+  stop_chroot_processes
   for m in var/cache/apt/archives sys proc dev/pts dev; do umount "$ROOT/$m"; done
   fstrim "$ROOT" 2>/dev/null || true
   umount "$ROOT"
