@@ -174,9 +174,8 @@ def test_an_agent_that_leaves_takes_its_routes_with_it_at_once(lab):
     lab.stop_agent("h3", sig=signal.SIGUSR2)
     stopped = time.monotonic() - started
     for host in ("h1", "h2"):
+        # Withdrawn: gone long before the restart time (120 s) or even the hold time.
         wait_until(lambda h=host: not via_h3(h), f"{host} dropped h3's routes", 5)
-        peer = next(r for r in status(lab, host)["peers"] if r["address"] == h3)
-        assert peer["stale_until"] is None  # withdrawn, not kept for graceful restart
     assert stopped < 8, stopped  # the withdrawal waits for ExaBGP, not for a timeout
     lab.start_agent("h3")
 
