@@ -271,9 +271,13 @@ EOF
     "$ROOT"/root/.cache
   stop_chroot_processes
   for m in var/cache/apt/archives sys proc dev/pts dev; do umount "$ROOT/$m"; done
-  fstrim "$ROOT" 2>/dev/null || true
+  # No fstrim here: on this host's loop device (with an offset) it corrupted the file
+  # system (bitmaps that fail their checksums, a journal that needs recovery).
   umount "$ROOT"
   ROOT=""
+  sync
+  e2fsck -fn "$LOOP" >"$WORK/fsck.log" 2>&1 \
+    || { tail -20 "$WORK/fsck.log" >&2; die "the new file system is not clean"; }
   losetup -d "$LOOP"
   LOOP=""
   dd if=/usr/lib/syslinux/mbr/mbr.bin of="$image" bs=440 count=1 conv=notrunc status=none
