@@ -10,7 +10,7 @@
 #               node1 and node3 (and to node2's): systemd restarts it, no ping lost
 #   halt        `vagrant halt node2`: its routes leave node1 and node3 within the BGP
 #               hold time; `vagrant up node2`: they come back
-#   reboot      `vagrant reload node3` with 3 containers on it: once the grace period
+#   reboot      node3 rebooted (vagrant halt, vagrant up) with 3 containers on it: once the grace period
 #               (the agent's [ipam] gone_grace) is over, none of their registrations or
 #               addresses is held (`fabricctl workloads`, `fabricctl ipam check`)
 #   etcd        the etcd leader's VM powered off while the two other VMs ADD containers
@@ -196,7 +196,7 @@ fault_halt() {
 
 fault_reboot() {
   local victim=node3 names=(smoke fault-a fault-b) name
-  echo "--- reboot: vagrant reload $victim with ${#names[@]} containers on it"
+  echo "--- reboot: $victim halted and started again (vagrant halt, vagrant up) with ${#names[@]} containers on it"
   for name in "${names[@]}"; do
     [ -n "$(container_ip $victim "$name")" ] || container_run $victim "$name" >/dev/null
   done
@@ -208,15 +208,18 @@ fault_reboot() {
   local registered
   registered=$(workload_ids node1 | grep -c -F -f <(printf '%s\n' "${ids[@]}") || true)
   echo "containers on $victim: ${names[*]} ($registered of ${#ids[@]} registered)"
+  # `vagrant halt` and `vagrant up`, which is what `vagrant reload` does, but in one
+  # vagrant-libvirt 0.11.2 process that, when the guest took a while to power off,
+  # asked libvirt to start a domain it still believed running: it never started.
   local t0 t_up
   t0=$(now)
-  if ! vagrant reload $victim >"$TMP/reload.log" 2>&1; then
-    fail "reboot: vagrant reload $victim failed: $(tail -5 "$TMP/reload.log")"
+  if ! vagrant halt $victim >"$TMP/reload.log" 2>&1 || ! vagrant up $victim >>"$TMP/reload.log" 2>&1; then
+    fail "reboot: vagrant halt/up $victim failed: $(tail -5 "$TMP/reload.log")"
     return
   fi
   t_up=$(now)
   ssh_refresh $victim
-  echo "vagrant reload $victim took $(since "$t0" "$t_up") s"
+  echo "vagrant halt + up of $victim took $(since "$t0" "$t_up") s"
   local held=${#ids[@]} clean=1 t_free="" deadline=$((SECONDS + GONE_GRACE + 240))
   while [ $SECONDS -lt $deadline ]; do
     held=$(workload_ids node1 | grep -c -F -f <(printf '%s\n' "${ids[@]}") || true)
@@ -260,10 +263,10 @@ for e in json.load(sys.stdin):
 # shellcheck disable=SC2016  # expanded on the VM
 ADD_LOOP='for i in $(seq 1 %s); do
   s=$(date +%%s.%%N)
-  if podman run -d --name fault-etcd-$i --network l3fabric %s sleep 86400 >/dev/null 2>/tmp/add-err; then r=ok
+  if podman run -d --name fault-etcd-$i --network l3fabric %s >/dev/null 2>/tmp/add-err; then r=ok
   else
     podman rm -f -t 0 fault-etcd-$i >/dev/null 2>&1; sleep 1
-    if podman run -d --name fault-etcd-$i --network l3fabric %s sleep 86400 >/dev/null 2>>/tmp/add-err; then r=retried
+    if podman run -d --name fault-etcd-$i --network l3fabric %s >/dev/null 2>>/tmp/add-err; then r=retried
     else r=failed; fi
   fi
   echo "$i $r $s $(date +%%s.%%N) $(tr "\\n" " " </tmp/add-err | cut -c1-200)"
@@ -287,7 +290,7 @@ fault_etcd() {
     container_run "$w" fault-etcd-warmup >/dev/null  # the image exists; podman is warm
     on "$w" "podman rm -f -t 0 fault-etcd-warmup" >/dev/null 2>&1
     # shellcheck disable=SC2059  # the loop is the format
-    on "$w" "$(printf "$ADD_LOOP" "$ADDS" "$IMAGE" "$IMAGE")" >"$TMP/adds-$w" 2>&1 &
+    on "$w" "$(printf "$ADD_LOOP" "$ADDS" "$IMAGE $SLEEPER" "$IMAGE $SLEEPER")" >"$TMP/adds-$w" 2>&1 &
     pids+=($!)
   done
   sleep 6
