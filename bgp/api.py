@@ -207,14 +207,23 @@ def _target(peer: str | None) -> str:
 def announce_self(prefixes: Iterable[str], peer: str | None = None) -> list[str]:
     """Announce our own routes (to every neighbor, or to one)."""
     return [f"{_target(peer)}announce attributes next-hop self nlri {' '.join(chunk)}"
-            for chunk in _chunks(sorted(prefixes))]
+            for chunk in _family_chunks(prefixes)]
 
 
 def withdraw(prefixes: Iterable[str], peer: str | None = None) -> list[str]:
     """Withdraw routes, ours or reflected (to every neighbor, or to one). A withdraw
     carries prefixes only; ExaBGP's syntax wants a next hop all the same."""
     return [f"{_target(peer)}withdraw attributes next-hop self nlri {' '.join(chunk)}"
-            for chunk in _chunks(sorted(prefixes))]
+            for chunk in _family_chunks(prefixes)]
+
+
+def _family_chunks(prefixes: Iterable[str]) -> Iterator[list[str]]:
+    """One family per line: ExaBGP 5.0.15 acts on one family of a line that mixes
+    IPv4 and IPv6 prefixes (a dual-stack node's withdrawal of both of its blocks
+    reached its IPv6 peers only; the IPv4 ones kept the route, stale)."""
+    ordered = sorted(prefixes)
+    for family in ([p for p in ordered if ":" not in p], [p for p in ordered if ":" in p]):
+        yield from _chunks(family)
 
 
 def announce_reflected(peer: str, routes: Iterable[Reflected]) -> list[str]:

@@ -167,6 +167,22 @@ class Speaker:
     def send(self, commands: Iterable[str]) -> None:
         self._request(_Send(tuple(commands)))
 
+    def drain(self, timeout: float) -> bool:
+        """Wait until every command asked for so far was written to ExaBGP and answered
+        (`done`): for a stop that must get its last commands out. False on timeout (no
+        connection to ExaBGP, or it does not answer). Reads the thread's counters without
+        its lock: good enough to wait on, not to decide anything else."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                requested = bool(self._requests)
+            if not requested and not self._outbuf and not self._waiting \
+                    and self._conn is not None and self._watchdog.owed == 0:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+
     def _request(self, request: _Configure | _Send) -> None:
         with self._lock:
             self._requests.append(request)

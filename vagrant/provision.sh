@@ -27,6 +27,8 @@
 #   FABRIC_SYSTEMD=0            write the units but do not enable or start them
 #
 #   provision.sh wait           only the final step: wait for etcd and the sessions
+#   provision.sh packages       print the Debian packages it installs (etcd members'
+#                               included), one a line: what vagrant/box/build.sh preinstalls
 set -euo pipefail
 
 DESTDIR="${DESTDIR:-}"
@@ -47,6 +49,7 @@ WAIT="${FABRIC_WAIT:-1}"
 WAIT_TIMEOUT="${FABRIC_WAIT_TIMEOUT:-180}"
 PACKAGES=(python3 python3-venv iproute2 iptables nftables iputils-ping procps
           containernetworking-plugins podman runc busybox-static)
+ETCD_PACKAGES=(etcd-server etcd-client)
 
 # Ready: at least the expected number of sessions, and every session Established.
 READY_CHECK='import json, sys
@@ -66,12 +69,21 @@ require() {
 
 install_packages() {
   [ "${FABRIC_SKIP_APT:-0}" = 1 ] && return
-  local packages=("${PACKAGES[@]}")
-  [ -n "${FABRIC_ETCD_MEMBER:-}" ] && packages+=(etcd-server etcd-client)
-  log "installing packages: ${packages[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -q
-  apt-get install -y -q --no-install-recommends "${packages[@]}"
+  local packages=("${PACKAGES[@]}") missing=() package
+  [ -n "${FABRIC_ETCD_MEMBER:-}" ] && packages+=("${ETCD_PACKAGES[@]}")
+  # A box that has them already (vagrant/box/build.sh) needs neither the mirror nor time.
+  for package in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
+      || missing+=("$package")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "installing packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+  else
+    log "packages already installed: ${packages[*]}"
+  fi
   # Debian starts a default etcd on install; ours is l3fabric-etcd.service.
   if [ -n "${FABRIC_ETCD_MEMBER:-}" ] && [ "${FABRIC_SYSTEMD:-1}" = 1 ]; then
     systemctl disable --now etcd.service 2>/dev/null || true
@@ -180,6 +192,19 @@ ExecStart=/sbin/ip -6 addr replace $ADDRESS6/64 dev $dev nodad
 [Install]
 WantedBy=multi-user.target
 EOF
+    # ifupdown (Debian's default): again whenever the interface comes up. Tools that
+    # reconfigure it flush its addresses first; Vagrant does at every `vagrant up` or
+    # `reload` of a VM that already booted (ifdown, ip addr flush, ifup).
+    if [ -d "$DESTDIR/etc/network/if-up.d" ] || [ -n "$DESTDIR" ]; then
+      mkdir -p "$DESTDIR/etc/network/if-up.d"
+      cat > "$DESTDIR/etc/network/if-up.d/l3fabric-underlay6" <<EOF
+#!/bin/sh
+# Written by l3fabric's provision.sh: the node's IPv6 underlay address on $dev.
+[ "\$IFACE" = "$dev" ] || exit 0
+exec /sbin/ip -6 addr replace $ADDRESS6/64 dev $dev nodad
+EOF
+      chmod 0755 "$DESTDIR/etc/network/if-up.d/l3fabric-underlay6"
+    fi
   fi
 }
 
@@ -239,6 +264,10 @@ wait_ready() {
 }
 
 main() {
+  if [ "${1:-}" = packages ]; then
+    printf '%s\n' "${PACKAGES[@]}" "${ETCD_PACKAGES[@]}"
+    return
+  fi
   require FABRIC_NODE_ADDRESS FABRIC_ETCD_ENDPOINTS
   if [ "${1:-}" = wait ]; then
     wait_ready

@@ -4,52 +4,37 @@
 # `fabricctl node status` on each VM. Exit status 0 only if all of it worked.
 set -euo pipefail
 cd "$(dirname "$(readlink -f "$0")")"
+# shellcheck disable=SC1091  # lib.sh: checked on its own
+. ./lib.sh
 NODES="${FABRIC_NODES:-3}"
-IMAGE="localhost/l3box:1"
 
-on() {  # on NODE COMMAND...: run as root on a VM
-  local node="$1"
-  shift
-  vagrant ssh "$node" -c "sudo bash -c $(printf '%q' "$*")" -- -q
-}
-
-start_container() {
-  on "$1" "
-    set -e
-    if ! podman image exists $IMAGE; then
-      dir=\$(mktemp -d); mkdir -p \$dir/bin; cp /bin/busybox \$dir/bin/
-      for a in sh ip ping sleep cat; do ln -s busybox \$dir/bin/\$a; done
-      tar -C \$dir -cf \$dir.tar . && podman import -q \$dir.tar $IMAGE >/dev/null
-      rm -rf \$dir \$dir.tar
-    fi
-    podman rm -f -t 0 smoke >/dev/null 2>&1 || true
-    podman run -d --name smoke --network l3fabric $IMAGE sleep 3600 >/dev/null
-    podman inspect -f '{{.NetworkSettings.Networks.l3fabric.IPAddress}}' smoke"
-}
+nodes=()
+for i in $(seq 1 "$NODES"); do nodes+=("node$i"); done
+ssh_refresh "${nodes[@]}"
 
 declare -A ADDRESS
-for i in $(seq 1 "$NODES"); do
-  ADDRESS[node$i]=$(start_container "node$i" | tr -d '\r' | tail -1)
-  echo "node$i: container smoke has ${ADDRESS[node$i]}"
+for node in "${nodes[@]}"; do
+  ADDRESS[$node]=$(container_run "$node" smoke)
+  echo "$node: container smoke has ${ADDRESS[$node]}"
 done
 
 failed=0
-for i in $(seq 1 "$NODES"); do
-  for j in $(seq 1 "$NODES"); do
-    [ "$i" = "$j" ] && continue
-    target=${ADDRESS[node$j]}
-    if on "node$i" "podman exec smoke ping -c 2 -W 2 $target" >/dev/null; then
-      echo "node$i -> node$j ($target): ok"
+for source in "${nodes[@]}"; do
+  for target in "${nodes[@]}"; do
+    [ "$source" = "$target" ] && continue
+    address=${ADDRESS[$target]}
+    if on "$source" "podman exec smoke ping -c 2 -W 2 $address" >/dev/null; then
+      echo "$source -> $target ($address): ok"
     else
-      echo "node$i -> node$j ($target): FAILED"
+      echo "$source -> $target ($address): FAILED"
       failed=1
     fi
   done
 done
 
-for i in $(seq 1 "$NODES"); do
-  echo "--- node$i: fabricctl node status"
-  on "node$i" "set -a; . /etc/l3fabric/fabricctl.env; fabricctl node status" || failed=1
+for node in "${nodes[@]}"; do
+  echo "--- $node: fabricctl node status"
+  fab "$node" node status || failed=1
 done
 
 if [ "$failed" = 0 ]; then

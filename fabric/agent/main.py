@@ -1,4 +1,6 @@
-"""`fabric-agent`: parse settings, run the agent until SIGTERM/SIGINT."""
+"""`fabric-agent`: parse settings, run the agent until SIGTERM/SIGINT (stop; peers keep
+our routes for the graceful-restart time) or SIGUSR2 (leave: withdraw our routes, then
+stop; fabric-agent.service sends it when the machine shuts down)."""
 
 from __future__ import annotations
 
@@ -46,9 +48,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     # long: with Python's default thresholds its cyclic GC walked them over and over
     # during a bulk update, a quarter of the owner loop's time. Collect less often.
     gc.set_threshold(50_000, 20, 100)
-    done = threading.Event()
+    done, leaving = threading.Event(), threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: done.set())
+
+    def leave(*_: object) -> None:
+        leaving.set()
+        done.set()
+
+    signal.signal(signal.SIGUSR2, leave)
     agent = Agent(config)
     log = logs.get("agent", node=config.node_name)
     try:
@@ -70,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.critical("agent unhealthy; exiting so that it is restarted", problems=problems)
             agent.stop()
             return 3
-    agent.stop()
+    agent.stop(leave=leaving.is_set())
     return 0
 
 

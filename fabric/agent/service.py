@@ -33,6 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any
 
+from bgp import api as bgp_api
 from bgp import speaker as bgp_speaker
 from bgp.config import environment
 from bgp.speaker import Speaker
@@ -72,6 +73,8 @@ from ipam.gc import LeakTracker, collect
 ETCD_WAIT = 120.0
 READY_WAIT = 60.0  # for every mirror's first listing
 STUCK_LOOP = 60.0  # seconds without a beat: the loop is stuck, the agent unhealthy
+LEAVE_TIMEOUT = 5.0  # leaving: seconds for ExaBGP to take our withdrawals
+LEAVE_SETTLE = 0.5  # and then for its UPDATEs to go out before it is stopped
 CONTROL_MAX_REQUEST = 1 << 20  # fabricctl sends a method and a few parameters
 MIRRORS = (("pools", keys.POOLS), ("nodes", keys.NODES), ("blocks", keys.BLOCKS),
            ("borrowed", keys.BORROWED), ("bgp-config", keys.BGP_CONFIG),
@@ -520,12 +523,36 @@ class Agent:
         return found
 
     # -- stop --------------------------------------------------------------------------
-    def stop(self) -> None:
+    def _withdraw_own_routes(self) -> None:
+        if not hasattr(self, "loop") or not hasattr(self, "speaker"):
+            return  # stopped before it ran: nothing was announced
+        try:
+            prefixes = self.loop.ask(lambda s: sorted(s.announcer.announced), timeout=5.0)
+        except Exception as exc:  # a stuck loop: stop anyway, the peers' GR timer will do
+            self.log.warning("leaving: could not read our routes", error=str(exc))
+            return
+        sent = True
+        if prefixes:
+            self.speaker.send(bgp_api.withdraw(prefixes))
+            sent = self.speaker.drain(LEAVE_TIMEOUT)
+            if sent:
+                time.sleep(LEAVE_SETTLE)  # ExaBGP said done; its UPDATEs leave meanwhile
+        self.log.info("leaving: withdrew our routes", routes=len(prefixes), answered=sent)
+
+    def stop(self, leave: bool = False) -> None:
         """Stop ExaBGP (SIGTERM: it closes its sessions without a NOTIFICATION, so peers
         keep our routes for the graceful-restart time) and every thread; the kernel
-        keeps every route."""
+        keeps every route.
+
+        `leave`: the machine is going down, not just the agent (fabric-agent.service
+        sends SIGUSR2 when systemd is stopping the system): first withdraw our own
+        routes, so that peers drop them at once instead of keeping them, stale, for
+        our graceful-restart time. A restarted agent (an upgrade, a crash) does not
+        leave: its routes keep forwarding meanwhile."""
         self._stopping = True
-        self.log.info("agent stopping")
+        self.log.info("agent stopping", leave=leave)
+        if leave:
+            self._withdraw_own_routes()
         for server in self._servers:
             server.shutdown()
             server.server_close()

@@ -159,6 +159,27 @@ def test_agent_kill_9_without_restart_keeps_routes_for_the_restart_time(lab):
     lab.start_agent("h3")
 
 
+def test_an_agent_that_leaves_takes_its_routes_with_it_at_once(lab):
+    """SIGUSR2, which fabric-agent.service sends when the machine shuts down: the agent
+    withdraws its routes before it stops, so peers drop them at once, where a plain
+    stop (or kill -9, above) leaves them stale for the restart time."""
+    h3 = lab.state.hosts["h3"].address
+
+    def via_h3(host: str) -> list[str]:
+        routes = kernel_routes(lab.state.hosts[host].netns)
+        return [prefix for prefix, how in routes.items() if f"via {h3} " in how + " "]
+
+    assert via_h3("h1") and via_h3("h2")
+    started = time.monotonic()
+    lab.stop_agent("h3", sig=signal.SIGUSR2)
+    stopped = time.monotonic() - started
+    for host in ("h1", "h2"):
+        # Withdrawn: gone long before the restart time (120 s) or even the hold time.
+        wait_until(lambda h=host: not via_h3(h), f"{host} dropped h3's routes", 5)
+    assert stopped < 8, stopped  # the withdrawal waits for ExaBGP, not for a timeout
+    lab.start_agent("h3")
+
+
 def test_a_second_agent_for_the_same_node_exits_touching_nothing(lab):
     host = lab.state.hosts["h2"]
     before = status(lab, "h2")

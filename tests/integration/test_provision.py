@@ -108,6 +108,12 @@ def test_provisioning_writes_what_a_node_needs_and_it_works(provisioned, tmp_pat
     underlay6 = unit(root / "etc/systemd/system/l3fabric-underlay6.service")
     assert underlay6["Service"]["ExecStart"] == (
         f"/sbin/ip -6 addr replace {lab.state.hosts['h1'].address6}/64 dev eth0 nodad")
+    # ...and again whenever ifupdown brings the interface up (Vagrant flushes it first).
+    hook = root / "etc/network/if-up.d/l3fabric-underlay6"
+    assert os.access(hook, os.X_OK)
+    assert '[ "$IFACE" = "eth0" ] || exit 0' in hook.read_text()
+    assert (f"ip -6 addr replace {lab.state.hosts['h1'].address6}/64 dev eth0 nodad"
+            in hook.read_text())
     assert not (roots["h2"] / "etc/systemd/system/l3fabric-etcd.service").exists()
 
     # The CNI plugin, runnable as installed (its interpreter is a real path, not one
@@ -178,7 +184,9 @@ def test_provisioning_refuses_missing_inputs(tmp_path):
 def test_shell_scripts_pass_shellcheck():
     if shutil.which("shellcheck") is None:
         pytest.fail("shellcheck is not installed (./run test installs it)")
-    for script in ("vagrant/provision.sh", "vagrant/smoke.sh", "run", ".ci/run"):
+    for script in ("vagrant/provision.sh", "vagrant/smoke.sh", "vagrant/faults.sh",
+                   "vagrant/lib.sh", "vagrant/cluster.sh", "vagrant/box/build.sh", "run",
+                   ".ci/run"):
         result = subprocess.run(["shellcheck", str(ROOT / script)], capture_output=True,
                                 text=True)
         assert result.returncode == 0, result.stdout
@@ -189,7 +197,8 @@ def test_vagrantfile_validates():
         pytest.fail("vagrant is not installed (./run test installs it)")
     env = {**os.environ, "VAGRANT_DEFAULT_PROVIDER": "libvirt",
            "VAGRANT_DOTFILE_PATH": "/tmp/l3fabric-vagrant-validate"}
-    for extra in ({}, {"FABRIC_ETCD_CLUSTER": "1"}, {"FABRIC_NODES": "5"}):
+    for extra in ({}, {"FABRIC_ETCD_CLUSTER": "1"}, {"FABRIC_NODES": "5"},
+                  {"FABRIC_LIBVIRT_DRIVER": "kvm"}, {"FABRIC_LIBVIRT_DRIVER": "qemu"}):
         result = subprocess.run(["vagrant", "validate"], cwd=ROOT / "vagrant",
                                 env={**env, **extra}, capture_output=True, text=True,
                                 timeout=120)
@@ -198,4 +207,8 @@ def test_vagrantfile_validates():
                          env={**env, "FABRIC_ETCD_CLUSTER": "1", "FABRIC_NODES": "2"},
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "at least 3 nodes" in bad.stderr + bad.stdout
+    bad = subprocess.run(["vagrant", "validate"], cwd=ROOT / "vagrant",
+                         env={**env, "FABRIC_LIBVIRT_DRIVER": "xen"},
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "must be kvm or qemu" in bad.stderr + bad.stdout
     shutil.rmtree("/tmp/l3fabric-vagrant-validate", ignore_errors=True)

@@ -67,6 +67,13 @@ def test_our_routes_go_through_the_api_in_batches():
     lines = api.announce_self(prefixes)
     assert len(lines) == 3 and lines[0].startswith("announce attributes next-hop self nlri ")
     assert sum(len(line.split(" nlri ")[1].split()) for line in lines) == 2500
+    # One family a line (ExaBGP acts on one family of a mixed line).
+    assert api.withdraw(["fd00:244::40/122", "10.0.0.0/24", "fd00:244::/122"]) == [
+        "withdraw attributes next-hop self nlri 10.0.0.0/24",
+        "withdraw attributes next-hop self nlri fd00:244::/122 fd00:244::40/122"]
+    assert api.announce_self(["fd00:244::/122", "10.0.0.0/24"]) == [
+        "announce attributes next-hop self nlri 10.0.0.0/24",
+        "announce attributes next-hop self nlri fd00:244::/122"]
     assert api.withdraw(["10.0.0.0/24"], "192.0.2.2") == [
         "neighbor 192.0.2.2 withdraw attributes next-hop self nlri 10.0.0.0/24"]
 

@@ -1,0 +1,80 @@
+"""The Vagrant cluster's scripts, checked without VMs (`./run vagrant` runs them on VMs;
+vagrant/README.md has what that showed)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {"PATH": os.environ["PATH"], "PYTHON": sys.executable}
+
+
+def run(argv: list[str], **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, env={**ENV, **env}, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_provision_lists_every_package_it_installs_for_the_box():
+    result = run([str(ROOT / "vagrant/provision.sh"), "packages"])
+    assert result.returncode == 0, result.stderr
+    listed = result.stdout.split()
+    script = (ROOT / "vagrant/provision.sh").read_text()
+    array = re.search(r"^PACKAGES=\(([^)]*)\)", script, re.M)
+    assert array is not None
+    assert set(array.group(1).split()) | {"etcd-server", "etcd-client"} == set(listed)
+
+
+def box_tree(tmp_path: Path) -> Path:
+    """A copy of what the box's hash reads: the builder, provision.sh, pyproject.toml."""
+    tree = tmp_path / "tree"
+    (tree / "vagrant/box").mkdir(parents=True)
+    shutil.copy(ROOT / "vagrant/box/build.sh", tree / "vagrant/box/build.sh")
+    shutil.copy(ROOT / "vagrant/provision.sh", tree / "vagrant/provision.sh")
+    shutil.copy(ROOT / "pyproject.toml", tree / "pyproject.toml")
+    return tree
+
+
+def box_hash(tree: Path, **env: str) -> str:
+    result = run([str(tree / "vagrant/box/build.sh"), "--hash"],
+                 **{"FABRIC_BOX_MIRROR": "http://mirror.example/debian", **env})
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(r"[0-9a-f]{16}\n", result.stdout), result.stdout
+    return result.stdout.strip()
+
+
+def test_the_box_is_rebuilt_when_an_input_changes_and_only_then(tmp_path):
+    tree = box_tree(tmp_path)
+    first = box_hash(tree)
+    assert box_hash(tree) == first  # nothing changed: the cached box is used
+    assert box_hash(tree, FABRIC_BOX_MIRROR="http://other.example/debian") != first
+
+    provision = tree / "vagrant/provision.sh"
+    provision.write_text(provision.read_text().replace("busybox-static", "busybox-static tcpdump"))
+    second = box_hash(tree)
+    assert second != first  # a package more for provisioning: a box with it
+
+    pyproject = tree / "pyproject.toml"
+    pyproject.write_text(pyproject.read_text().replace('"PyYAML>=6",', '"PyYAML>=6", "rich",'))
+    third = box_hash(tree)
+    assert third not in (first, second)  # a Python dependency more: in the wheelhouse
+
+    builder = tree / "vagrant/box/build.sh"
+    builder.write_text(builder.read_text() + "\n# changed\n")
+    assert box_hash(tree) not in (first, second, third)
+
+
+def test_faults_refuses_a_cluster_too_small_for_its_checks():
+    result = run([str(ROOT / "vagrant/faults.sh")], FABRIC_NODES="2")
+    assert result.returncode == 2
+    assert "at least 3 VMs" in result.stderr
+
+
+def test_run_names_the_vagrant_command():
+    result = run([str(ROOT / "run")])
+    assert result.returncode == 2
+    assert "./run vagrant" in result.stdout and "./run lab" in result.stdout
