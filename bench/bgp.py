@@ -201,18 +201,24 @@ def bulk_ours(count: int, profile: Path | None, family: int = 4) -> Run:
         lab.down()
 
 
+def bird_namespaces(lab: Lab) -> tuple[str, str]:
+    """The reference's two namespaces on an underlay built like ours: the sending BIRD
+    at .250 (::fa), the receiving one at .11 (::b), where our first host would be."""
+    lab.create_underlay(families=(4, 6))
+    sender_ns, receiver_ns = f"{lab.name}-send", f"{lab.name}-recv"
+    for ns, port, address, address6 in ((sender_ns, "p-send", "10.99.0.250", "fd99::fa"),
+                                        (receiver_ns, "p-recv", "10.99.0.11", "fd99::b")):
+        netns.create(ns)
+        lab.plug(ns, port, address, address6=address6)
+    return sender_ns, receiver_ns
+
+
 def bulk_reference(count: int, family: int = 4) -> Run:
     lab = Lab("l3bref")
     lab.down()
     try:
-        lab.create_underlay(families=(4, 6))
-        sender_ns, receiver_ns = f"{lab.name}-send", f"{lab.name}-recv"
+        sender_ns, receiver_ns = bird_namespaces(lab)
         receiver_address = {4: "10.99.0.11", 6: "fd99::b"}
-        for ns, port, address, address6 in (
-                (sender_ns, "p-send", "10.99.0.250", "fd99::fa"),
-                (receiver_ns, "p-recv", "10.99.0.11", "fd99::b")):
-            netns.create(ns)
-            lab.plug(ns, port, address, address6=address6)
         receiver = Bird(receiver_ns, lab.dir / "recv")
         receiver_pid = receiver.start(bird_config(
             "10.99.0.11", 64512, [Neighbor("send", SENDER[family], 65100)], "tor",
@@ -270,14 +276,8 @@ def bird_pair(name: str, family: int, sender_extra: str) -> tuple[Lab, Bird, str
     lab = Lab(name)
     lab.down()
     try:
-        lab.create_underlay(families=(4, 6))
-        sender_ns, receiver_ns = f"{lab.name}-send", f"{lab.name}-recv"
+        sender_ns, receiver_ns = bird_namespaces(lab)
         receiver_address = {4: "10.99.0.11", 6: "fd99::b"}
-        for ns, port, address, address6 in (
-                (sender_ns, "p-send", "10.99.0.250", "fd99::fa"),
-                (receiver_ns, "p-recv", "10.99.0.11", "fd99::b")):
-            netns.create(ns)
-            lab.plug(ns, port, address, address6=address6)
         Bird(receiver_ns, lab.dir / "recv").start(bird_config(
             "10.99.0.11", 64512, [Neighbor("send", SENDER[family], 65100)], "tor",
             hold_time=9, local6="fd99::b"))
