@@ -41,7 +41,8 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,11 @@ class _Send:
     commands: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class _Flush:
+    done: Future[bool] = field(compare=False)
+
+
 class Speaker:
     def __init__(self, exabgp: Sequence[str], run_dir: Path, env: dict[str, str],
                  relay_socket: str, report: Report) -> None:
@@ -134,6 +140,7 @@ class Speaker:
         self._refused, self._refused_logged = 0, -60.0  # API connections not ours
         self._outbuf = bytearray()
         self._waiting: list[bytes] = []  # commands for the next connection
+        self._flushes: list[Future[bool]] = []  # resolved once all before them is answered
         self._log_fd = -1
         self._logbuf = b""
         self._logfile: Any = None
@@ -146,7 +153,7 @@ class Speaker:
         self._config = ""
         # Requests from other threads: appended under the lock, taken by the thread.
         self._lock = threading.Lock()
-        self._requests: list[_Configure | _Send] = []
+        self._requests: list[_Configure | _Send | _Flush] = []
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -167,23 +174,13 @@ class Speaker:
     def send(self, commands: Iterable[str]) -> None:
         self._request(_Send(tuple(commands)))
 
-    def drain(self, timeout: float) -> bool:
-        """Wait until every command asked for so far was written to ExaBGP and answered
-        (`done`): for a stop that must get its last commands out. False on timeout (no
-        connection to ExaBGP, or it does not answer). Reads the thread's counters without
-        its lock: good enough to wait on, not to decide anything else."""
-        deadline = time.monotonic() + timeout
-        while True:
-            with self._lock:
-                requested = bool(self._requests)
-            if not requested and not self._outbuf and not self._waiting \
-                    and self._conn is not None and self._watchdog.owed == 0:
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.05)
+    def flush(self, done: Future[bool]) -> None:
+        """Resolve `done` (True) once every command asked for before it was written to
+        ExaBGP and answered: for a stop that must get its last commands out. The
+        speaker's thread decides, from its own state; False if it stops first."""
+        self._request(_Flush(done))
 
-    def _request(self, request: _Configure | _Send) -> None:
+    def _request(self, request: _Configure | _Send | _Flush) -> None:
         with self._lock:
             self._requests.append(request)
         with contextlib.suppress(BlockingIOError):
@@ -269,7 +266,17 @@ class Speaker:
                 self._respawn_at = None
                 self._write_config(self._config)
                 self._spawn()
+            self._settle_flushes()
+        for done in self._flushes:
+            done.set_result(False)
         self._stop_process()
+
+    def _settle_flushes(self) -> None:
+        if self._flushes and not self._outbuf and not self._waiting and \
+                self._conn is not None and self._watchdog.owed == 0:
+            for done in self._flushes:
+                done.set_result(True)
+            self._flushes.clear()
 
     def _ready(self, key: selectors.SelectorKey, mask: int) -> None:
         """One ready descriptor. Events of one select() round can be stale: the process
@@ -304,6 +311,8 @@ class Speaker:
                     self._write_config(request.config)
                 if request.reload and self._gate.request(time.monotonic()):
                     self._write(api.RELOAD)
+            elif isinstance(request, _Flush):
+                self._flushes.append(request.done)
             else:
                 for command in request.commands:
                     self._write(command)

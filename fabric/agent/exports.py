@@ -45,6 +45,7 @@ class Announcer:
         self.relay_command = tuple(relay_command)
         self.config = ""
         self.announced: frozenset[str] = frozenset()  # our own routes, as last announced
+        self.leaving = False  # the machine is going down: announce nothing again
         self.reflected: dict[str, dict[str, api.Reflected]] = {}  # per neighbor
 
     def settings(self, routing: Routing) -> SpeakerSettings:
@@ -61,13 +62,13 @@ class Announcer:
 
     def plan(self, routing: Routing, outcome: Outcome) -> SpeakerPlan:
         plan = SpeakerPlan(commands=list(outcome.commands))
+        exports = frozenset() if self.leaving else routing.exports
         if outcome.peers_changed or outcome.exports_changed or outcome.node_changed:
-            config = render(self.settings(routing), routing.active_peers(), routing.exports)
+            config = render(self.settings(routing), routing.active_peers(), exports)
             if config != self.config:
                 self.config = config
                 plan.config = config
                 plan.reload = outcome.peers_changed or outcome.node_changed is not None
-        exports = routing.exports
         if exports != self.announced:
             plan.commands += api.withdraw(self.announced - exports)
             plan.commands += api.announce_self(exports - self.announced)
@@ -80,6 +81,13 @@ class Announcer:
         for peer in outcome.came_up:
             plan.commands += self.full(peer)
         return plan
+
+    def leave(self) -> list[str]:
+        """Withdraw every route of ours, and announce none from now on (see m.Leave)."""
+        self.leaving = True
+        commands = api.withdraw(self.announced)
+        self.announced = frozenset()
+        return commands
 
     def full(self, peer: str) -> list[str]:
         """Everything one neighbor should have from us (of its session's family)."""

@@ -114,6 +114,14 @@ class Stop:
 
 
 @dataclass(frozen=True)
+class Leave:
+    """The machine is going down: withdraw our own routes and announce none again.
+    `reply` is resolved by the speaker once ExaBGP has taken the withdrawals."""
+
+    reply: Future[bool] = field(compare=False)
+
+
+@dataclass(frozen=True)
 class PolicyDone:
     """The kernel writer applied (or checked) the policy table."""
 
@@ -159,6 +167,14 @@ class Send:
     """Speaker: API commands, in order (queued while ExaBGP's API is not connected)."""
 
     commands: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Flush:
+    """Speaker: resolve `done` once every command sent before it was written to ExaBGP
+    and answered."""
+
+    done: Future[bool] = field(compare=False)
 
 
 @dataclass(frozen=True)
@@ -236,6 +252,6 @@ class CheckPolicy:
     rules: HostRules
 
 
-Job = (ApplyRoutes | Resync | Configure | Send | RegisterNode | RefreshLiveness
+Job = (ApplyRoutes | Resync | Configure | Send | Flush | RegisterNode | RefreshLiveness
        | CollectGarbage | ListLinks | CheckHost | ResolveOrphan | ReleaseGone | RestoreBlock
        | ApplyNat | ApplyPolicy | CheckPolicy)

@@ -33,7 +33,6 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any
 
-from bgp import api as bgp_api
 from bgp import speaker as bgp_speaker
 from bgp.config import environment
 from bgp.speaker import Speaker
@@ -280,6 +279,8 @@ class Agent:
             self.speaker.configure(job.config, job.reload)
         elif isinstance(job, m.Send):
             self.speaker.send(job.commands)
+        elif isinstance(job, m.Flush):
+            self.speaker.flush(job.done)
         elif isinstance(job, m.RegisterNode):
             self.etcd_jobs.submit("register", lambda: self.registration.register(job.node))
         elif isinstance(job, m.RefreshLiveness):
@@ -523,21 +524,21 @@ class Agent:
         return found
 
     # -- stop --------------------------------------------------------------------------
-    def _withdraw_own_routes(self) -> None:
-        if not hasattr(self, "loop") or not hasattr(self, "speaker"):
+    def _leave(self) -> None:
+        """Our routes withdrawn by the owner loop (it owns what we announce), and waited
+        for until ExaBGP has taken them; after LEAVE_TIMEOUT the stop goes on anyway and
+        the peers' graceful-restart timers do the rest."""
+        if not hasattr(self, "loop"):
             return  # stopped before it ran: nothing was announced
+        done: Future[bool] = Future()
+        self.loop.post(m.Leave(done))
         try:
-            prefixes = self.loop.ask(lambda s: sorted(s.announcer.announced), timeout=5.0)
-        except Exception as exc:  # a stuck loop: stop anyway, the peers' GR timer will do
-            self.log.warning("leaving: could not read our routes", error=str(exc))
-            return
-        sent = True
-        if prefixes:
-            self.speaker.send(bgp_api.withdraw(prefixes))
-            sent = self.speaker.drain(LEAVE_TIMEOUT)
-            if sent:
-                time.sleep(LEAVE_SETTLE)  # ExaBGP said done; its UPDATEs leave meanwhile
-        self.log.info("leaving: withdrew our routes", routes=len(prefixes), answered=sent)
+            answered = done.result(LEAVE_TIMEOUT)
+        except TimeoutError:
+            answered = False
+        if answered:
+            time.sleep(LEAVE_SETTLE)  # ExaBGP said done; its UPDATEs leave meanwhile
+        self.log.info("leaving: withdrew our routes", answered=answered)
 
     def stop(self, leave: bool = False) -> None:
         """Stop ExaBGP (SIGTERM: it closes its sessions without a NOTIFICATION, so peers
@@ -552,7 +553,7 @@ class Agent:
         self._stopping = True
         self.log.info("agent stopping", leave=leave)
         if leave:
-            self._withdraw_own_routes()
+            self._leave()
         for server in self._servers:
             server.shutdown()
             server.server_close()

@@ -173,6 +173,8 @@ class AgentState:
                     self._carry_out(self.routing.on_event(message.event), jobs)
         elif isinstance(message, m.SpeakerStatus):
             self._on_speaker(message, jobs)
+        elif isinstance(message, m.Leave):
+            jobs += [m.Send(tuple(self.announcer.leave())), m.Flush(message.reply)]
         elif isinstance(message, m.ReloadStatus):
             self.speaker.reloads += 1
             self.speaker.reloads_refused += 0 if message.ok else 1

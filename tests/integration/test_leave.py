@@ -4,7 +4,6 @@ takes all of its routes with it at once, IPv4 and IPv6 alike, on a dual-stack la
 from __future__ import annotations
 
 import signal
-import time
 
 import pytest
 
@@ -31,10 +30,8 @@ def test_a_dual_stack_node_that_leaves_withdraws_both_families_at_once():
 
         for family in (4, 6):
             wait_until(lambda f=family: via_h2(f), f"h1 routes IPv{family} via h2", 30)
-        started = time.monotonic()
         lab.stop_agent("h2", sig=signal.SIGUSR2)
         for family in (4, 6):
             # Withdrawn: gone long before the restart time (120 s), or the hold time.
             wait_until(lambda f=family: not via_h2(f), f"h1 dropped h2's IPv{family} routes",
                        5)
-        assert time.monotonic() - started < 10
