@@ -277,6 +277,12 @@ class CniHandler:
     def _deregister(self, handle: str) -> None:
         self.registry.deregister_workload(self.node, handle)
 
+    def _release(self, handle: str, known: Entry | None = None) -> None:
+        """A workload of this node goes: its addresses and its registration, in one
+        transaction (`known`: the handle's record as this agent wrote it, if it has it)."""
+        self.ipam.release(handle, also_delete=[keys.workload(self.node, handle)],
+                          known=known, node=self.node)
+
     def _wire(self, req: Request, host_if: str, addresses: list[str],
               undo: Undo) -> links.Attachment:
         try:
@@ -307,8 +313,7 @@ class CniHandler:
             if held is None or held.node != self.node:
                 return
             self.routes.detach(handle, list(held.addresses()), None)
-            self.ipam.release(handle, also_delete=[keys.workload(self.node, handle)],
-                              node=self.node)
+            self._release(handle)
         self.log.info("released the addresses of the adopted link this ADD replaces",
                       handle=handle, addresses=list(held.addresses()))
 
@@ -361,8 +366,7 @@ class CniHandler:
             except links.LinkError as exc:
                 raise CniError(IO_FAILURE, f"DEL: {exc}") from exc
         with _store_errors("DEL"):
-            self.ipam.release(req.handle, also_delete=[keys.workload(self.node, req.handle)],
-                              known=held_entry, node=self.node)
+            self._release(req.handle, known=held_entry)
         self.log.info("detached", handle=req.handle, addresses=addresses)
 
     def _reap_soon(self) -> None:
@@ -486,8 +490,7 @@ class CniHandler:
             addresses = sorted(set(workload_.ips) | set(held.addresses() if held else ()))
             self._known.pop(handle, None)
             self.routes.detach(handle, addresses, host_if)
-            self.ipam.release(handle, also_delete=[keys.workload(self.node, handle)],
-                              node=self.node)
+            self._release(handle)
         self.log.info("released a workload whose host link is gone", handle=handle,
                       addresses=addresses)
         return True
