@@ -365,7 +365,7 @@ class AgentState:
                 continue
             try:
                 usable[key] = parse(key, dict(value))
-            except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+            except checks.NOT_A_RECORD as exc:
                 ignored[key] = str(exc) or type(exc).__name__
                 if key in good:
                     usable[key] = good[key]

@@ -13,6 +13,10 @@ import ipaddress
 from typing import Any
 
 MAX_ASN = 4294967295
+# What parsing a record that is not what it must be can raise (a missing field, a
+# value of the wrong type, a number too big for a float): caught wherever an etcd
+# record another writer may have left is read.
+NOT_A_RECORD = (KeyError, TypeError, ValueError, AttributeError, OverflowError)
 
 
 def address(value: Any, what: str, empty_ok: bool = False) -> str:

@@ -25,6 +25,7 @@ import etcd3.utils
 import grpc
 from etcd3 import etcdrpc
 
+from fabric.model import checks
 from fabric.settings import EtcdSettings
 from fabric.store.errors import CorruptValue, DatastoreError, Unavailable
 
@@ -418,6 +419,6 @@ def readable(listing: Listing, parse: Callable[[dict[str, Any]], T], kind: str,
     for entry in listing.entries:
         try:
             found.append(parse(entry.value))
-        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+        except checks.NOT_A_RECORD as exc:
             log.warning(f"{kind} record unreadable", key=entry.key, reason=str(exc))
     return found

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from fabric import logs
+from fabric.model import checks
 from fabric.model.nodes import Node, Workload
 from fabric.store import keys
 from fabric.store.datastore import Datastore, absent, delete, put, readable, unchanged
@@ -126,7 +127,7 @@ class Registry:
             if current is not None:
                 Workload.from_record(current.value)
                 return False
-        except (CorruptValue, KeyError, TypeError, ValueError, AttributeError, OverflowError):
+        except (CorruptValue, *checks.NOT_A_RECORD):
             pass
         ok, _ = self.store.txn([unchanged(handle_entry.key, handle_entry.mod_revision),
                                 unchanged(key, self._revision(key))],
@@ -145,5 +146,5 @@ def _holder(value: dict[str, Any]) -> str | None:
     """The underlay address a node record names; None when it is no node record."""
     try:
         return Node.from_record(value).address
-    except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
+    except checks.NOT_A_RECORD:
         return None
