@@ -48,7 +48,7 @@ from fabric.kernel.routes import Failure
 from fabric.model.handles import Exhausted, Handle, HandleElsewhere, IpamError
 from fabric.model.nodes import Workload
 from fabric.store import keys
-from fabric.store.datastore import Entry, get_op
+from fabric.store.datastore import Entry, get_op, parsed
 from fabric.store.errors import DatastoreError, Unavailable
 from fabric.store.registry import RegistrationError, Registry
 from ipam.allocator import Allocated, AlsoPut, Ipam, KeyPresent
@@ -405,10 +405,10 @@ class CniHandler:
                                           get_op(keys.handle(handle))])
         registered = held = entry = None
         if rows[0] and isinstance(rows[0][0], Entry):
-            registered = Workload.from_record(rows[0][0].value)
+            registered = parsed(rows[0][0], Workload.from_record, "workload")
         if rows[1] and isinstance(rows[1][0], Entry):
             entry = rows[1][0]
-            held = Handle.from_record(entry.value)
+            held = parsed(entry, Handle.from_record, "handle")
         return registered, held, entry
 
     def check(self, req: Request) -> None:
@@ -518,7 +518,8 @@ class CniHandler:
         try:
             return self.ipam.allocate_with(req.handle, self.node, families=req.conf.families,
                                            pools=req.conf.pools, attrs=attrs,
-                                           also_put=also_put, also_absent=also_absent)
+                                           also_put=also_put, also_absent=also_absent,
+                                           subnet=req.plugin == IPAM_PLUGIN)
         except Exhausted as exc:
             raise CniError(NO_ADDRESS, str(exc)) from exc
         except HandleElsewhere as exc:
@@ -539,8 +540,9 @@ class CniHandler:
                 result.ips.append(IpConfig(allocation.host_prefix, gateway, 1))
             else:
                 # For another main plugin (ptp, bridge): the block's prefix length, so it
-                # has a subnet route to replace, and our link-local gateway, so it never
-                # puts a pool address on the host.
+                # has a subnet route to replace (the address is never one of the block's
+                # edges: `allocate_with(subnet=True)`), and our link-local gateway, so it
+                # never puts a pool address on the host.
                 length = allocation.block.split("/")[1]
                 result.ips.append(IpConfig(f"{allocation.address}/{length}", gateway))
         if attachment is None:

@@ -55,6 +55,7 @@ from fabric.store.datastore import (
     get_op,
     keys_op,
     list_op,
+    parsed,
     prefix_empty,
     prefix_unchanged_since,
     put,
@@ -70,6 +71,7 @@ from ipam.blocks import (
     first_free_block,
     ordinal_of,
     pick_block,
+    subnet_edges,
 )
 from ipam.check import IpOwner, Report, Snapshot
 
@@ -268,13 +270,16 @@ class Ipam:
                       pools: Sequence[str] | None = None,
                       attrs: dict[str, str] | None = None,
                       also_put: AlsoPut | None = None,
-                      also_absent: Sequence[str] = ()) -> Allocated:
+                      also_absent: Sequence[str] = (),
+                      subnet: bool = False) -> Allocated:
         """`allocate`, writing `also_put(record)` in each of its commits, which also
         compare every key of `also_absent` absent: when one exists, KeyPresent is
-        raised and nothing is written."""
+        raised and nothing is written. `subnet`: the address goes on an interface with
+        its block's prefix length, so never the block's network or broadcast address
+        (see `subnet_edges`); they stay free for /32 containers."""
         check_handle(handle)
         return self._allocate(handle, node, families, pools, attrs, also_put,
-                              tuple(also_absent))
+                              tuple(also_absent), subnet)
 
     def _node_lock(self, node: str) -> threading.Lock:
         with self._guard:
@@ -286,7 +291,8 @@ class Ipam:
 
     def _allocate(self, handle: str, node: str, families: Sequence[int],
                   pools: Sequence[str] | None, attrs: dict[str, str] | None,
-                  also_put: AlsoPut | None, also_absent: tuple[str, ...]) -> Allocated:
+                  also_put: AlsoPut | None, also_absent: tuple[str, ...],
+                  subnet: bool) -> Allocated:
         # `since`: when the view in `rows` began to be read (see `_commit`).
         since = time.monotonic()
         hinted, rows, verified = self._start_view(handle, node, families)
@@ -294,7 +300,7 @@ class Ipam:
         for attempt in range(self.max_attempts):
             handle_rows, pool_rows = rows[:2]
             current = _only_entry(handle_rows)
-            existing = Handle.from_record(current.value) if current else None
+            existing = _handle(current) if current else None
             if existing is not None and existing.node != node:
                 # One container cannot be on two hosts: the same container ID on
                 # another node is another container, and must not share the address.
@@ -315,7 +321,7 @@ class Ipam:
                 outcome = self._allocate_once(handle, node, family, candidates,
                                               _usages(hinted, rows[2:]), current, existing,
                                               attrs or {}, also_put, also_absent,
-                                              not verified, since)
+                                              not verified, since, subnet)
             except IpamError:
                 if verified:
                     raise
@@ -357,9 +363,10 @@ class Ipam:
                        current: Entry | None, existing: Handle | None,
                        attrs: dict[str, str], also_put: AlsoPut | None,
                        also_absent: tuple[str, ...], cached: bool,
-                       since: float) -> Allocated | _Retry:
+                       since: float, subnet: bool) -> Allocated | _Retry:
         by_name = {p.name: (p, e) for p, e in candidates}
-        choice = next((u for u in self._with_pending(hinted) if u.block.affinity == node
+        choice = next((u for u in self._with_pending(hinted, subnet)
+                       if u.block.affinity == node
                        and u.block.pool in by_name and u.free > 0), None)
         borrowed = False
         cached = cached and choice is not None  # a scan reads afresh
@@ -368,16 +375,17 @@ class Ipam:
             with self._node_lock(node):
                 if self._hints.get((node, family)) != hint:
                     return _Retry()  # another allocation just found or claimed a block
-                found = self._scan(node, family, candidates, by_name)
+                found = self._scan(node, family, candidates, by_name, subnet)
             if isinstance(found, _Retry):
                 return found
             choice, borrowed = found
         _, pool_entry = by_name[choice.block.pool]
         return self._commit(handle, node, pool_entry, choice, current, existing, attrs,
-                            borrowed, also_put, also_absent, cached, since)
+                            borrowed, also_put, also_absent, cached, since, subnet)
 
     def _scan(self, node: str, family: int, candidates: list[tuple[Pool, Entry]],
-              by_name: dict[str, tuple[Pool, Entry]]) -> tuple[BlockUsage, bool] | _Retry:
+              by_name: dict[str, tuple[Pool, Entry]],
+              subnet: bool) -> tuple[BlockUsage, bool] | _Retry:
         """(block, borrowed) to allocate from when the hinted block cannot serve, or
         _Retry after claiming a new block for the node. Run under the node's lock."""
         self._count("scans")
@@ -385,7 +393,7 @@ class Ipam:
         mine = [c for c, pool_name in map(_affinity_cidr, affinity_rows)
                 if pool_name in by_name]
         choice = pick_block(self._with_pending(
-            [u for u in self._usage(mine) if u.block.affinity == node]))
+            [u for u in self._usage(mine) if u.block.affinity == node], subnet))
         if choice is not None:
             self._hints[node, family] = choice.block.cidr
             return choice, False
@@ -399,23 +407,25 @@ class Ipam:
                 continue
             others = [b.cidr for b in self._blocks() if b.pool == pool.name
                       and b.affinity != node]
-            choice = pick_block(self._with_pending(self._usage(others)))
+            choice = pick_block(self._with_pending(self._usage(others), subnet))
             if choice is not None:
                 return choice, True
         names = ", ".join(p.name for p, _ in candidates)
         raise Exhausted(f"no free address left for node {node} in pool(s) {names}")
 
-    def _with_pending(self, usages: Iterable[BlockUsage]) -> list[BlockUsage]:
-        """The usages with the ordinals of this process's commits in flight as used."""
+    def _with_pending(self, usages: Iterable[BlockUsage], subnet: bool) -> list[BlockUsage]:
+        """The usages with the ordinals of this process's commits in flight as used,
+        and for a `subnet` allocation the block's edges too."""
         with self._guard:
             return [BlockUsage(u.block, u.mod_revision,
-                               u.used | self._pending.get(u.block.cidr, frozenset()))
+                               u.used | self._pending.get(u.block.cidr, frozenset())
+                               | (subnet_edges(u.block.cidr) if subnet else frozenset()))
                     for u in usages]
 
     def _commit(self, handle: str, node: str, pool_entry: Entry, usage: BlockUsage,
                 current: Entry | None, existing: Handle | None, attrs: dict[str, str],
                 borrowed: bool, also_put: AlsoPut | None, also_absent: tuple[str, ...],
-                cached: bool, since: float) -> Allocated | _Retry:
+                cached: bool, since: float, subnet: bool) -> Allocated | _Retry:
         cidr = usage.block.cidr
         family = 6 if ":" in cidr else 4
         with self._guard:
@@ -432,7 +442,8 @@ class Ipam:
                 elif kept[2] >= since:
                     used = used | {int(keys.last_segment(r.key)) for r in kept[1][-1]}
             pending = self._pending.setdefault(cidr, set())
-            ordinal = choose_ordinal(usage.size, used | pending, self.rng)
+            edges = subnet_edges(cidr) if subnet else frozenset()
+            ordinal = choose_ordinal(usage.size, used | pending | edges, self.rng)
             if ordinal is None:  # the last free ones are being taken right now
                 if not pending:
                     del self._pending[cidr]
@@ -588,7 +599,7 @@ class Ipam:
                 if also_delete:
                     self.store.txn([], [delete(k) for k in also_delete])
                 return []
-            record = Handle.from_record(entry.value)
+            record = _handle(entry)
             if node is not None and record.node != node:
                 if also_delete:
                     self.store.txn([], [delete(k) for k in also_delete])
@@ -629,7 +640,7 @@ class Ipam:
         handle's, without reading them; anything else (a record rewritten by a repair,
         three addresses) fails the guess and takes the usual path.
         """
-        record = Handle.from_record(entry.value)
+        record = _handle(entry)
         allocations = record.allocations
         if len(allocations) == 1 and entry.create_revision == entry.mod_revision:
             revisions = [entry.mod_revision]
@@ -744,7 +755,7 @@ class Ipam:
             handle_entry = self.store.get(keys.handle(owner)) if owner else None
             nodes = {node} - {""}
             if handle_entry is not None:
-                record = Handle.from_record(handle_entry.value)
+                record = _handle(handle_entry)
                 nodes.add(record.node)
                 compare.append(unchanged(handle_entry.key, handle_entry.mod_revision))
                 rest = record.without(address)
@@ -772,7 +783,7 @@ class Ipam:
             entry = self.store.get(keys.handle(handle))
             if entry is None:
                 return
-            rest = Handle.from_record(entry.value).without(address)
+            rest = _handle(entry).without(address)
             op = put(entry.key, rest.to_record()) if rest.allocations else delete(entry.key)
             ok, _ = self.store.txn([unchanged(entry.key, entry.mod_revision)], [op])
             if ok:
@@ -872,8 +883,7 @@ class Ipam:
         compare = [unchanged(key, row.mod_revision)] if isinstance(row, Entry) else []
         if handle:
             entry = self.store.get(keys.handle(handle))
-            if entry and address in {a.address for a in Handle.from_record(entry.value)
-                                     .allocations}:
+            if entry and address in _handle(entry).addresses():
                 return False  # no longer an orphan: its handle lists it now
         if handle and node:
             registration_key = keys.workload(node, handle)
@@ -959,31 +969,19 @@ def _in_use(address: str, handle: str, key: str, row: Entry | CorruptValue) -> s
 
 
 def _pool(entry: Entry) -> Pool:
-    try:
-        return Pool.from_record(entry.value)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CorruptValue(entry.key, f"not a pool record ({exc})") from exc
+    return parsed(entry, Pool.from_record, "pool")
 
 
 def _block(entry: Entry) -> Block:
-    try:
-        return Block.from_record(entry.value)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CorruptValue(entry.key, f"not a block record ({exc})") from exc
+    return parsed(entry, Block.from_record, "block")
 
 
 def _handle(entry: Entry) -> Handle:
-    try:
-        return Handle.from_record(entry.value)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CorruptValue(entry.key, f"not a handle record ({exc})") from exc
+    return parsed(entry, Handle.from_record, "handle")
 
 
 def _workload(entry: Entry) -> Workload:
-    try:
-        return Workload.from_record(entry.value)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CorruptValue(entry.key, f"not a workload record ({exc})") from exc
+    return parsed(entry, Workload.from_record, "workload")
 
 
 def _lists(registration: Entry, address: str) -> bool:

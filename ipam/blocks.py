@@ -59,6 +59,21 @@ def ordinal_of(cidr: str, address: str) -> int:
     return int(ip) - int(net.network_address)
 
 
+def subnet_edges(cidr: str) -> frozenset[int]:
+    """The ordinals a container cannot have when its address is put on its interface
+    with the block's prefix length (what l3fabric-ipam gives another main plugin, ptp or
+    bridge, so that it has a subnet route to replace): the block's network address
+    and, for IPv4, its broadcast address (a reply to it is a broadcast, and a packet
+    from it a martian; the ping test between two ptp containers failed whenever one
+    got the block's last address). For IPv6, the subnet-router anycast address. A /31
+    or /127 has neither (RFC 3021, RFC 6164); a /32 or /128 block only its one address."""
+    net = ipaddress.ip_network(cidr)
+    host_bits = net.max_prefixlen - net.prefixlen
+    if host_bits <= 1:
+        return frozenset()
+    return frozenset({0} if net.version == 6 else {0, (1 << host_bits) - 1})
+
+
 def first_free_block(pool: Pool, claimed: Collection[str]) -> str | None:
     """The lowest block of the pool nobody has claimed, or None when all are taken.
 

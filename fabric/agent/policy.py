@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fabric.model import checks
 from fabric.model.nodes import Workload
 from fabric.model.policy import (
     DEFAULT_NAMESPACE,
@@ -91,7 +92,7 @@ class PolicyView:
                 continue
             try:
                 policy = parse_policy(dict(value["manifest"]))
-            except (KeyError, TypeError, ValueError) as exc:
+            except checks.NOT_A_RECORD as exc:
                 problems[key] = str(exc) or type(exc).__name__
                 continue
             parsed[key] = (value, policy)

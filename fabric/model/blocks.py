@@ -22,6 +22,7 @@ class Block:
     @classmethod
     def from_record(cls, value: dict[str, Any]) -> Block:
         """Raises ValueError naming the field that is not what a block needs."""
+        value = checks.record(value)
         affinity = value.get("affinity")
         return cls(checks.network(value.get("cidr"), "cidr"),
                    checks.text(value.get("pool"), "pool"),

@@ -19,6 +19,23 @@ MAX_ASN = 4294967295
 NOT_A_RECORD = (KeyError, TypeError, ValueError, AttributeError, OverflowError)
 
 
+def record(value: Any, what: str = "record") -> dict[str, Any]:
+    """The record itself: a JSON object. A list, a string or a number where a record
+    belongs would otherwise fail later, as an AttributeError in whatever reads it."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} is {type(value).__name__}, not a JSON object")
+    return value
+
+
+def flag(value: Any, what: str, default: bool = False) -> bool:
+    """true or false; a string "false" is not false, so it is refused, not guessed."""
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ValueError(f"{what} {value!r} is not true or false")
+    return value
+
+
 def address(value: Any, what: str, empty_ok: bool = False) -> str:
     """An IPv4 or IPv6 address, in its canonical text. A scoped IPv6 address
     (`fe80::1%eth0`) is refused: ExaBGP, the kernel codec and policy take none."""

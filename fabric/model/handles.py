@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from typing import Any
+
+from fabric.model import checks
 
 # Handles are etcd key segments (`ipam/handles/<handle>`, `workloads/<node>/<handle>`):
 # no '/', and short enough that every key built from one stays readable.
@@ -57,8 +60,15 @@ class Allocation:
 
     @classmethod
     def from_record(cls, value: dict[str, Any]) -> Allocation:
-        return cls(str(value["address"]), str(value["block"]), str(value["pool"]),
-                   bool(value.get("borrowed", False)))
+        """Raises ValueError naming the field that is not what an allocation needs: a
+        release or a check computes with these (the address's offset in its block)."""
+        value = checks.record(value, "allocation")
+        address = checks.address(value.get("address"), "address")
+        block = checks.network(value.get("block"), "block")
+        if ipaddress.ip_address(address) not in ipaddress.ip_network(block):
+            raise ValueError(f"address {address} is not in its block {block}")
+        return cls(address, block, checks.text(value.get("pool"), "pool"),
+                   checks.flag(value.get("borrowed"), "borrowed"))
 
 
 @dataclass(frozen=True)
@@ -76,9 +86,16 @@ class Handle:
 
     @classmethod
     def from_record(cls, value: dict[str, Any]) -> Handle:
-        return cls(str(value["handle"]), str(value["node"]),
-                   tuple(Allocation.from_record(a) for a in value.get("allocations", [])),
-                   {str(k): str(v) for k, v in (value.get("attrs") or {}).items()})
+        """Raises ValueError naming the field that is not what a handle needs."""
+        value = checks.record(value, "handle record")
+        allocations = value.get("allocations", [])
+        if not isinstance(allocations, list):
+            raise ValueError(f"allocations {allocations!r} is not a list")
+        attrs = checks.record(value.get("attrs") or {}, "attrs")
+        return cls(checks.text(value.get("handle"), "handle"),
+                   checks.text(value.get("node"), "node"),
+                   tuple(Allocation.from_record(a) for a in allocations),
+                   {str(k): str(v) for k, v in attrs.items()})
 
     def addresses(self) -> tuple[str, ...]:
         return tuple(a.address for a in self.allocations)

@@ -74,6 +74,7 @@ class Node:
     @classmethod
     def from_record(cls, value: dict[str, Any]) -> Node:
         """Raises ValueError naming the field that is not what a node needs."""
+        value = checks.record(value)
         cluster = value.get("rr_cluster_id")
         return cls(checks.text(value.get("name"), "name"),
                    checks.address(value.get("address"), "address"),
@@ -113,6 +114,7 @@ class Workload:
     @classmethod
     def from_record(cls, value: dict[str, Any]) -> Workload:
         """Raises ValueError naming the field that is not what a workload needs."""
+        value = checks.record(value)
         ips = value.get("ips", [])
         if not isinstance(ips, list):
             raise ValueError(f"ips {ips!r} is not a list")

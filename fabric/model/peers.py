@@ -65,6 +65,7 @@ class PeerSpec:
     @classmethod
     def from_record(cls, value: Mapping[str, Any]) -> PeerSpec:
         """Raises ValueError naming the field that is not what a peer needs."""
+        value = checks.record(value)
         limit = value.get("max_prefixes")
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
                                   or limit < 1):

@@ -63,11 +63,14 @@ class Pool:
     def from_record(cls, value: dict[str, Any]) -> Pool:
         """Checked as `fabricctl ipam pool add` checks its input (PoolError, a
         ValueError, names what is wrong)."""
-        return parse_pool(str(value["name"]), str(value["cidr"]),
+        value = checks.record(value)
+        return parse_pool(checks.text(value.get("name"), "name"),
+                          checks.text(value.get("cidr"), "cidr"),
                           checks.integer(value.get("block_size"), "block_size", 0, 128),
-                          nat_outgoing=bool(value.get("nat_outgoing", False)),
-                          disabled=bool(value.get("disabled", False)),
-                          strict_affinity=bool(value.get("strict_affinity", False)))
+                          nat_outgoing=checks.flag(value.get("nat_outgoing"), "nat_outgoing"),
+                          disabled=checks.flag(value.get("disabled"), "disabled"),
+                          strict_affinity=checks.flag(value.get("strict_affinity"),
+                                                      "strict_affinity"))
 
 
 def parse_pool(name: str, cidr: str, block_size: int | None = None, *,

@@ -405,6 +405,16 @@ def _watch_event(ev: Any) -> WatchEvent:
         return WatchEvent(key, None, ev.mod_revision, error=exc)
 
 
+def parsed(entry: Entry, parse: Callable[[dict[str, Any]], T], kind: str) -> T:
+    """One record, or CorruptValue naming its key and what is wrong with it: a record
+    another writer left must fail as a datastore error, not as whatever exception the
+    parser happened to meet."""
+    try:
+        return parse(entry.value)
+    except checks.NOT_A_RECORD as exc:
+        raise CorruptValue(entry.key, f"not a {kind} record ({exc})") from exc
+
+
 def readable(listing: Listing, parse: Callable[[dict[str, Any]], T], kind: str,
              log: Any) -> list[T]:
     """The records of a listing that parse; the others are logged and left out.

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from fabric.model import checks
 from fabric.model.nodes import Workload
 from fabric.model.policy import DEFAULT_NAMESPACE, NetworkPolicy, PolicyError, parse_policy
 from fabric.store import keys
@@ -91,7 +92,7 @@ class UnreadablePolicy(ValueError):
 def _parse_record(key: str, value: Any) -> NetworkPolicy:
     try:
         return parse_policy(value["manifest"])
-    except (KeyError, TypeError, ValueError) as exc:
+    except checks.NOT_A_RECORD as exc:
         raise UnreadablePolicy(key, str(exc) or type(exc).__name__) from exc
 
 
@@ -175,7 +176,7 @@ def find_workload(store: Datastore, reference: str) -> tuple[Entry, Workload]:
     for entry in store.list(keys.WORKLOADS).entries:
         try:
             record = Workload.from_record(entry.value)
-        except (KeyError, TypeError, ValueError):
+        except checks.NOT_A_RECORD:
             continue
         namespace = record.namespace or DEFAULT_NAMESPACE
         if reference in (f"{namespace}/{record.name}", record.name, record.handle) \

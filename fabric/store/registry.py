@@ -20,7 +20,7 @@ from fabric import logs
 from fabric.model import checks
 from fabric.model.nodes import Node, Workload
 from fabric.store import keys
-from fabric.store.datastore import Datastore, absent, delete, put, readable, unchanged
+from fabric.store.datastore import Datastore, absent, delete, parsed, put, readable, unchanged
 from fabric.store.errors import CorruptValue
 
 T = TypeVar("T")
@@ -46,7 +46,7 @@ class Registry:
 
     def node(self, name: str) -> Node | None:
         entry = self.store.get(keys.node(name))
-        return Node.from_record(entry.value) if entry else None
+        return parsed(entry, Node.from_record, "node") if entry else None
 
     def register_node(self, node: Node) -> None:
         """Write our node record (no lease: it stays until the node is removed).
@@ -97,7 +97,7 @@ class Registry:
 
     def workload(self, node: str, handle: str) -> Workload | None:
         entry = self.store.get(keys.workload(node, handle))
-        return Workload.from_record(entry.value) if entry else None
+        return parsed(entry, Workload.from_record, "workload") if entry else None
 
     def register_workload(self, workload: Workload) -> None:
         """Register only while the IPAM handle exists (see the module docstring)."""

@@ -370,29 +370,56 @@ def test_agent_down_means_try_again_later(lab, store, containers):
 
 
 def test_standalone_ipam_plugin_with_ptp(lab, store, containers):
-    """Other main plugins can use our IPAM: the reference ptp plugin with l3fabric-ipam."""
+    """Other main plugins can use our IPAM: the reference ptp plugin with l3fabric-ipam.
+
+    ptp puts the address on with the block's prefix length, so a block's network and
+    broadcast addresses must not be given to it: a container on the broadcast address
+    could not be answered (this test failed whenever one got it). Blocks of 4 here, so
+    that only the two addresses in the middle of each are right for ptp."""
     ptp = Path("/usr/lib/cni/ptp")
     if not ptp.exists():
         pytest.skip("containernetworking-plugins is not installed")
+    lab.add_pool("ptp", "10.246.0.0/29", 30)
     cfg = {"cniVersion": "1.0.0", "name": "ptpnet", "type": "ptp",
-           "ipam": {"type": "l3fabric-ipam"}}
-    pair = [containers(), containers()]
-    addresses = []
-    for container in pair:
-        outcome = invoke.run(str(ptp), "ADD", cfg, container_id=container,
-                             netns=netns.path(container), host_netns=host_ns(lab),
-                             cni_path=f"{lab.cni_bin}:/usr/lib/cni")
-        assert outcome.ok, outcome.stdout + outcome.stderr
-        address = outcome.document["ips"][0]["address"].split("/")[0]
-        assert Ipam(store).handle(f"{container}.eth0").addresses() == (address,)
-        assert Registry(store).workload("h1", f"{container}.eth0").network == "ptpnet"
-        addresses.append(address)
-    assert lab.ping(pair[0], addresses[1], count=2)  # same block, through the host
-    for container in pair:
-        deleted = invoke.run(str(ptp), "DEL", cfg, container_id=container,
-                             netns=netns.path(container), host_netns=host_ns(lab),
-                             cni_path=f"{lab.cni_bin}:/usr/lib/cni")
-        assert deleted.ok, deleted.stdout
+           "ipam": {"type": "l3fabric-ipam", "pools": ["ptp"]}}
+    own = config("1.0.0", ipam={"type": "l3fabric-ipam", "pools": ["ptp"]})
+    pair = [containers(), containers(), containers()]
+    addresses: list[str] = []
+    ours: list[str] = []
+    try:
+        for container in pair:
+            outcome = invoke.run(str(ptp), "ADD", cfg, container_id=container,
+                                 netns=netns.path(container), host_netns=host_ns(lab),
+                                 cni_path=f"{lab.cni_bin}:/usr/lib/cni")
+            assert outcome.ok, outcome.stdout + outcome.stderr
+            address = outcome.document["ips"][0]["address"]
+            assert Ipam(store).handle(f"{container}.eth0").addresses() == \
+                (address.split("/")[0],)
+            assert Registry(store).workload("h1", f"{container}.eth0").network == "ptpnet"
+            addresses.append(address)
+        # The first block's middle two, then the next block (the edges are left out).
+        assert sorted(addresses[:2]) == ["10.246.0.1/30", "10.246.0.2/30"]
+        assert addresses[2] in ("10.246.0.5/30", "10.246.0.6/30")
+        first, second = (a.split("/")[0] for a in addresses[:2])
+        assert lab.ping(pair[0], second, count=2)  # same block, through the host
+        assert lab.ping(pair[1], first, count=2)
+        # Our own plugin's /32 containers still get the edges: the pool's 8 addresses
+        # serve 8 containers.
+        for _ in range(5):
+            ours.append(containers())
+            outcome = plugin(lab, "ADD", ours[-1], cfg=own)
+            assert outcome.ok, outcome.stdout
+        given = {Ipam(store).handle(f"{c}.eth0").addresses()[0] for c in pair + ours}
+        assert given == {f"10.246.0.{i}" for i in range(8)}
+    finally:
+        for container in pair:
+            invoke.run(str(ptp), "DEL", cfg, container_id=container,
+                       netns=netns.path(container), host_netns=host_ns(lab),
+                       cni_path=f"{lab.cni_bin}:/usr/lib/cni")
+        for container in ours:
+            plugin(lab, "DEL", container, cfg=own)
+        Ipam(store).remove_pool("ptp", force=True)
+    for container in pair + ours:
         assert Ipam(store).handle(f"{container}.eth0") is None
 
 

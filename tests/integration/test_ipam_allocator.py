@@ -121,18 +121,21 @@ def test_remove_pool_refused_while_in_use_unless_forced(ipam, store):
     assert store.keys(keys.ROOT + "ipam/") == []
 
 
-def test_corrupt_block_does_not_stop_allocation(ipam, store):
+@pytest.mark.parametrize("garbage", [b"{not json", b'["a list"]', b'{"cidr": 5}'])
+def test_corrupt_block_does_not_stop_allocation(ipam, store, garbage):
     ipam.add_pool(parse_pool("default", "10.244.0.0/24"))
     first = ipam.allocate("c1.eth0", "n").allocations[0]
-    store._client.put(keys.block(first.block), b"{not json")
+    store._client.put(keys.block(first.block), garbage)
     # The unreadable block is skipped (and never reclaimed): a new block is claimed.
     second = ipam.allocate("c2.eth0", "n").allocations[0]
     assert second.block != first.block
 
 
-def test_corrupt_handle_names_the_key(ipam, store):
+@pytest.mark.parametrize("garbage", [b'{"v": 99}', b'"text"', b'{"v": 1, "handle": "bad.eth0", '
+                                     b'"node": "n", "allocations": [{"address": "x"}]}'])
+def test_corrupt_handle_names_the_key(ipam, store, garbage):
     ipam.add_pool(parse_pool("default", "10.244.0.0/24"))
-    store._client.put(keys.handle("bad.eth0"), b'{"v": 99}')
+    store._client.put(keys.handle("bad.eth0"), garbage)
     with pytest.raises(CorruptValue, match=r"/l3fabric/v1/ipam/handles/bad.eth0"):
         ipam.allocate("bad.eth0", "n")
     assert ipam.allocate("good.eth0", "n").allocations

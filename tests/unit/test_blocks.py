@@ -1,5 +1,6 @@
 import random
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -16,6 +17,7 @@ from ipam.blocks import (
     first_free_block,
     ordinal_of,
     pick_block,
+    subnet_edges,
 )
 
 POOL = parse_pool("p", "10.244.0.0/24", 26)
@@ -86,3 +88,11 @@ def test_sequence_of_choices_never_hands_out_twice(ops, seed):
         elif held:
             used.discard(held.pop(rng.randrange(len(held))))
     assert len(held) == len(set(held)) == len(used)
+
+
+@pytest.mark.parametrize("cidr, edges", [
+    ("10.0.0.0/26", {0, 63}), ("10.0.0.4/30", {0, 3}), ("10.0.0.4/31", set()),
+    ("10.0.0.4/32", set()), ("fd00::/122", {0}), ("fd00::/127", set()),
+])
+def test_subnet_edges_are_what_a_host_on_the_block_as_a_subnet_cannot_have(cidr, edges):
+    assert subnet_edges(cidr) == edges
