@@ -62,17 +62,34 @@ driver() {
 }
 
 # -- libvirt ---------------------------------------------------------------------------
+QEMU_CONF="${FABRIC_QEMU_CONF:-/etc/libvirt/qemu.conf}"
+KVM_DEV="${FABRIC_KVM_DEV:-/dev/kvm}"
+
 qemu_conf() {
-  # Without udev, /dev/kvm stays root's and libvirt re-probes QEMU at every domain
-  # define (52 s each) when its QEMU runs as libvirt-qemu: run QEMU as root.
-  local conf=/etc/libvirt/qemu.conf
-  if ! grep -q '^user = "root"' "$conf" || ! grep -q '^group = "root"' "$conf"; then
-    log "setting user = \"root\", group = \"root\" in $conf"
-    printf '\n# l3fabric (vagrant/cluster.sh): QEMU as root, see vagrant/README.md\nuser = "root"\ngroup = "root"\n' >>"$conf"
-    if virsh version >/dev/null 2>&1; then
-      log "warning: libvirtd already runs and reads $conf only when it starts"
-    fi
+  # Without udev, /dev/kvm stays root's (crw------- root root) and libvirt re-probes
+  # QEMU at every domain define (52 s each) when its QEMU runs as libvirt-qemu: run
+  # QEMU as root. Only then: where udev gave /dev/kvm to the kvm group (a machine with
+  # real KVM, or none at all) nothing changes, and the configuration of a libvirtd
+  # that already runs is not ours to change (it would read it at its next start, for
+  # every VM it runs).
+  [ -e "$KVM_DEV" ] || return 0
+  local group mode
+  read -r group mode < <(stat -L -c '%G %a' "$KVM_DEV")
+  if { [ "$group" = kvm ] && [ $((8#$mode & 8#060)) = $((8#060)) ]; } \
+      || [ $((8#$mode & 8#006)) = $((8#006)) ]; then
+    return 0  # udev's root:kvm 0660 (or open to all): QEMU as libvirt-qemu can use it
   fi
+  if grep -q '^user = "root"' "$QEMU_CONF" && grep -q '^group = "root"' "$QEMU_CONF"; then
+    return 0
+  fi
+  if virsh version >/dev/null 2>&1; then
+    log "warning: $KVM_DEV is root's alone (no udev?): the running libvirtd will take"
+    log "about a minute per VM definition; user = \"root\", group = \"root\" in $QEMU_CONF"
+    log "and a restart of libvirtd avoid it (not done here: that libvirtd is not ours)"
+    return 0
+  fi
+  log "$KVM_DEV is root's alone (no udev): setting user = \"root\", group = \"root\" in $QEMU_CONF"
+  printf '\n# l3fabric (vagrant/cluster.sh): QEMU as root, see vagrant/README.md\nuser = "root"\ngroup = "root"\n' >>"$QEMU_CONF"
 }
 
 libvirt_chains() {  # the LIBVIRT_* iptables chains, one "CMD TABLE CHAIN" a line
@@ -263,4 +280,5 @@ main() {
   return $rc
 }
 
-main "$@"
+# (Sourced by the tests, which call its functions alone.)
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then main "$@"; fi

@@ -3,12 +3,15 @@ vagrant/README.md has what that showed)."""
 
 from __future__ import annotations
 
+import grp
 import os
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {"PATH": os.environ["PATH"], "PYTHON": sys.executable}
@@ -78,3 +81,61 @@ def test_run_names_the_vagrant_command():
     result = run([str(ROOT / "run")])
     assert result.returncode == 2
     assert "./run vagrant" in result.stdout and "./run lab" in result.stdout
+
+
+def cluster(tmp_path: Path, script: str, virsh_answers: bool = False,
+            **env: str) -> subprocess.CompletedProcess[str]:
+    """cluster.sh's functions alone (sourced), with a stand-in virsh: a libvirtd that
+    answers (exit 0) or none (exit 1)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    virsh = bin_dir / "virsh"
+    virsh.write_text(f"#!/bin/sh\nexit {0 if virsh_answers else 1}\n")
+    virsh.chmod(0o755)
+    return subprocess.run(
+        ["bash", "-c", f'. "{ROOT}/vagrant/cluster.sh"; {script}'],
+        env={**ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}", **env},
+        capture_output=True, text=True, timeout=60)
+
+
+def qemu_conf(tmp_path: Path, mode: int | None, group: str | None = None,
+              virsh_answers: bool = False) -> tuple[str, str]:
+    """Run qemu_conf against a copy of a stock qemu.conf and a stand-in /dev/kvm with
+    this mode (None: no /dev/kvm); return the file's new lines and the log."""
+    conf = tmp_path / "qemu.conf"
+    conf.write_text('#user = "libvirt-qemu"\n#group = "libvirt-qemu"\n')
+    kvm = tmp_path / "kvm"
+    kvm.unlink(missing_ok=True)
+    if mode is not None:
+        kvm.write_text("")
+        kvm.chmod(mode)
+        if group is not None:
+            shutil.chown(kvm, group=group)
+    result = cluster(tmp_path, "qemu_conf; qemu_conf", virsh_answers,
+                     FABRIC_QEMU_CONF=str(conf), FABRIC_KVM_DEV=str(kvm))
+    assert result.returncode == 0, result.stderr
+    added = conf.read_text().removeprefix('#user = "libvirt-qemu"\n#group = "libvirt-qemu"\n')
+    return added, result.stderr
+
+
+def test_qemu_runs_as_root_only_where_kvm_is_roots_alone_and_libvirtd_is_ours(tmp_path):
+    # No udev (this machine): /dev/kvm root's, 0600; no libvirtd yet: set, once.
+    added, log = qemu_conf(tmp_path, 0o600)
+    assert added.count('user = "root"\ngroup = "root"\n') == 1, added
+    # The same, but a libvirtd (not started by us) runs: its configuration is left alone.
+    added, log = qemu_conf(tmp_path, 0o600, virsh_answers=True)
+    assert added == "" and "not ours" in log
+    # No /dev/kvm at all, or one anybody can use: nothing to work around.
+    assert qemu_conf(tmp_path, None)[0] == ""
+    assert qemu_conf(tmp_path, 0o666)[0] == ""
+
+
+def test_qemu_conf_is_left_alone_where_udev_gave_kvm_to_its_group(tmp_path):
+    try:
+        grp.getgrnam("kvm")
+    except KeyError:
+        pytest.skip("no kvm group here")
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give a file to the kvm group")
+    assert qemu_conf(tmp_path, 0o660, group="kvm")[0] == ""
+    assert qemu_conf(tmp_path, 0o600, group="kvm")[0] != ""  # group without access
