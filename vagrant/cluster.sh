@@ -14,7 +14,7 @@
 # FABRIC_BOX_CACHE (/var/cache/l3fabric-box: the box, .debs, wheels, the libvirt storage
 # pool, VAGRANT_HOME, the pid files of the daemons this script started).
 set -euo pipefail
-HERE="$(cd "$(dirname "$(readlink -f "$0")")" && pwd)"
+HERE="$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")" && pwd)"
 cd "$HERE"
 
 CACHE="${FABRIC_BOX_CACHE:-/var/cache/l3fabric-box}"
@@ -126,7 +126,11 @@ remove_libvirt_chains() {
 start_daemons() {
   mkdir -p "$STATE"
   if virsh version >/dev/null 2>&1; then
-    log "libvirtd already runs: using it (and leaving it running)"
+    if [ "$(cat "/proc/$(cat "$STATE/libvirtd.pid" 2>/dev/null)/comm" 2>/dev/null)" = libvirtd ]; then
+      log "libvirtd an earlier run started (pid $(cat "$STATE/libvirtd.pid")) still runs: using it (stopped at the end)"
+    else
+      log "libvirtd already runs: using it (and leaving it running)"
+    fi
     return
   fi
   libvirt_chains >"$STATE/chains-before"
@@ -181,18 +185,34 @@ ensure_pool() {
 }
 
 # -- the box ---------------------------------------------------------------------------
+box_volumes() {  # the box's copies in the storage pool, by vagrant-libvirt
+  virsh vol-list "$FABRIC_LIBVIRT_POOL" 2>/dev/null \
+    | awk '$1 ~ /^debian-VAGRANTSLASH-bookworm64_vagrant_box_image_/ { print $1 }'
+}
+
 ensure_box() {
-  local box marker="$CACHE/box-added"
+  local box marker="$CACHE/box-added" volume
   box="$("$HERE/box/build.sh")"
   if [ "$(cat "$marker" 2>/dev/null)" = "$box" ] \
       && vagrant box list 2>/dev/null | grep -q "^$BOX_NAME .*libvirt"; then
     log "box $BOX_NAME is $box"
+    # vagrant-libvirt copies the box into the pool at the first `up` and uses any
+    # volume of that name from then on; a copy cut short (the run interrupted during
+    # the upload: vagrant-libvirt removes it only on Ctrl-C) would be the disk of
+    # every VM after. A copy that is not the box goes: the next `up` copies it again.
+    local image
+    image="$(find "$VAGRANT_HOME/boxes/${BOX_NAME//\//-VAGRANTSLASH-}" -path '*/libvirt/box.img' | head -1)"
+    for volume in $(box_volumes); do
+      if [ -n "$image" ] \
+          && ! cmp -s "$image" "$(virsh vol-path --pool "$FABRIC_LIBVIRT_POOL" "$volume")"; then
+        log "the pool's copy of the box, $volume, is not the box (an interrupted upload?): removing it"
+        virsh vol-delete --pool "$FABRIC_LIBVIRT_POOL" "$volume" >/dev/null
+      fi
+    done
     return
   fi
   # vagrant-libvirt copies a box into the storage pool once, by name: drop an older copy.
-  local volume
-  for volume in $(virsh vol-list "$FABRIC_LIBVIRT_POOL" 2>/dev/null \
-                  | awk '$1 ~ /^debian-VAGRANTSLASH-bookworm64_vagrant_box_image_/ { print $1 }'); do
+  for volume in $(box_volumes); do
     virsh vol-delete --pool "$FABRIC_LIBVIRT_POOL" "$volume" >/dev/null
   done
   vagrant box add --force --name "$BOX_NAME" "$box"
@@ -213,11 +233,24 @@ remove_leftovers() {  # domains and networks named with our prefix that destroy 
     virsh undefine --remove-all-storage "$name" >/dev/null 2>&1 || true
     log "removed leftover domain $name"
   done
+  # A disk made just before its domain was defined, when the run was interrupted in
+  # between: the next `vagrant up` would refuse to make it again ("already exists").
+  virsh pool-refresh "$FABRIC_LIBVIRT_POOL" >/dev/null 2>&1 || true
+  for name in $(virsh vol-list "$FABRIC_LIBVIRT_POOL" 2>/dev/null \
+                | awk -v p="$FABRIC_VM_PREFIX" 'index($1, p) == 1 { print $1 }'); do
+    virsh vol-delete --pool "$FABRIC_LIBVIRT_POOL" "$name" >/dev/null 2>&1 || true
+    log "removed leftover disk $name"
+  done
   for name in $(virsh net-list --all --name 2>/dev/null | grep "^$FABRIC_VM_PREFIX" || true); do
     virsh net-destroy "$name" >/dev/null 2>&1 || true
     virsh net-undefine "$name" >/dev/null 2>&1 || true
     log "removed network $name"
   done
+}
+
+leftovers_defined() {  # a domain or network of ours in libvirt's configuration
+  compgen -G "/etc/libvirt/qemu/${FABRIC_VM_PREFIX}*.xml" >/dev/null \
+    || compgen -G "/etc/libvirt/qemu/networks/${FABRIC_VM_PREFIX}*.xml" >/dev/null
 }
 
 teardown() {
@@ -242,9 +275,11 @@ up() {
   mkdir -p "$FABRIC_CONSOLE_LOG_DIR"
   step "libvirt daemons" start_daemons || return 1
   ensure_pool
-  step "box" ensure_box || return 1
-  vagrant destroy -f >/dev/null 2>&1 || true  # a cluster an earlier KEEP=1 run left
+  # A cluster an earlier KEEP=1 (or interrupted) run left goes first: a new box would
+  # delete the volume its disks are backed by.
+  vagrant destroy -f >/dev/null 2>&1 || true
   remove_leftovers
+  step "box" ensure_box || return 1
   step "vagrant up" vagrant up --provider=libvirt || return 1
   vm_resources
   step "smoke" ./smoke.sh || rc=1
@@ -258,6 +293,12 @@ main() {
   [ "$(id -u)" -eq 0 ] || { log "run as root"; exit 2; }
   case "${1:-up}" in
     down)
+      # After a reboot (or a libvirtd stopped by hand) the VMs and networks are still
+      # defined, and their disks still in the pool: libvirtd is needed to remove them.
+      if ! virsh version >/dev/null 2>&1 && leftovers_defined; then
+        log "libvirtd does not run, but domains or networks named $FABRIC_VM_PREFIX* are defined: starting it to remove them"
+        start_daemons && ensure_pool
+      fi
       teardown
       summary
       return

@@ -139,3 +139,46 @@ def test_qemu_conf_is_left_alone_where_udev_gave_kvm_to_its_group(tmp_path):
         pytest.skip("needs root to give a file to the kvm group")
     assert qemu_conf(tmp_path, 0o660, group="kvm")[0] == ""
     assert qemu_conf(tmp_path, 0o600, group="kvm")[0] != ""  # group without access
+
+
+def test_a_copy_of_the_box_cut_short_in_the_pool_is_removed(tmp_path):
+    """An upload interrupted by anything but Ctrl-C leaves vagrant-libvirt's copy of the
+    box in the pool half written, and it would be every VM's disk from then on."""
+    if os.geteuid() != 0:
+        pytest.skip("box/build.sh runs as root only")
+    cache, pool = tmp_path / "cache", tmp_path / "pool"
+    cache.mkdir()
+    pool.mkdir()
+    env = {"FABRIC_BOX_CACHE": str(cache), "FABRIC_BOX_MIRROR": "http://mirror.example/debian",
+           "VAGRANT_HOME": str(tmp_path / "vagrant-home")}
+    digest = run([str(ROOT / "vagrant/box/build.sh"), "--hash"], **env).stdout.strip()
+    box = cache / f"bookworm64-{digest}.box"
+    box.write_text("")  # cached: build.sh builds nothing
+    (cache / "box-added").write_text(f"{box}\n")
+    image = tmp_path / "vagrant-home/boxes/debian-VAGRANTSLASH-bookworm64/0/libvirt/box.img"
+    image.parent.mkdir(parents=True)
+    image.write_bytes(b"qcow2" * 1000)
+    name = "debian-VAGRANTSLASH-bookworm64_vagrant_box_image_0_{}_box.img"
+    (pool / name.format(1)).write_bytes(b"qcow2" * 1000)  # a whole copy
+    (pool / name.format(2)).write_bytes(b"qcow2" * 500)   # cut short
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "vagrant").write_text('#!/bin/sh\necho "debian/bookworm64 (libvirt, 0)"\n')
+    (bin_dir / "virsh").write_text(f"""#!/bin/sh
+case "$1" in
+  version) exit 0 ;;
+  vol-list) echo " Name  Path"; for f in {pool}/*; do echo " ${{f##*/}}  $f"; done ;;
+  vol-path) echo "{pool}/$4" ;;
+  vol-delete) rm "{pool}/$4" ;;
+  *) exit 1 ;;
+esac
+""")
+    for stub in bin_dir.iterdir():
+        stub.chmod(0o755)
+    result = subprocess.run(
+        ["bash", "-c", f'. "{ROOT}/vagrant/cluster.sh"; ensure_box'],
+        env={**ENV, **env, "PATH": f"{bin_dir}:{os.environ['PATH']}"},
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in pool.iterdir()) == [name.format(1)], result.stderr
+    assert "not the box" in result.stderr
