@@ -32,21 +32,32 @@ export FABRIC_NODES="${FABRIC_NODES:-3}"
 export FABRIC_CONSOLE_LOG_DIR="${FABRIC_CONSOLE_LOG_DIR:-$CACHE/console}"
 
 TIMES=()
+CURRENT=""  # "NAME STARTED" of the step under way: a signal may end it
 log() { echo "vagrant: $*" >&2; }
 
 step() {  # step NAME COMMAND...: run it, time it, remember the time
   local name="$1" started=$SECONDS rc=0
   shift
+  interrupted
   log "== $name"
+  CURRENT="$started $name"
   "$@" || rc=$?
+  CURRENT=""
   TIMES+=("$(printf '%-28s %5d s  %s' "$name" $((SECONDS - started)) \
              "$([ $rc = 0 ] && echo ok || echo "FAILED ($rc)")")")
   log "== $name: $((SECONDS - started)) s$([ $rc = 0 ] || echo ", FAILED ($rc)")"
   return $rc
 }
 
+interrupted() {  # a step a signal ended (the EXIT trap runs after it): say so
+  [ -n "$CURRENT" ] || return 0
+  TIMES+=("$(printf '%-28s %5d s  %s' "${CURRENT#* }" $((SECONDS - ${CURRENT%% *})) interrupted)")
+  CURRENT=""
+}
+
 summary() {
   local line
+  interrupted
   echo "---- steps (seconds)"
   for line in "${TIMES[@]}"; do echo "$line"; done
 }
@@ -127,7 +138,7 @@ start_daemons() {
   mkdir -p "$STATE"
   if virsh version >/dev/null 2>&1; then
     if [ "$(cat "/proc/$(cat "$STATE/libvirtd.pid" 2>/dev/null)/comm" 2>/dev/null)" = libvirtd ]; then
-      log "libvirtd an earlier run started (pid $(cat "$STATE/libvirtd.pid")) still runs: using it (stopped at the end)"
+      log "libvirtd an earlier run started (pid $(cat "$STATE/libvirtd.pid")) still runs: using it (stopped at the end, unless KEEP=1)"
     else
       log "libvirtd already runs: using it (and leaving it running)"
     fi
