@@ -100,12 +100,16 @@ ping_result() {  # ping_result FILE: "sent received" from busybox ping's summary
 fault_agent_kill() {
   local victim=node2 a=node1 b=node3 ip_a ip_b ip_v count=300
   echo "--- agent-kill: kill -9 of $victim's fabric-agent under continuous ping"
+  # smoke.sh left one on each VM; a VM halted since (another check run first, by
+  # hand) has lost its own: start it again.
   ip_a=$(container_ip $a smoke)
+  [ -n "$ip_a" ] || ip_a=$(container_run $a smoke)
   ip_b=$(container_ip $b smoke)
+  [ -n "$ip_b" ] || ip_b=$(container_run $b smoke)
   ip_v=$(container_ip $victim smoke)
   [ -n "$ip_v" ] || ip_v=$(container_run $victim smoke)
   if [ -z "$ip_a" ] || [ -z "$ip_b" ] || [ -z "$ip_v" ]; then
-    fail "agent-kill: smoke containers missing (node1 '$ip_a', node3 '$ip_b', node2 '$ip_v'): run smoke.sh first"
+    fail "agent-kill: no smoke container (node1 '$ip_a', node3 '$ip_b', node2 '$ip_v')"
     return
   fi
   local pid0 restarts0
@@ -364,18 +368,21 @@ fault_etcd() {
     [ -n "${gone[0]}" ] && [ -n "${gone[1]}" ] && break
     sleep 0.1
   done
-  # The hold timer runs from the last message received, before the power-off; ExaBGP
-  # and the agent then need a moment to take the routes out: 2 s more are allowed.
+  # The hold timer runs from the last message received, before the power-off. ExaBGP
+  # counts it in whole seconds and acts when more than the hold time has passed: up
+  # to hold + 1 s after that message. ExaBGP and the agent, on one emulated vCPU busy
+  # with the ADDs, then need a moment to take the routes out (seen: up to 1.1 s more):
+  # 3 s are allowed in all.
   for i in 0 1; do
     if [ "${gone[$i]}" = error ]; then
       fail "etcd: could not watch ${workers[$i]}'s routes (ssh failed)"
     elif [ -z "${gone[$i]}" ]; then
       kill "${watch[$i]}" 2>/dev/null
       fail "etcd: ${workers[$i]} still routes via $victim 60 s after it was powered off"
-    elif le "$(since "$t_halt" "${gone[$i]}")" $((HOLD + 2)); then
-      pass "etcd: $victim's routes gone from ${workers[$i]} $(since "$t_halt" "${gone[$i]}") s after the power-off (hold time $HOLD s, + 2 s allowed)"
+    elif le "$(since "$t_halt" "${gone[$i]}")" $((HOLD + 3)); then
+      pass "etcd: $victim's routes gone from ${workers[$i]} $(since "$t_halt" "${gone[$i]}") s after the power-off (hold time $HOLD s, + 3 s allowed)"
     else
-      fail "etcd: $victim's routes gone from ${workers[$i]} only $(since "$t_halt" "${gone[$i]}") s after the power-off (hold time $HOLD s, + 2 s allowed)"
+      fail "etcd: $victim's routes gone from ${workers[$i]} only $(since "$t_halt" "${gone[$i]}") s after the power-off (hold time $HOLD s, + 3 s allowed)"
     fi
   done
   wait "${pids[@]}"
