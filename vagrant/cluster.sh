@@ -144,7 +144,9 @@ start_daemons() {
     fi
     return
   fi
-  libvirt_chains >"$STATE/chains-before"
+  # Kept if there: then an earlier run started libvirtd and left before stopping it
+  # (KEEP=1, a reboot), and what was there before that run is what counts.
+  [ -f "$STATE/chains-before" ] || libvirt_chains >"$STATE/chains-before"
   if ! pidof -q virtlogd; then
     virtlogd -d -p "$STATE/virtlogd.pid"
     log "started virtlogd (pid $(cat "$STATE/virtlogd.pid"))"
