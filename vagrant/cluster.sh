@@ -6,7 +6,8 @@
 #                          inputs changed), vagrant up, smoke.sh, faults.sh, vagrant
 #                          destroy, daemons stopped again; exit 1 if any step failed
 #   KEEP=1 ./run vagrant   the same, but leave the cluster (and the daemons) up
-#   ./run vagrant down     remove what a KEEP=1 run left: VMs, networks, daemons
+#   ./run vagrant down     remove what a KEEP=1 (or killed) run left: VMs, networks,
+#                          disks, daemons; also after a reboot (libvirtd started for it)
 #
 # Settings (environment): FABRIC_NODES (3), FABRIC_ETCD_CLUSTER (1 here: three etcd
 # members, which the etcd fault needs), FAULTS=0 to skip the fault round,
