@@ -318,7 +318,7 @@ main() {
       return
       ;;
     up) ;;
-    *) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+    *) sed -n '2,16p' "$HERE/cluster.sh" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
   esac
   local rc=0 started=$SECONDS
   if [ "$KEEP" = 1 ]; then
