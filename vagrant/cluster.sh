@@ -6,7 +6,8 @@
 #                          inputs changed), vagrant up, smoke.sh, faults.sh, vagrant
 #                          destroy, daemons stopped again; exit 1 if any step failed
 #   KEEP=1 ./run vagrant   the same, but leave the cluster (and the daemons) up
-#   ./run vagrant down     remove what a KEEP=1 run left: VMs, networks, daemons
+#   ./run vagrant down     remove what a KEEP=1 (or killed) run left: VMs, networks,
+#                          disks, daemons; also after a reboot (libvirtd started for it)
 #
 # Settings (environment): FABRIC_NODES (3), FABRIC_ETCD_CLUSTER (1 here: three etcd
 # members, which the etcd fault needs), FAULTS=0 to skip the fault round,
@@ -14,7 +15,7 @@
 # FABRIC_BOX_CACHE (/var/cache/l3fabric-box: the box, .debs, wheels, the libvirt storage
 # pool, VAGRANT_HOME, the pid files of the daemons this script started).
 set -euo pipefail
-HERE="$(cd "$(dirname "$(readlink -f "$0")")" && pwd)"
+HERE="$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")" && pwd)"
 cd "$HERE"
 
 CACHE="${FABRIC_BOX_CACHE:-/var/cache/l3fabric-box}"
@@ -32,21 +33,32 @@ export FABRIC_NODES="${FABRIC_NODES:-3}"
 export FABRIC_CONSOLE_LOG_DIR="${FABRIC_CONSOLE_LOG_DIR:-$CACHE/console}"
 
 TIMES=()
+CURRENT=""  # "NAME STARTED" of the step under way: a signal may end it
 log() { echo "vagrant: $*" >&2; }
 
 step() {  # step NAME COMMAND...: run it, time it, remember the time
   local name="$1" started=$SECONDS rc=0
   shift
+  interrupted
   log "== $name"
+  CURRENT="$started $name"
   "$@" || rc=$?
+  CURRENT=""
   TIMES+=("$(printf '%-28s %5d s  %s' "$name" $((SECONDS - started)) \
              "$([ $rc = 0 ] && echo ok || echo "FAILED ($rc)")")")
   log "== $name: $((SECONDS - started)) s$([ $rc = 0 ] || echo ", FAILED ($rc)")"
   return $rc
 }
 
+interrupted() {  # a step a signal ended (the EXIT trap runs after it): say so
+  [ -n "$CURRENT" ] || return 0
+  TIMES+=("$(printf '%-28s %5d s  %s' "${CURRENT#* }" $((SECONDS - ${CURRENT%% *})) interrupted)")
+  CURRENT=""
+}
+
 summary() {
   local line
+  interrupted
   echo "---- steps (seconds)"
   for line in "${TIMES[@]}"; do echo "$line"; done
 }
@@ -62,17 +74,34 @@ driver() {
 }
 
 # -- libvirt ---------------------------------------------------------------------------
+QEMU_CONF="${FABRIC_QEMU_CONF:-/etc/libvirt/qemu.conf}"
+KVM_DEV="${FABRIC_KVM_DEV:-/dev/kvm}"
+
 qemu_conf() {
-  # Without udev, /dev/kvm stays root's and libvirt re-probes QEMU at every domain
-  # define (52 s each) when its QEMU runs as libvirt-qemu: run QEMU as root.
-  local conf=/etc/libvirt/qemu.conf
-  if ! grep -q '^user = "root"' "$conf" || ! grep -q '^group = "root"' "$conf"; then
-    log "setting user = \"root\", group = \"root\" in $conf"
-    printf '\n# l3fabric (vagrant/cluster.sh): QEMU as root, see vagrant/README.md\nuser = "root"\ngroup = "root"\n' >>"$conf"
-    if virsh version >/dev/null 2>&1; then
-      log "warning: libvirtd already runs and reads $conf only when it starts"
-    fi
+  # Without udev, /dev/kvm stays root's (crw------- root root) and libvirt re-probes
+  # QEMU at every domain define (52 s each) when its QEMU runs as libvirt-qemu: run
+  # QEMU as root. Only then: where udev gave /dev/kvm to the kvm group (a machine with
+  # real KVM, or none at all) nothing changes, and the configuration of a libvirtd
+  # that already runs is not ours to change (it would read it at its next start, for
+  # every VM it runs).
+  [ -e "$KVM_DEV" ] || return 0
+  local group mode
+  read -r group mode < <(stat -L -c '%G %a' "$KVM_DEV")
+  if { [ "$group" = kvm ] && [ $((8#$mode & 8#060)) = $((8#060)) ]; } \
+      || [ $((8#$mode & 8#006)) = $((8#006)) ]; then
+    return 0  # udev's root:kvm 0660 (or open to all): QEMU as libvirt-qemu can use it
   fi
+  if grep -q '^user = "root"' "$QEMU_CONF" && grep -q '^group = "root"' "$QEMU_CONF"; then
+    return 0
+  fi
+  if virsh version >/dev/null 2>&1; then
+    log "warning: $KVM_DEV is root's alone (no udev?): the running libvirtd will take"
+    log "about a minute per VM definition; user = \"root\", group = \"root\" in $QEMU_CONF"
+    log "and a restart of libvirtd avoid it (not done here: that libvirtd is not ours)"
+    return 0
+  fi
+  log "$KVM_DEV is root's alone (no udev): setting user = \"root\", group = \"root\" in $QEMU_CONF"
+  printf '\n# l3fabric (vagrant/cluster.sh): QEMU as root, see vagrant/README.md\nuser = "root"\ngroup = "root"\n' >>"$QEMU_CONF"
 }
 
 libvirt_chains() {  # the LIBVIRT_* iptables chains, one "CMD TABLE CHAIN" a line
@@ -109,10 +138,16 @@ remove_libvirt_chains() {
 start_daemons() {
   mkdir -p "$STATE"
   if virsh version >/dev/null 2>&1; then
-    log "libvirtd already runs: using it (and leaving it running)"
+    if [ "$(cat "/proc/$(cat "$STATE/libvirtd.pid" 2>/dev/null)/comm" 2>/dev/null)" = libvirtd ]; then
+      log "libvirtd an earlier run started (pid $(cat "$STATE/libvirtd.pid")) still runs: using it (stopped at the end, unless KEEP=1)"
+    else
+      log "libvirtd already runs: using it (and leaving it running)"
+    fi
     return
   fi
-  libvirt_chains >"$STATE/chains-before"
+  # Kept if there: then an earlier run started libvirtd and left before stopping it
+  # (KEEP=1, a reboot), and what was there before that run is what counts.
+  [ -f "$STATE/chains-before" ] || libvirt_chains >"$STATE/chains-before"
   if ! pidof -q virtlogd; then
     virtlogd -d -p "$STATE/virtlogd.pid"
     log "started virtlogd (pid $(cat "$STATE/virtlogd.pid"))"
@@ -164,18 +199,34 @@ ensure_pool() {
 }
 
 # -- the box ---------------------------------------------------------------------------
+box_volumes() {  # the box's copies in the storage pool, by vagrant-libvirt
+  virsh vol-list "$FABRIC_LIBVIRT_POOL" 2>/dev/null \
+    | awk '$1 ~ /^debian-VAGRANTSLASH-bookworm64_vagrant_box_image_/ { print $1 }'
+}
+
 ensure_box() {
-  local box marker="$CACHE/box-added"
+  local box marker="$CACHE/box-added" volume
   box="$("$HERE/box/build.sh")"
   if [ "$(cat "$marker" 2>/dev/null)" = "$box" ] \
       && vagrant box list 2>/dev/null | grep -q "^$BOX_NAME .*libvirt"; then
     log "box $BOX_NAME is $box"
+    # vagrant-libvirt copies the box into the pool at the first `up` and uses any
+    # volume of that name from then on; a copy cut short (the run interrupted during
+    # the upload: vagrant-libvirt removes it only on Ctrl-C) would be the disk of
+    # every VM after. A copy that is not the box goes: the next `up` copies it again.
+    local image
+    image="$(find "$VAGRANT_HOME/boxes/${BOX_NAME//\//-VAGRANTSLASH-}" -path '*/libvirt/box.img' | head -1)"
+    for volume in $(box_volumes); do
+      if [ -n "$image" ] \
+          && ! cmp -s "$image" "$(virsh vol-path --pool "$FABRIC_LIBVIRT_POOL" "$volume")"; then
+        log "the pool's copy of the box, $volume, is not the box (an interrupted upload?): removing it"
+        virsh vol-delete --pool "$FABRIC_LIBVIRT_POOL" "$volume" >/dev/null
+      fi
+    done
     return
   fi
   # vagrant-libvirt copies a box into the storage pool once, by name: drop an older copy.
-  local volume
-  for volume in $(virsh vol-list "$FABRIC_LIBVIRT_POOL" 2>/dev/null \
-                  | awk '$1 ~ /^debian-VAGRANTSLASH-bookworm64_vagrant_box_image_/ { print $1 }'); do
+  for volume in $(box_volumes); do
     virsh vol-delete --pool "$FABRIC_LIBVIRT_POOL" "$volume" >/dev/null
   done
   vagrant box add --force --name "$BOX_NAME" "$box"
@@ -196,11 +247,24 @@ remove_leftovers() {  # domains and networks named with our prefix that destroy 
     virsh undefine --remove-all-storage "$name" >/dev/null 2>&1 || true
     log "removed leftover domain $name"
   done
+  # A disk made just before its domain was defined, when the run was interrupted in
+  # between: the next `vagrant up` would refuse to make it again ("already exists").
+  virsh pool-refresh "$FABRIC_LIBVIRT_POOL" >/dev/null 2>&1 || true
+  for name in $(virsh vol-list "$FABRIC_LIBVIRT_POOL" 2>/dev/null \
+                | awk -v p="$FABRIC_VM_PREFIX" 'index($1, p) == 1 { print $1 }'); do
+    virsh vol-delete --pool "$FABRIC_LIBVIRT_POOL" "$name" >/dev/null 2>&1 || true
+    log "removed leftover disk $name"
+  done
   for name in $(virsh net-list --all --name 2>/dev/null | grep "^$FABRIC_VM_PREFIX" || true); do
     virsh net-destroy "$name" >/dev/null 2>&1 || true
     virsh net-undefine "$name" >/dev/null 2>&1 || true
     log "removed network $name"
   done
+}
+
+leftovers_defined() {  # a domain or network of ours in libvirt's configuration
+  compgen -G "/etc/libvirt/qemu/${FABRIC_VM_PREFIX}*.xml" >/dev/null \
+    || compgen -G "/etc/libvirt/qemu/networks/${FABRIC_VM_PREFIX}*.xml" >/dev/null
 }
 
 teardown() {
@@ -225,9 +289,11 @@ up() {
   mkdir -p "$FABRIC_CONSOLE_LOG_DIR"
   step "libvirt daemons" start_daemons || return 1
   ensure_pool
-  step "box" ensure_box || return 1
-  vagrant destroy -f >/dev/null 2>&1 || true  # a cluster an earlier KEEP=1 run left
+  # A cluster an earlier KEEP=1 (or interrupted) run left goes first: a new box would
+  # delete the volume its disks are backed by.
+  vagrant destroy -f >/dev/null 2>&1 || true
   remove_leftovers
+  step "box" ensure_box || return 1
   step "vagrant up" vagrant up --provider=libvirt || return 1
   vm_resources
   step "smoke" ./smoke.sh || rc=1
@@ -241,12 +307,18 @@ main() {
   [ "$(id -u)" -eq 0 ] || { log "run as root"; exit 2; }
   case "${1:-up}" in
     down)
+      # After a reboot (or a libvirtd stopped by hand) the VMs and networks are still
+      # defined, and their disks still in the pool: libvirtd is needed to remove them.
+      if ! virsh version >/dev/null 2>&1 && leftovers_defined; then
+        log "libvirtd does not run, but domains or networks named $FABRIC_VM_PREFIX* are defined: starting it to remove them"
+        start_daemons && ensure_pool
+      fi
       teardown
       summary
       return
       ;;
     up) ;;
-    *) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+    *) sed -n '2,16p' "$HERE/cluster.sh" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
   esac
   local rc=0 started=$SECONDS
   if [ "$KEEP" = 1 ]; then
@@ -263,4 +335,5 @@ main() {
   return $rc
 }
 
-main "$@"
+# (Sourced by the tests, which call its functions alone.)
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then main "$@"; fi

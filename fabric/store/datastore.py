@@ -193,19 +193,26 @@ class Datastore:
     def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """One call, mapped to our errors. With several endpoints, a call that finds its
         endpoint gone is made again on the next one (etcd3 marks the dead one failed):
-        an etcd member going away costs no caller an error. Safe to repeat: reads are,
-        and every write we make is a compare-and-swap (a repeat that finds its own first
-        attempt applied fails its compare, and the caller reads what is there)."""
+        an etcd member going away costs no caller an error (each member is tried at
+        least once). Safe to repeat: reads are, and every write we make is a
+        compare-and-swap (a repeat that finds its own first attempt applied fails its
+        compare, and the caller reads what is there)."""
         if len(self.settings.endpoints) == 1:
             return self._call_once(fn, *args, **kwargs)
         # A cluster that lost its leader answers nothing until it has elected another
         # (about a second with etcd's defaults): keep trying the members that long.
+        # And at least once on each member: a member powered off does not refuse, it
+        # stays silent, so the attempt that found it gone waited out the whole call
+        # timeout (5 s), longer than the patience, and the call failed although the
+        # other members answered (an ADD failed so when the etcd leader's VM lost power).
         deadline = time.monotonic() + FAILOVER_PATIENCE
+        attempts = 0
         while True:
             try:
                 return self._call_once(fn, *args, **kwargs)
             except Unavailable:
-                if time.monotonic() >= deadline:
+                attempts += 1
+                if time.monotonic() >= deadline and attempts >= len(self.settings.endpoints):
                     raise
                 time.sleep(0.1)
 
