@@ -158,6 +158,7 @@ def wait_established(sender: Bird, timeout: float = 60) -> None:
 
 
 SENDER = {4: "10.99.0.250", 6: "fd99::fa"}
+RECEIVER = {4: "10.99.0.11", 6: "fd99::b"}  # where our first host would be
 
 
 def bulk_ours(count: int, profile: Path | None, family: int = 4) -> Run:
@@ -206,8 +207,8 @@ def bird_namespaces(lab: Lab) -> tuple[str, str]:
     at .250 (::fa), the receiving one at .11 (::b), where our first host would be."""
     lab.create_underlay(families=(4, 6))
     sender_ns, receiver_ns = f"{lab.name}-send", f"{lab.name}-recv"
-    for ns, port, address, address6 in ((sender_ns, "p-send", "10.99.0.250", "fd99::fa"),
-                                        (receiver_ns, "p-recv", "10.99.0.11", "fd99::b")):
+    for ns, port, address, address6 in ((sender_ns, "p-send", SENDER[4], SENDER[6]),
+                                        (receiver_ns, "p-recv", RECEIVER[4], RECEIVER[6])):
         netns.create(ns)
         lab.plug(ns, port, address, address6=address6)
     return sender_ns, receiver_ns
@@ -218,7 +219,6 @@ def bulk_reference(count: int, family: int = 4) -> Run:
     lab.down()
     try:
         sender_ns, receiver_ns = bird_namespaces(lab)
-        receiver_address = {4: "10.99.0.11", 6: "fd99::b"}
         receiver = Bird(receiver_ns, lab.dir / "recv")
         receiver_pid = receiver.start(bird_config(
             "10.99.0.11", 64512, [Neighbor("send", SENDER[family], 65100)], "tor",
@@ -226,7 +226,7 @@ def bulk_reference(count: int, family: int = 4) -> Run:
         sender = Bird(sender_ns, lab.dir / "send")
         gateway = lab.router6 if family == 6 else lab.router
         sender.start(bird_config("10.99.0.250", 65100,
-                                 [Neighbor("h1", receiver_address[family], 64512)], "tor",
+                                 [Neighbor("h1", RECEIVER[family], 64512)], "tor",
                                  local6="fd99::fa") + static_block(count, gateway, family))
         wait_established(sender)  # BIRD waits its 5 s connect delay here, not on the clock
         return measure(sender, receiver_ns, BIRD_PROTOCOL, count, Usage([receiver_pid]),
@@ -277,13 +277,12 @@ def bird_pair(name: str, family: int, sender_extra: str) -> tuple[Lab, Bird, str
     lab.down()
     try:
         sender_ns, receiver_ns = bird_namespaces(lab)
-        receiver_address = {4: "10.99.0.11", 6: "fd99::b"}
         Bird(receiver_ns, lab.dir / "recv").start(bird_config(
             "10.99.0.11", 64512, [Neighbor("send", SENDER[family], 65100)], "tor",
             hold_time=9, local6="fd99::b"))
         sender = Bird(sender_ns, lab.dir / "send")
         sender.start(bird_config("10.99.0.250", 65100,
-                                 [Neighbor("h1", receiver_address[family], 64512)], "tor",
+                                 [Neighbor("h1", RECEIVER[family], 64512)], "tor",
                                  hold_time=9, local6="fd99::fa") + sender_extra)
         wait_established(sender)
         return lab, sender, receiver_ns

@@ -125,9 +125,9 @@ class Registry:
         try:
             current = self.store.get(key)
             if current is not None:
-                Workload.from_record(current.value)
+                parsed(current, Workload.from_record, "workload")
                 return False
-        except (CorruptValue, *checks.NOT_A_RECORD):
+        except CorruptValue:
             pass
         ok, _ = self.store.txn([unchanged(handle_entry.key, handle_entry.mod_revision),
                                 unchanged(key, self._revision(key))],
